@@ -1,0 +1,226 @@
+"""The paper's dictionary-lookup task (FoT App. "Dictionary lookup task") as a seeded generator.
+
+A document is a run of definition records followed by query records::
+
+    definitions:  <k> k_1 .. k_K <v> v_1 .. v_V      (keys unique within a document)
+    queries:      <q> k_1 .. k_K <v> v_1 .. v_V      (keys drawn from the document's definitions)
+
+The loss is taken only on the answer tokens v_1..v_V of the queries. The paper uses K = V = 4,
+a vocabulary of 64 tokens and 512-token documents whose first half is definitions and second half
+queries; with a local context of 256 tokens the answers are only reachable through memory.
+
+Token ids: 0 = padding, 1 = ``<k>``, 2 = ``<v>``, 3 = ``<q>``, 4..vocab_size-1 = symbols.
+
+``DictionaryLookupIterator`` implements the batch contract of the training loop: every step holds
+``batch_size // pack`` documents, each cut into ``pack`` consecutive windows of ``seq_len`` tokens in
+``pack`` consecutive rows (k-packing), so with ``pack = 2`` the query window's previous row is its
+own definitions window (the positive) and other packs are other documents (the negatives). Batches
+are a pure function of ``(seed, step)``, so ``get_state``/``set_state`` give exact resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+PAD, KEY, VALUE, QUERY = 0, 1, 2, 3
+NUM_SPECIAL = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DictionarySpec:
+    """Shape of the task.
+
+    key_len / value_len: tokens per key / value (paper: 4 / 4).
+    vocab_size: total vocabulary incl. the 4 special tokens (paper: 64).
+    doc_len: tokens per document (paper: 512); query_len: the last ``query_len`` tokens are queries
+      (paper: doc_len // 2, the default when None).
+    num_definitions: definitions per document (default: as many as fit in ``doc_len - query_len``).
+    """
+
+    key_len: int = 4
+    value_len: int = 4
+    vocab_size: int = 64
+    doc_len: int = 512
+    query_len: int | None = None
+
+    num_definitions: int | None = None
+
+    def __post_init__(self):
+        if self.key_len < 1 or self.value_len < 1:
+            raise ValueError(f"key_len and value_len must be >= 1, got {self.key_len}, {self.value_len}")
+        if self.vocab_size < NUM_SPECIAL + 2:
+            raise ValueError(f"vocab_size must be >= {NUM_SPECIAL + 2}, got {self.vocab_size}")
+        if self.num_symbols ** self.key_len < self.max_definitions:
+            raise ValueError(
+                f"vocab_size={self.vocab_size}, key_len={self.key_len}: only "
+                f"{self.num_symbols ** self.key_len} distinct keys for {self.max_definitions} definitions")
+        if self.queries < 1:
+            raise ValueError(f"query_len={self.resolved_query_len} holds no query record of "
+                             f"{self.record_len} tokens")
+        if self.definitions < 1:
+            raise ValueError(f"doc_len={self.doc_len}, query_len={self.resolved_query_len}: no room for a "
+                             f"definition record of {self.record_len} tokens")
+
+    @property
+    def num_symbols(self) -> int:
+        return self.vocab_size - NUM_SPECIAL
+
+    @property
+    def record_len(self) -> int:
+        return self.key_len + self.value_len + 2
+
+    @property
+    def resolved_query_len(self) -> int:
+        return self.doc_len // 2 if self.query_len is None else self.query_len
+
+    @property
+    def max_definitions(self) -> int:
+        return (self.doc_len - self.resolved_query_len) // self.record_len
+
+    @property
+    def definitions(self) -> int:
+        n = self.max_definitions if self.num_definitions is None else self.num_definitions
+        if not 1 <= n <= self.max_definitions:
+            raise ValueError(f"num_definitions must be in [1, {self.max_definitions}] for doc_len="
+                             f"{self.doc_len}, query_len={self.resolved_query_len}, got {n}")
+        return n
+
+    @property
+    def queries(self) -> int:
+        return self.resolved_query_len // self.record_len
+
+
+def generate_documents(rng: np.random.Generator, num_docs: int, spec: DictionarySpec) -> dict[str, np.ndarray]:
+    """Generate ``num_docs`` documents.
+
+    Returns a dict of numpy arrays, each [num_docs, doc_len + 1] (one extra position so that the
+    targets of the last token exist):
+      ``tokens`` int32; ``answer`` bool (True on query answer tokens v_1..v_V);
+      ``segment`` int32 (1 on record tokens, 0 on padding).
+    Also ``keys`` int32 [num_docs, n_def, K], ``values`` int32 [num_docs, n_def, V] and
+    ``query_index`` int32 [num_docs, n_q] (which definition each query asks for).
+    """
+    K, V, R = spec.key_len, spec.value_len, spec.record_len
+    n_def, n_q = spec.definitions, spec.queries
+    S = spec.num_symbols
+    # Unique keys per document: draw key ids without replacement from S**K, then spell them in base S.
+    total = S ** K
+    if total <= 2**62:
+        key_ids = np.stack([rng.choice(total, size=n_def, replace=False) for _ in range(num_docs)])
+        digits = S ** np.arange(K - 1, -1, -1, dtype=np.int64)
+        keys = (key_ids[..., None] // digits) % S
+    else:  # astronomically many keys: rejection of duplicates is cheap.
+        keys = rng.integers(0, S, size=(num_docs, n_def, K))
+    keys = keys.astype(np.int32) + NUM_SPECIAL
+    values = rng.integers(0, S, size=(num_docs, n_def, V)).astype(np.int32) + NUM_SPECIAL
+    if n_q <= n_def:
+        qidx = np.argsort(rng.random((num_docs, n_def)), axis=1)[:, :n_q]
+    else:
+        qidx = rng.integers(0, n_def, size=(num_docs, n_q))
+    qidx = qidx.astype(np.int32)
+
+    def records(marker: int, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+        n = k.shape[1]
+        rec = np.empty((num_docs, n, R), np.int32)
+        rec[:, :, 0] = marker
+        rec[:, :, 1:K + 1] = k
+        rec[:, :, K + 1] = VALUE
+        rec[:, :, K + 2:] = v
+        return rec.reshape(num_docs, n * R)
+
+    def_part = records(KEY, keys, values)
+    q_keys = np.take_along_axis(keys, qidx[..., None], axis=1)
+    q_vals = np.take_along_axis(values, qidx[..., None], axis=1)
+    q_part = records(QUERY, q_keys, q_vals)
+
+    L = spec.doc_len
+    q_start = L - spec.resolved_query_len
+    tokens = np.zeros((num_docs, L + 1), np.int32)
+    segment = np.zeros((num_docs, L + 1), np.int32)
+    answer = np.zeros((num_docs, L + 1), bool)
+    tokens[:, :def_part.shape[1]] = def_part
+    segment[:, :def_part.shape[1]] = 1
+    tokens[:, q_start:q_start + q_part.shape[1]] = q_part
+    segment[:, q_start:q_start + q_part.shape[1]] = 1
+    ans_pos = (np.arange(n_q)[:, None] * R + K + 2 + np.arange(V)[None, :]).reshape(-1) + q_start
+    answer[:, ans_pos] = True
+    return {"tokens": tokens, "answer": answer, "segment": segment, "keys": keys, "values": values,
+            "query_index": qidx}
+
+
+def documents_to_rows(docs: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+    """Cut [N, doc_len+1] documents into N * (doc_len // seq_len) rows of ``seq_len`` (k-packing order).
+
+    Row ``n * k + w`` holds window ``w`` of document ``n``. Returns the batch-contract dict.
+    """
+    tokens, answer, segment = docs["tokens"], docs["answer"], docs["segment"]
+    n, lp1 = tokens.shape
+    doc_len = lp1 - 1
+    if doc_len % seq_len:
+        raise ValueError(f"doc_len={doc_len} is not a multiple of seq_len={seq_len}")
+    k = doc_len // seq_len
+    inputs = tokens[:, :-1].reshape(n * k, seq_len)
+    targets = tokens[:, 1:].reshape(n * k, seq_len)
+    loss_mask = answer[:, 1:].reshape(n * k, seq_len).astype(np.float32)
+    segment_ids = segment[:, :-1].reshape(n * k, seq_len).astype(np.int32)
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n * k, seq_len)).copy()
+    start_of_doc = np.zeros((n, k), bool)
+    start_of_doc[:, 0] = True
+    return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask, "segment_ids": segment_ids,
+            "positions": positions, "start_of_doc": start_of_doc.reshape(n * k)}
+
+
+class DictionaryLookupIterator:
+    """Infinite, deterministic iterator of dictionary-lookup batches (the training batch contract).
+
+    Args:
+      batch_size: rows per step (B); must be divisible by ``pack``.
+      seq_len: window length L (the model's local context).
+      pack: windows per document (k); each document has ``doc_len = pack * seq_len`` tokens.
+      key_len, value_len, vocab_size, query_len, num_definitions: see ``DictionarySpec``.
+      seed: batches are a pure function of (seed, step).
+    """
+
+    def __init__(self, batch_size: int, seq_len: int, *, pack: int = 2, key_len: int = 4,
+                 value_len: int = 4, vocab_size: int = 64, query_len: int | None = None,
+                 num_definitions: int | None = None, seed: int = 0):
+        if pack < 1 or batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size, seq_len and pack must be >= 1, got {batch_size}, {seq_len}, {pack}")
+        if batch_size % pack:
+            raise ValueError(f"batch_size={batch_size} is not divisible by pack={pack}")
+        if query_len is None:
+            query_len = seq_len if pack > 1 else seq_len // 2
+        self.spec = DictionarySpec(key_len=key_len, value_len=value_len, vocab_size=vocab_size,
+                                   doc_len=pack * seq_len, query_len=query_len,
+                                   num_definitions=num_definitions)
+        self.batch_size, self.seq_len, self.pack, self.seed = batch_size, seq_len, pack, int(seed)
+        self._step = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
+
+    def batch_at(self, step: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng([self.seed, int(step)])
+        docs = generate_documents(rng, self.batch_size // self.pack, self.spec)
+        return documents_to_rows(docs, self.seq_len)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = self.batch_at(self._step)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"kind": "dictionary", "seed": self.seed, "step": self._step}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "dictionary":
+            raise ValueError(f"not a dictionary iterator state: {state!r}")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"state was saved with seed={state['seed']}, this iterator has seed={self.seed}")
+        self._step = int(state["step"])

@@ -1,0 +1,161 @@
+"""Passkey retrieval (Landmark Attention / LongLLaMA ``examples/passkey.py`` prompt, reference §6.1).
+
+Prompt = newline-joined: task description, garbage prefix, "The pass key is K. Remember it. K is the
+pass key.", garbage suffix, "What is the pass key? The pass key is". The garbage is a prefix of 5000
+space-joined repetitions of "The grass is green. The sky is blue. The sun is yellow. Here we go. There
+and back again."; ``n_garbage`` counts characters; with a numpy seed the prefix length is
+``randint(0, n_garbage)`` and the key ``randint(1, 50000)`` (the reference's RNG calls, in order).
+Each trial generates ``len(answer tokens)`` tokens greedily with memory and is correct iff they equal the
+answer tokens exactly.
+
+Tokenizers: a SentencePiece model file (``sentencepiece``), or the byte-level fallback (UTF-8 bytes + 3:
+0 = PAD, 1 = EOS, 2 = UNK, as seqio's ``ByteVocabulary``).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from fot.inference.generate import Generator
+from fot.inference.windowed import WindowedConfig
+
+TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+        "I will quiz you about the important information there.")
+GARBAGE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+QUESTION = "What is the pass key? The pass key is"
+_GARBAGE_INF = " ".join([GARBAGE] * 5000)
+
+
+def passkey_prompt(n_garbage: int, seed: int) -> tuple[str, str]:
+    """(prompt, pass key as text) for ``n_garbage`` characters of filler, seeded as the reference."""
+    if not 0 <= n_garbage <= len(_GARBAGE_INF):
+        raise ValueError(f"n_garbage must be in [0, {len(_GARBAGE_INF)}], got {n_garbage}")
+    rs = np.random.RandomState(seed)
+    n_prefix = rs.randint(0, n_garbage) if n_garbage > 0 else 0
+    n_suffix = n_garbage - n_prefix
+    key = rs.randint(1, 50000)
+    info = f"The pass key is {key}. Remember it. {key} is the pass key."
+    lines = [TASK, _GARBAGE_INF[:n_prefix], info, _GARBAGE_INF[:n_suffix], QUESTION]
+    return "\n".join(lines), str(key)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by 3 (0 = PAD, 1 = EOS, 2 = UNK); no BOS."""
+
+    offset = 3
+    vocab_size = 256 + 3
+    bos_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode("utf-8", "replace")
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece ``.model`` file."""
+
+    def __init__(self, path: str):
+        import os
+
+        import sentencepiece as spm
+        if not os.path.isfile(path):
+            raise ValueError(f"SentencePiece model {path!r} does not exist")
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size = int(self.sp.get_piece_size())
+        bos = int(self.sp.bos_id())
+        self.bos_id = bos if bos >= 0 else None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(text))
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+def make_tokenizer(spm_path: str | None, model_vocab_size: int):
+    """SentencePiece tokenizer if ``spm_path`` else the byte fallback; checks the model's vocab fits."""
+    tok = SentencePieceTokenizer(spm_path) if spm_path else ByteTokenizer()
+    if tok.vocab_size > model_vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {model_vocab_size}"
+                         + ("" if spm_path else " (byte fallback needs vocab_size >= 259; pass a "
+                            "SentencePiece model with passkey_eval.spm_path)"))
+    return tok
+
+
+def encode_trial(tok, prompt: str, key: str, add_bos: bool = True) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids). The answer is what the tokenizer produces for " K" after the prompt
+    (the tokenisation of prompt + " " + K split at the prompt), else the tokenisation of K alone
+    (LongLLaMA: answer tokenised on its own, BOS dropped)."""
+    p = tok.encode(prompt)
+    full = tok.encode(prompt + " " + key)
+    ans = full[len(p):] if full[:len(p)] == p and len(full) > len(p) else tok.encode(key)
+    if add_bos and tok.bos_id is not None:
+        p = [tok.bos_id] + p
+    return p, ans
+
+
+def garbage_for_tokens(tok, target_tokens: int) -> int:
+    """Characters of filler giving a prompt of about ``target_tokens`` tokens."""
+    sample = _GARBAGE_INF[:20000]
+    per_char = len(tok.encode(sample)) / len(sample)
+    overhead = len(tok.encode("\n".join([TASK, "The pass key is 12345. Remember it. 12345 is the pass key.",
+                                         QUESTION]))) + 4
+    return int(max(0, min(len(_GARBAGE_INF), (target_tokens - overhead) / per_char)))
+
+
+def evaluate(model, params, *, context_lengths: Sequence[int], trials: int = 5, seed: int = 555,
+             window: int, last_context_length: int, top_k: int | None = None, capacity: int | None = None,
+             spm_path: str | None = None, add_bos: bool = True, mem_dtype: str = "float32",
+             mesh=None) -> dict[str, Any]:
+    """Exact-match accuracy per target context length (tokens), ``trials`` seeded trials each.
+
+    Trial ``j`` at length index ``i`` uses seed ``seed + 1000 * i + j``.
+    """
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    if not context_lengths:
+        raise ValueError("context_lengths must name at least one length")
+    tok = make_tokenizer(spm_path, model.config.vocab_size)
+    cfg = WindowedConfig(window=window, last_context_length=last_context_length, top_k=top_k,
+                         capacity=capacity, mem_dtype=mem_dtype)
+    gen = Generator(model, params, cfg, mesh=mesh)
+    accs, lengths, examples = [], [], []
+    for i, target in enumerate(context_lengths):
+        n_garbage = garbage_for_tokens(tok, int(target))
+        correct, toks = 0, []
+        for j in range(trials):
+            prompt, key = passkey_prompt(n_garbage, seed + 1000 * i + j)
+            p, ans = encode_trial(tok, prompt, key, add_bos)
+            out = gen.generate(np.asarray([p], np.int32), len(ans))["tokens"][0]
+            ok = out.tolist() == list(ans)
+            correct += int(ok)
+            toks.append(len(p))
+            if j == 0:
+                examples.append({"key": key, "generated": tok.decode(out), "correct": ok})
+        accs.append(correct / trials)
+        lengths.append(float(np.mean(toks)))
+    return {"task": "passkey", "context_lengths": [int(c) for c in context_lengths], "mean_prompt_tokens": lengths,
+            "accuracy": accs, "trials": trials, "seed": seed, "tokenizer": spm_path or "bytes",
+            "window": window, "last_context_length": last_context_length, "top_k": top_k,
+            "examples": examples}
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(result["mean_prompt_tokens"], result["accuracy"], "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel(f"exact-match accuracy ({result['trials']} trials)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title("Passkey retrieval")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

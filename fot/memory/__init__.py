@@ -1,0 +1,18 @@
+"""Inference memory: per memory layer a FIFO key/value store (pure functions over a pytree)."""
+from fot.memory.store import (
+    MemoryStore,
+    append,
+    init_store,
+    memory_views,
+    overflow_report,
+    reset,
+    shard_store,
+    store_sharding,
+    store_spec,
+    stores_for_model,
+)
+
+__all__ = [
+    "MemoryStore", "append", "init_store", "memory_views", "overflow_report", "reset", "shard_store",
+    "store_sharding", "store_spec", "stores_for_model",
+]

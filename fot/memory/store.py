@@ -1,0 +1,206 @@
+"""Inference memory store: one per memory layer, a FIFO ring buffer of keys/values with a valid mask.
+
+A :class:`MemoryStore` is a small pytree (``jax.tree_util.register_dataclass``) manipulated by pure
+functions, so it can be carried through ``jax.jit`` / ``lax.scan`` and sharded like any array tree:
+
+* ``keys``, ``values``: ``[B, M, H, Dh]`` in the storage dtype (bf16 by default, as LongLLaMA's
+  ``mem_dtype``); keys are in their *memory-view* encoding (what ``aux["mem_kv"]`` of the Decoder
+  returns: un-rotated for ``mem_positional="as_first"``).
+* ``mask``: bool ``[B, M]``, True for slots that hold a valid key of that row.
+* ``write_pos``: int32 scalar, the next slot to write (shared by all rows: every row appends the same
+  number of slots per window, so one pointer gives exact per-row FIFO order even after per-row resets).
+* ``evicted``: int32 ``[B]``, how many valid keys of each row were overwritten (overflow report).
+* ``appended``: int32 ``[B]``, how many valid keys each row has appended since its last reset.
+
+Eviction is FIFO: appending ``T`` slots to a full store overwrites the ``T`` oldest ones. The write is
+a ``lax.dynamic_update_slice`` when the window never wraps around the end of the buffer (capacity a
+multiple of the window, the usual case) and a modular scatter otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fot.parallel import DATA_AXIS, MODEL_AXIS
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MemoryStore:
+    """FIFO key/value memory of one memory layer (see module docstring for shapes)."""
+
+    keys: jax.Array
+    values: jax.Array
+    mask: jax.Array
+    write_pos: jax.Array
+    evicted: jax.Array
+    appended: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return int(self.keys.shape[1])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.keys.shape[0])
+
+    def view(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``(mem_k, mem_v, mem_mask)`` as the Decoder's ``memory={layer: ...}`` entry expects."""
+        return self.keys, self.values, self.mask
+
+    def size(self) -> jax.Array:
+        """int32 ``[B]``: number of valid slots per row."""
+        return jnp.sum(self.mask, axis=1, dtype=jnp.int32)
+
+
+def init_store(batch_size: int, capacity: int, num_heads: int, head_dim: int, *,
+               dtype: Any = jnp.bfloat16, sharding: NamedSharding | None = None) -> MemoryStore:
+    """An empty store ``[batch_size, capacity, num_heads, head_dim]`` (all slots invalid).
+
+    ``sharding`` (e.g. from :func:`store_sharding`) places keys/values/mask on a mesh.
+    """
+    for name, v in (("batch_size", batch_size), ("capacity", capacity), ("num_heads", num_heads),
+                    ("head_dim", head_dim)):
+        if int(v) <= 0:
+            raise ValueError(f"init_store: {name} must be > 0, got {v}")
+    shape = (batch_size, capacity, num_heads, head_dim)
+    dtype = jnp.dtype(dtype)
+    keys = jnp.zeros(shape, dtype)
+    values = jnp.zeros(shape, dtype)
+    mask = jnp.zeros((batch_size, capacity), bool)
+    if sharding is not None:
+        keys, values = jax.device_put(keys, sharding), jax.device_put(values, sharding)
+        mask = jax.device_put(mask, NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:2])))
+    # Separate buffers for every leaf (stores are donated by the inference step).
+    return MemoryStore(keys, values, mask, jnp.zeros((), jnp.int32), jnp.zeros((batch_size,), jnp.int32),
+                       jnp.zeros((batch_size,), jnp.int32))
+
+
+def store_spec(mesh: Mesh, shape: tuple[int, ...], *, shard_length: bool = True) -> PartitionSpec:
+    """PartitionSpec for ``[B, M, H, Dh]`` memory: batch over ``data``; memory length over ``model``
+    (``shard_length=True``, for memories larger than one device) or heads over ``model``.
+
+    Axes that are absent from the mesh or do not divide the dimension are left replicated.
+    """
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
+
+    def fit(axis, dim):
+        return axis if axis in sizes and dim % sizes[axis] == 0 and sizes[axis] > 1 else None
+
+    b, m, h, _ = shape
+    if shard_length:
+        return PartitionSpec(fit(DATA_AXIS, b), fit(MODEL_AXIS, m), None, None)
+    return PartitionSpec(fit(DATA_AXIS, b), None, fit(MODEL_AXIS, h), None)
+
+
+def store_sharding(mesh: Mesh, shape: tuple[int, ...], *, shard_length: bool = True) -> NamedSharding:
+    """``NamedSharding`` of :func:`store_spec` on ``mesh``."""
+    return NamedSharding(mesh, store_spec(mesh, shape, shard_length=shard_length))
+
+
+def shard_store(store: MemoryStore, mesh: Mesh, *, shard_length: bool = True) -> MemoryStore:
+    """Place an existing store on ``mesh`` (see :func:`store_spec`); counters are replicated."""
+    spec = store_spec(mesh, store.keys.shape, shard_length=shard_length)
+    kv = NamedSharding(mesh, spec)
+    rep = NamedSharding(mesh, PartitionSpec())
+    return MemoryStore(
+        jax.device_put(store.keys, kv), jax.device_put(store.values, kv),
+        jax.device_put(store.mask, NamedSharding(mesh, PartitionSpec(*spec[:2]))),
+        jax.device_put(store.write_pos, rep), jax.device_put(store.evicted, rep),
+        jax.device_put(store.appended, rep))
+
+
+def _check_append(store: MemoryStore, keys, values, mask):
+    b, m, h, dh = store.keys.shape
+    if keys.ndim != 4 or keys.shape[0] != b or keys.shape[2:] != (h, dh):
+        raise ValueError(f"append: keys must be [B={b}, T, H={h}, Dh={dh}], got {keys.shape}")
+    if values.shape != keys.shape:
+        raise ValueError(f"append: values shape {values.shape} != keys shape {keys.shape}")
+    if mask is not None and tuple(mask.shape) != tuple(keys.shape[:2]):
+        raise ValueError(f"append: mask must be [B, T]={keys.shape[:2]}, got {mask.shape}")
+
+
+def append(store: MemoryStore, keys: jax.Array, values: jax.Array,
+           mask: jax.Array | None = None) -> MemoryStore:
+    """Append a window ``keys, values [B, T, H, Dh]`` (``mask`` bool ``[B, T]``, default all valid).
+
+    FIFO: when the store is full the oldest slots are overwritten and counted in ``evicted``.
+    If ``T > capacity`` only the last ``capacity`` entries are kept (the rest count as evicted).
+    Pure; jit-friendly (the shapes decide the code path statically).
+    """
+    _check_append(store, keys, values, mask)
+    b, cap = store.mask.shape
+    t = int(keys.shape[1])
+    if mask is None:
+        mask = jnp.ones((b, t), bool)
+    mask = mask.astype(bool)
+    keys = keys.astype(store.keys.dtype)
+    values = values.astype(store.values.dtype)
+    dropped = jnp.zeros((b,), jnp.int32)
+    if t > cap:  # keep the newest `cap` entries; the older ones are evicted immediately
+        dropped = jnp.sum(mask[:, : t - cap], axis=1, dtype=jnp.int32)
+        keys, values, mask = keys[:, t - cap:], values[:, t - cap:], mask[:, t - cap:]
+        t = cap
+    pos = store.write_pos
+    if cap % t == 0:
+        # The pointer only takes values that are multiples of t: the window never wraps.
+        old_mask = jax.lax.dynamic_slice_in_dim(store.mask, pos, t, axis=1)
+        new_k = jax.lax.dynamic_update_slice_in_dim(store.keys, keys, pos, axis=1)
+        new_v = jax.lax.dynamic_update_slice_in_dim(store.values, values, pos, axis=1)
+        new_m = jax.lax.dynamic_update_slice_in_dim(store.mask, mask, pos, axis=1)
+    else:
+        idx = (pos + jnp.arange(t, dtype=jnp.int32)) % cap
+        old_mask = store.mask[:, idx]
+        new_k = store.keys.at[:, idx].set(keys)
+        new_v = store.values.at[:, idx].set(values)
+        new_m = store.mask.at[:, idx].set(mask)
+    evicted = store.evicted + dropped + jnp.sum(old_mask, axis=1, dtype=jnp.int32)
+    appended = store.appended + jnp.sum(mask, axis=1, dtype=jnp.int32) + dropped
+    new_pos = ((pos + t) % cap).astype(jnp.int32)
+    return MemoryStore(new_k, new_v, new_m, new_pos, evicted, appended)
+
+
+def reset(store: MemoryStore, rows: jax.Array | None = None) -> MemoryStore:
+    """Empty the rows where ``rows`` (bool ``[B]``) is True (all rows if None): e.g. at a document start
+    in single-doc evaluation. Only the mask and counters change; stale keys are never attended.
+    """
+    b = store.mask.shape[0]
+    if rows is None:
+        rows = jnp.ones((b,), bool)
+    rows = jnp.asarray(rows, bool)
+    if rows.shape != (b,):
+        raise ValueError(f"reset: rows must be bool [B={b}], got shape {rows.shape}")
+    mask = jnp.where(rows[:, None], False, store.mask)
+    zero = jnp.zeros_like(store.evicted)
+    return dataclasses.replace(store, mask=mask, evicted=jnp.where(rows, zero, store.evicted),
+                               appended=jnp.where(rows, zero, store.appended))
+
+
+def stores_for_model(batch_size: int, capacity: int, mem_layers, num_heads: int, head_dim: int, *,
+                     dtype: Any = jnp.bfloat16, mesh: Mesh | None = None,
+                     shard_length: bool = True) -> dict[int, MemoryStore]:
+    """One empty store per memory layer ``{layer_idx: MemoryStore}`` (optionally sharded on ``mesh``)."""
+    sharding = None
+    if mesh is not None:
+        sharding = store_sharding(mesh, (batch_size, capacity, num_heads, head_dim), shard_length=shard_length)
+    return {int(i): init_store(batch_size, capacity, num_heads, head_dim, dtype=dtype, sharding=sharding)
+            for i in mem_layers}
+
+
+def memory_views(stores: dict[int, MemoryStore]) -> dict[int, tuple[jax.Array, jax.Array, jax.Array]]:
+    """``{layer: (mem_k, mem_v, mem_mask)}`` for ``Decoder(memory=...)``."""
+    return {i: s.view() for i, s in stores.items()}
+
+
+def overflow_report(stores: dict[int, MemoryStore]) -> dict[str, Any]:
+    """Plain-Python summary: capacity, per-row valid size, per-row evicted count (first memory layer)."""
+    if not stores:
+        return {"capacity": 0, "size": [], "evicted": []}
+    s = stores[min(stores)]
+    return {"capacity": s.capacity, "size": np.asarray(s.size()).tolist(),
+            "evicted": np.asarray(s.evicted).tolist()}

@@ -1,0 +1,147 @@
+"""Multi-head attention (no biases) with the FoT memory-layer variants.
+
+Layout ``[batch, length, heads, head_dim]``. Params: ``q, k, v`` kernels ``[D, H*Dh]``, ``o`` kernel
+``[H*Dh, D]``; memory layers with ``qk_norm`` add ``qk_scale`` [H]; with ``mem_gate`` ``gate_bias`` [H].
+
+Key encodings (what the caches hold):
+* local keys (``aux["kv"]``, the generation cache): exactly what the layer's local attention consumes —
+  RoPE-rotated at their positions, except memory layers with ``mem_positional="none"`` (raw keys);
+  with ``qk_norm`` they are L2-normalised.
+* memory-view keys (``aux["mem_kv"]``, crossbatch extra keys, inference memory): ``as_first`` ⇒
+  un-rotated (RoPE at position 0 is the identity), ``none`` ⇒ raw (L2-normalised with ``qk_norm``).
+With ``qk_norm`` the per-head temperature multiplies the queries, and the ops get ``scale=1``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fot import ops
+from fot.model.config import ModelConfig
+from fot.model.layers import dense
+from fot.parallel import with_logical_constraint
+
+_HEADS = ("batch", "length", "heads", "head_dim")
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+class Attention(nn.Module):
+    """Self-attention of one decoder layer (local, crossbatch, or memory attention).
+
+    Attributes: ``cfg``; ``is_memory`` (FoT memory layer); ``mesh`` (forwarded to fot.ops and used for
+    activation constraints); ``top_k`` (inference memory top-k); ``collect_stats`` (ask the ops for
+    ``mem_mass``).
+    """
+
+    cfg: ModelConfig
+    is_memory: bool = False
+    mesh: Any = None
+    top_k: int | None = None
+    collect_stats: bool = False
+
+    def _constrain(self, x):
+        return with_logical_constraint(x, _HEADS, self.mesh)
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids=None, extra_rows=None, extra_key_mask=None,
+                 memory=None, cache=None, cache_segment_ids=None):
+        """x [B,T,D]; positions int [B,T]; segment_ids int [B,T] or None; extra_rows int [B,n];
+        extra_key_mask bool [B,T]; memory (mem_k, mem_v, mem_mask) [B,M,H,Dh]x2,[B,M];
+        cache (k, v) [B,C,H,Dh]; cache_segment_ids int [B,C+T] (keys' ids with a cache).
+
+        Returns (out [B,T,D], aux) with aux["kv"] = (k_local, v) [B,T,H,Dh], and for memory layers
+        aux["mem_kv"] = (k_memory_view, v); aux["mem_mass"] [B,T,H] when collected.
+        """
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h, dh = cfg.num_heads, cfg.head_dim
+        dt = cfg.compute_dtype
+
+        def proj(name):
+            y = dense(h * dh, ("embed", "heads"), cfg, name)(x).reshape(b, t, h, dh)
+            return self._constrain(y)
+
+        q, k, v = proj("q"), proj("k"), proj("v")
+        scale = None
+        if self.is_memory and cfg.qk_norm:
+            temp = self.param("qk_scale", nn.with_logical_partitioning(
+                nn.initializers.constant(cfg.qk_scale_default), ("heads",)), (h,), cfg.params_dtype)
+            q = (_l2_normalize(q) * temp.astype(jnp.float32)[:, None]).astype(dt)
+            k = _l2_normalize(k).astype(dt)
+            scale = 1.0
+        use_rope = not (self.is_memory and cfg.mem_positional == "none")
+        if use_rope:
+            q_loc = ops.apply_rope(q, positions, theta=cfg.rope_theta)
+            k_loc = ops.apply_rope(k, positions, theta=cfg.rope_theta)
+        else:
+            q_loc, k_loc = q, k
+        k_mem = k  # memory view: as_first ⇒ rotation at position 0 = identity; none ⇒ raw
+
+        if cache is not None:
+            k_all = jnp.concatenate([cache[0].astype(dt), k_loc], axis=1)
+            v_all = jnp.concatenate([cache[1].astype(dt), v], axis=1)
+            seg_all = cache_segment_ids
+        else:
+            k_all, v_all, seg_all = k_loc, v, segment_ids
+
+        aux: dict[str, Any] = {"kv": (k_loc, v)}
+        if self.is_memory:
+            aux["mem_kv"] = (k_mem, v)
+        stats = None
+        gate = None
+        if self.is_memory and cfg.mem_gate:
+            bias = self.param("gate_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)),
+                              (h,), cfg.params_dtype)
+            gate = jax.nn.sigmoid(bias.astype(jnp.float32))[:, None]  # [H, 1]
+
+        if self.is_memory and extra_rows is not None:
+            if gate is None:
+                res = ops.crossbatch_attention(q_loc, k_loc, v, k_mem, v, extra_rows,
+                                               extra_key_mask=extra_key_mask, segment_ids=segment_ids,
+                                               scale=scale, mesh=self.mesh, return_stats=self.collect_stats)
+                out, stats = res if self.collect_stats else (res, None)
+            else:
+                mem_only = ops.crossbatch_attention(q_loc, k_loc, v, k_mem, v, extra_rows,
+                                                    extra_key_mask=extra_key_mask, segment_ids=segment_ids,
+                                                    scale=scale, mesh=self.mesh, include_local=False)
+                local = ops.causal_attention(q_loc, k_loc, v, segment_ids=segment_ids, scale=scale)
+                out = self._mix(gate, mem_only, local)
+        elif self.is_memory and memory is not None:
+            mem_k, mem_v, mem_mask = memory
+            mem_k, mem_v = mem_k.astype(dt), mem_v.astype(dt)
+            if gate is None:
+                res = ops.memory_attention(q_loc, k_all, v_all, mem_k, mem_v, mem_mask=mem_mask,
+                                           top_k=self.top_k, segment_ids=seg_all, scale=scale,
+                                           mesh=self.mesh, return_stats=self.collect_stats)
+                out, stats = res if self.collect_stats else (res, None)
+            else:
+                own_row = jnp.arange(b, dtype=jnp.int32)[:, None]
+                # Memory-only part: row b's memory as the one "extra row" of row b, no local keys.
+                mem_only = ops.crossbatch_attention(q_loc, k_loc, v, mem_k, mem_v, own_row,
+                                                    extra_key_mask=mem_mask, scale=scale, mesh=self.mesh,
+                                                    include_local=False)
+                local = ops.causal_attention(q_loc, k_all, v_all, segment_ids=seg_all, scale=scale)
+                out = self._mix(gate, mem_only, local)
+        else:
+            out = ops.causal_attention(q_loc, k_all, v_all, segment_ids=seg_all, scale=scale)
+
+        if self.collect_stats:
+            if stats is not None:
+                aux["mem_mass"] = stats["mem_mass"]
+            elif gate is not None and (extra_rows is not None or memory is not None):
+                aux["mem_mass"] = jnp.broadcast_to(gate[:, 0], (b, t, h)).astype(jnp.float32)
+        out = self._constrain(out.astype(dt)).reshape(b, t, h * dh)
+        return dense(cfg.d_model, ("heads", "embed"), cfg, "o")(out), aux
+
+    @staticmethod
+    def _mix(gate, mem_only, local):
+        """MT gate: g * memory_only + (1 - g) * local_only, g [H, 1] broadcast over [B, T, H, Dh]."""
+        mixed = gate * mem_only.astype(jnp.float32) + (1.0 - gate) * local.astype(jnp.float32)
+        return mixed.astype(local.dtype)

@@ -1,0 +1,126 @@
+"""Model configuration (plain frozen dataclass; gin registration lives in the entry points)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+_POSITIONAL = ("as_first", "none")
+_REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                   "everything_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """LLaMA-style decoder with FoT memory layers.
+
+    Attributes:
+      vocab_size, d_model, num_layers, num_heads, mlp_dim: the usual sizes.
+      head_dim: per-head width; ``None`` resolves to ``d_model // num_heads`` at construction.
+      mem_layers: 0-based indices of memory layers, each in ``[0, num_layers)``.
+      mem_positional: ``"as_first"`` (LongLLaMA: local RoPE, memory keys at position 0) or
+        ``"none"`` (paper's small models: no RoPE in memory layers).
+      qk_norm: memory layers L2-normalise q and k per head and scale logits by a learnable per-head
+        temperature (param ``attn/qk_scale`` [H], init ``qk_scale_init`` or ``sqrt(head_dim)``).
+      mem_gate: MT-style gate in memory layers: ``g = sigmoid(attn/gate_bias[h])``,
+        ``out = g * memory_only + (1 - g) * local_only``. Off by default (FoT uses one joint softmax).
+      rope_theta: RoPE base. norm_eps: RMSNorm epsilon. tie_embeddings: LM head = embedding^T.
+      dtype: compute dtype name; param_dtype: params dtype name (float32).
+      remat: ``False``/``True`` (every layer) or a sequence of layer indices to rematerialise.
+      remat_policy: name in ``jax.checkpoint_policies`` used by remat.
+      init_std: std of the Normal init of every Dense/Embed kernel.
+    """
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    head_dim: int | None = None
+    mem_layers: Sequence[int] = ()
+    mem_positional: str = "as_first"
+    qk_norm: bool = False
+    mem_gate: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool | Sequence[int] = False
+    remat_policy: str = "nothing_saveable"
+    init_std: float = 0.02
+    qk_scale_init: float | None = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {v!r}")
+        head_dim = self.head_dim
+        if head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(f"d_model={self.d_model} not divisible by num_heads={self.num_heads}; "
+                                 "set head_dim explicitly")
+            head_dim = self.d_model // self.num_heads
+        if head_dim < 2 or head_dim % 2:
+            raise ValueError(f"head_dim must be an even int >= 2 (RoPE rotate-half), got {head_dim}")
+        object.__setattr__(self, "head_dim", int(head_dim))
+        mem = tuple(int(i) for i in self.mem_layers)
+        bad = [i for i in mem if not 0 <= i < self.num_layers]
+        if bad or len(set(mem)) != len(mem):
+            raise ValueError(f"mem_layers={list(self.mem_layers)} must be distinct indices in "
+                             f"[0, num_layers={self.num_layers})")
+        object.__setattr__(self, "mem_layers", tuple(sorted(mem)))
+        if self.mem_positional not in _POSITIONAL:
+            raise ValueError(f"mem_positional must be one of {_POSITIONAL}, got {self.mem_positional!r}")
+        if isinstance(self.remat, bool):
+            remat = self.remat
+        else:
+            remat = tuple(int(i) for i in self.remat)
+            bad = [i for i in remat if not 0 <= i < self.num_layers]
+            if bad:
+                raise ValueError(f"remat layer indices {list(remat)} must be in [0, num_layers={self.num_layers})")
+        object.__setattr__(self, "remat", remat)
+        if self.remat_policy not in _REMAT_POLICIES:
+            raise ValueError(f"remat_policy must be one of {_REMAT_POLICIES}, got {self.remat_policy!r}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError as e:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype name") from e
+        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("rope_theta, norm_eps and init_std must be > 0, got "
+                             f"{self.rope_theta}, {self.norm_eps}, {self.init_std}")
+
+    # Derived helpers -----------------------------------------------------------------------------
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def qk_scale_default(self) -> float:
+        return float(self.qk_scale_init) if self.qk_scale_init is not None else math.sqrt(self.head_dim)
+
+    def is_memory_layer(self, i: int) -> bool:
+        return i in self.mem_layers
+
+    def remat_layer(self, i: int) -> bool:
+        return self.remat if isinstance(self.remat, bool) else i in self.remat
+
+    def checkpoint_policy(self):
+        return getattr(jax.checkpoint_policies, self.remat_policy)
+
+    def replace(self, **changes) -> "ModelConfig":
+        """``dataclasses.replace``; ``head_dim`` is re-derived when d_model/num_heads change and it was implicit."""
+        if ("d_model" in changes or "num_heads" in changes) and "head_dim" not in changes:
+            d, h = changes.get("d_model", self.d_model), changes.get("num_heads", self.num_heads)
+            if self.head_dim == self.d_model // self.num_heads:
+                changes["head_dim"] = None if d % h == 0 else self.head_dim
+        return dataclasses.replace(self, **changes)

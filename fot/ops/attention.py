@@ -1,0 +1,231 @@
+"""Blockwise joint-softmax attention kernel (online softmax, flash-style custom VJP) and causal attention.
+
+One softmax over (a) causal local keys of the same segment and (b) `n_blocks` blocks of extra keys that
+are fetched one at a time by a `fetch(src, aux, j) -> (k_j [B,S,H,Dh], v_j [B,S,H,Dh], mask_j bool [B,S])`
+function. Forward: lax.scan over blocks keeping (running max, sum, memory sum, accumulator).
+Backward: a custom VJP that saves only inputs, output and log-sum-exp and recomputes each block's scores
+(flash-attention backward), so neither forward nor backward memory grows with the number of blocks.
+Gradients of the fetched blocks reach `src` through jax.vjp of `fetch` (gather -> scatter-add, etc.).
+
+All scores, softmax statistics and accumulators are float32.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fot.ops import _checks
+
+F32 = jnp.float32
+NEG = -1e30  # finite "minus infinity": masked logits; log-sum-exp of a query with no visible key
+
+
+def scores(q, k, scale):
+    """q [B,T,H,D], k [B,S,H,D] -> scale * <q,k> float32 [B,T,H,S]."""
+    return jnp.einsum("bthd,bshd->bths", q, k, preferred_element_type=F32) * scale
+
+
+def _pv(p, v):
+    if v.dtype != F32:
+        p = p.astype(v.dtype)
+    return jnp.einsum("bths,bshd->bthd", p, v, preferred_element_type=F32)
+
+
+def local_mask(q_pos, seg_q, seg_k):
+    """Causal + same-segment mask [B,T,1,Tk]: key j visible to query i iff j <= q_pos[b,i], same segment."""
+    kpos = jnp.arange(seg_k.shape[1])
+    causal = kpos[None, None, :] <= q_pos[:, :, None]
+    same = seg_q[:, :, None] == seg_k[:, None, :]
+    return (causal & same)[:, :, None, :]
+
+
+def _vma(*refs):
+    out = frozenset()
+    for r in jax.tree.leaves(refs):
+        aval = jax.typeof(r)
+        mat = getattr(aval, "manual_axis_type", None)
+        out |= frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+    return out
+
+
+def full(shape, value, vma):
+    """jnp.full float32, marked varying over the manual mesh axes `vma` (for scan carries in shard_map)."""
+    z = jnp.full(shape, value, F32)
+    return lax.pcast(z, tuple(sorted(vma)), to="varying") if vma else z
+
+
+def _init_state(q, vma):
+    b, t, h, d = q.shape
+    z = full((b, t, h), 0.0, vma)
+    return (full((b, t, h), NEG, vma), z, z, full((b, t, h, d), 0.0, vma))
+
+
+def _accumulate(state, s, mask, v, is_extra):
+    m, l, lm, acc = state
+    s = jnp.where(mask, s, NEG)
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    ps = p.sum(-1)
+    l = l * alpha + ps
+    lm = lm * alpha + (ps if is_extra else 0.0)
+    acc = acc * alpha[..., None] + _pv(p, v)
+    return m_new, l, lm, acc
+
+
+def _block_grads(q, kb, vb, mask, lse, do, delta, dlse, scale):
+    """Flash-attention backward for one key block: returns dq, dk, dv (float32)."""
+    s = scores(q, kb, scale)
+    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+    dv = jnp.einsum("bths,bthd->bshd", p, do)
+    dp = jnp.einsum("bthd,bshd->bths", do, vb.astype(F32))
+    ds = p * (dp - delta[..., None] + dlse[..., None])
+    dq = jnp.einsum("bths,bshd->bthd", ds, kb.astype(F32)) * scale
+    dk = jnp.einsum("bths,bthd->bshd", ds, q.astype(F32)) * scale
+    return dq, dk, dv
+
+
+def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_blocks, scale,
+                        include_local=True):
+    """Joint softmax over local causal keys and `n_blocks` fetched extra blocks.
+
+    q [B,T,H,D]; k, v [B,Tk,H,D]; q_pos int [B,T] (key position of each query); seg_q [B,T], seg_k [B,Tk];
+    src: pytree of differentiable arrays the blocks are fetched from; aux: tuple of integer/bool arrays.
+    Returns (o float32 [B,T,H,D], lse float32 [B,T,H] (NEG if no visible key), mem_mass float32 [B,T,H]).
+    `o` and `lse` are differentiable (lse's cotangent is handled, so partial results can be combined);
+    mem_mass carries no gradient.
+    """
+    aux = tuple(aux)
+
+    def forward(q, k, v, q_pos, seg_q, seg_k, src, aux):
+        state = _init_state(q, _vma(q, k, v, q_pos, seg_q, seg_k, src, aux))
+        if include_local:
+            state = _accumulate(state, scores(q, k, scale), local_mask(q_pos, seg_q, seg_k), v, False)
+        if n_blocks:
+            def body(state, j):
+                kb, vb, mb = fetch(src, aux, j)
+                return _accumulate(state, scores(q, kb, scale), mb[:, None, None, :], vb, True), None
+            state, _ = lax.scan(body, state, jnp.arange(n_blocks))
+        m, l, lm, acc = state
+        safe = jnp.where(l > 0, l, 1.0)
+        o = acc / safe[..., None]
+        lse = jnp.where(l > 0, m + jnp.log(safe), NEG)
+        return o, lse, lm / safe
+
+    @jax.custom_vjp
+    def attend(q, k, v, q_pos, seg_q, seg_k, src, aux):
+        return forward(q, k, v, q_pos, seg_q, seg_k, src, aux)
+
+    def attend_fwd(q, k, v, q_pos, seg_q, seg_k, src, aux):
+        o, lse, mass = forward(q, k, v, q_pos, seg_q, seg_k, src, aux)
+        return (o, lse, mass), (q, k, v, q_pos, seg_q, seg_k, src, aux, o, lse)
+
+    def attend_bwd(res, cts):
+        q, k, v, q_pos, seg_q, seg_k, src, aux, o, lse = res
+        do, dlse, _ = cts
+        do = do.astype(F32)
+        dlse = dlse.astype(F32)
+        delta = jnp.sum(do * o, axis=-1)
+        vma = _vma(q, k, v, q_pos, seg_q, seg_k, src, aux, do, dlse, o, lse)
+        dq = full(q.shape, 0.0, vma)
+        dk = full(k.shape, 0.0, vma)
+        dv = full(v.shape, 0.0, vma)
+        if include_local:
+            dq, dk, dv = _block_grads(q, k, v, local_mask(q_pos, seg_q, seg_k), lse, do, delta, dlse, scale)
+        dsrc = jax.tree.map(lambda x: full(x.shape, 0.0, vma), src)
+        if n_blocks:
+            def body(carry, j):
+                dq, dsrc = carry
+                (kb, vb, mb), pullback = _fetch_vjp(fetch, src, aux, j)
+                dqj, dkb, dvb = _block_grads(q, kb, vb, mb[:, None, None, :], lse, do, delta, dlse, scale)
+                (dsj,) = pullback((dkb.astype(kb.dtype), dvb.astype(vb.dtype)))
+                dsrc = jax.tree.map(lambda a, b: a + b.astype(F32), dsrc, dsj)
+                return (dq + dqj, dsrc), None
+            (dq, dsrc), _ = lax.scan(body, (dq, dsrc), jnp.arange(n_blocks))
+        dsrc = jax.tree.map(_cotangent, dsrc, src)
+        none_aux = tuple(None for _ in aux)
+        return (_cotangent(dq, q), _cotangent(dk, k), _cotangent(dv, v), None, None, None, dsrc, none_aux)
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend(q, k, v, q_pos, seg_q, seg_k, src, aux)
+
+
+def _cotangent(ct, primal):
+    """Cast a cotangent to the primal's dtype and manual-axis variance: a primal replicated over a mesh
+    axis that its cotangent varies over (implicitly broadcast in the forward) gets the psum over it."""
+    extra = _vma(ct) - _vma(primal)
+    if extra:
+        ct = lax.psum(ct, tuple(sorted(extra)))
+    missing = _vma(primal) - _vma(ct)
+    if missing:
+        ct = lax.pcast(ct, tuple(sorted(missing)), to="varying")
+    return ct.astype(primal.dtype)
+
+
+def _fetch_vjp(fetch, src, aux, j):
+    kb, vb, mb = fetch(src, aux, j)
+    _, pullback = jax.vjp(lambda s: fetch(s, aux, j)[:2], src)
+    return (kb, vb, mb), pullback
+
+
+def no_blocks(src, aux, j):  # pragma: no cover - never called (n_blocks=0)
+    raise AssertionError("no extra blocks")
+
+
+def combine(parts):
+    """Merge partial softmax results [(o, lse, mass), ...] over disjoint key sets into one joint softmax.
+
+    Differentiable in o and lse (the stabilising max is stop-gradient: the result does not depend on it).
+    """
+    lses = jnp.stack([p[1] for p in parts])
+    mx = lax.stop_gradient(lses.max(0))
+    w = jnp.exp(lses - mx)
+    tot = w.sum(0)
+    wn = w / tot
+    o = sum(wn[i][..., None] * p[0] for i, p in enumerate(parts))
+    mass = sum(wn[i] * p[2] for i, p in enumerate(parts))
+    return o, mx + jnp.log(tot), mass
+
+
+def query_positions(q, k, q_offset=None):
+    """Key position of every query: Tk - Tq + i by default (END alignment), q_offset + i if given."""
+    b, tq = q.shape[:2]
+    tk = k.shape[1]
+    off = jnp.asarray((tk - tq) if q_offset is None else q_offset, jnp.int32)
+    off = jnp.broadcast_to(off.reshape(-1, 1), (b, 1))
+    return off + jnp.arange(tq, dtype=jnp.int32)[None, :]
+
+
+def segments(segment_ids, q_pos, k):
+    """(seg_q [B,Tq], seg_k [B,Tk]); queries take the ids of their own key position."""
+    b, tk = k.shape[:2]
+    if segment_ids is None:
+        return jnp.zeros(q_pos.shape, jnp.int32), jnp.zeros((b, tk), jnp.int32)
+    seg_k = jnp.asarray(segment_ids).astype(jnp.int32)
+    seg_q = jnp.take_along_axis(seg_k, jnp.clip(q_pos, 0, tk - 1), axis=1)
+    return seg_q, seg_k
+
+
+def _default_scale(q, scale):
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def causal_attention(q, k, v, *, segment_ids=None, scale=None, q_offset=None, return_stats=False):
+    """Causal local attention (non-memory layers).
+
+    q [B,Tq,H,Dh], k/v [B,Tk,H,Dh] with Tk >= Tq; query i sits at key position Tk - Tq + i (END alignment,
+    as with a KV cache) or q_offset + i (q_offset: int or int [B]). segment_ids int [B,Tk] (keys; queries
+    use the ids at their own positions): attention only within equal ids. Softmax in float32.
+    Returns [B,Tq,H,Dh] in q.dtype (and {"mem_mass": zeros [B,Tq,H]} with return_stats).
+    """
+    _checks.check_qkv(q, k, v)
+    _checks.check_segments(segment_ids, k)
+    if q_offset is None and k.shape[1] < q.shape[1]:
+        raise ValueError(f"k must have at least as many keys as q has queries, got q {q.shape}, k {k.shape}")
+    q_pos = query_positions(q, k, q_offset)
+    seg_q, seg_k = segments(segment_ids, q_pos, k)
+    o, _, mass = blockwise_attention(q, k, v, q_pos, seg_q, seg_k, (), (), fetch=no_blocks, n_blocks=0,
+                                     scale=_default_scale(q, scale))
+    o = o.astype(q.dtype)
+    return (o, {"mem_mass": mass}) if return_stats else o

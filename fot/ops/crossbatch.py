@@ -1,0 +1,104 @@
+"""Crossbatch attention (FoT training): one joint softmax over local causal keys and the keys of other
+batch rows, computed blockwise over the extra contexts (memory independent of their number)."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from fot.ops import _checks
+from fot.ops.attention import blockwise_attention, query_positions, segments
+
+
+def _fetch_row(src, aux, j):
+    """Block j of every row b: keys/values of source row extra_rows[b, j] (mask False if unused)."""
+    extra_k, extra_v = src
+    rows, key_mask = aux
+    r = lax.dynamic_index_in_dim(rows, j, axis=1, keepdims=False)  # [B]
+    used = r >= 0
+    rc = jnp.clip(r, 0, extra_k.shape[0] - 1)
+    mask = used[:, None] & jnp.take(key_mask, rc, axis=0)
+    return jnp.take(extra_k, rc, axis=0), jnp.take(extra_v, rc, axis=0), mask
+
+
+def _crossbatch_local(q, k, v, extra_k, extra_v, extra_rows, key_mask, segment_ids, *, scale,
+                      include_local):
+    q_pos = query_positions(q, k)
+    seg_q, seg_k = segments(segment_ids, q_pos, k)
+    return blockwise_attention(q, k, v, q_pos, seg_q, seg_k, (extra_k, extra_v), (extra_rows, key_mask),
+                               fetch=_fetch_row, n_blocks=extra_rows.shape[1], scale=scale,
+                               include_local=include_local)
+
+
+def crossbatch_attention(q, k, v, extra_k, extra_v, extra_rows, *, extra_key_mask=None, segment_ids=None,
+                         scale=None, mesh=None, include_local=True, return_stats=False,
+                         data_axis="data", model_axis="model"):
+    """Joint-softmax attention over causal local keys and the keys of other rows of the batch.
+
+    q, k, v: [B, T, H, Dh] (k/v may be longer than q: END alignment as in causal_attention).
+    extra_k, extra_v: [B, S, H, Dh] source rows; extra_rows: int [B, n], row b attends to every unmasked
+    key of source rows extra_rows[b, j] (-1 = unused); extra_key_mask: bool [B, S] (False = padding key);
+    segment_ids: int [B, T] (local attention only within equal ids).
+    include_local=False: attend to extra keys only (a query without any visible key returns 0).
+    Computed with an online softmax over the n extra contexts (lax.scan) and a flash-style custom VJP:
+    forward and backward memory do not grow with n. Gradients flow into q, k, v, extra_k, extra_v.
+    mesh: inputs sharded with batch over `data_axis` and heads over `model_axis`; the extra rows are
+    fetched with an explicit all_gather over `data_axis` inside jax.shard_map (same result as unsharded).
+    Returns [B, T, H, Dh] in q.dtype; with return_stats also {"mem_mass": float32 [B, T, H]} (the total
+    probability on extra keys; no gradient).
+    """
+    _checks.check_qkv(q, k, v)
+    _checks.check_segments(segment_ids, k)
+    if k.shape[1] < q.shape[1]:
+        raise ValueError(f"k must have at least as many keys as q has queries, got q {q.shape}, k {k.shape}")
+    _checks.check_source("extra_k", extra_k, "extra_v", extra_v, q)
+    _checks.check_key_mask("extra_key_mask", extra_key_mask, extra_k)
+    _checks.check_rank("extra_rows", extra_rows, 2)
+    if tuple(extra_rows.shape)[0] != q.shape[0]:
+        raise ValueError(f"extra_rows must be [B, n] with B = {q.shape[0]} (q {q.shape}), got "
+                         f"{tuple(extra_rows.shape)}")
+    rows_np = _checks.concrete_or_none(extra_rows)
+    if rows_np is not None and rows_np.size and (rows_np.min() < -1 or rows_np.max() >= extra_k.shape[0]):
+        raise ValueError(f"extra_rows must lie in [-1, {extra_k.shape[0]}) (extra_k {extra_k.shape}), got "
+                         f"values in [{rows_np.min()}, {rows_np.max()}]")
+    if not jnp.issubdtype(jnp.asarray(extra_rows).dtype, jnp.integer):
+        raise ValueError(f"extra_rows must be an integer array, got dtype {jnp.asarray(extra_rows).dtype}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    extra_rows = jnp.asarray(extra_rows, jnp.int32)
+    if extra_key_mask is None:
+        extra_key_mask = jnp.ones(extra_k.shape[:2], bool)
+    if segment_ids is None:
+        segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
+    fn = functools.partial(_crossbatch_local, scale=scale, include_local=include_local)
+    if mesh is None:
+        o, _, mass = fn(q, k, v, extra_k, extra_v, extra_rows, extra_key_mask, segment_ids)
+    else:
+        o, mass = _crossbatch_sharded(fn, mesh, data_axis, model_axis, q, k, v, extra_k, extra_v,
+                                      extra_rows, extra_key_mask, segment_ids)
+    o = o.astype(q.dtype)
+    return (o, {"mem_mass": mass}) if return_stats else o
+
+
+def _crossbatch_sharded(fn, mesh, data_axis, model_axis, q, k, v, extra_k, extra_v, extra_rows, key_mask,
+                        segment_ids):
+    dax, max_ = _checks.mesh_axis(mesh, data_axis), _checks.mesh_axis(mesh, model_axis)
+    _checks.check_divisible("q", q.shape[0], mesh, dax, "batch size")
+    _checks.check_divisible("q", q.shape[2], mesh, max_, "number of heads")
+    act = P(dax, None, max_, None)
+    row = P(dax, None)
+
+    def body(q, k, v, extra_k, extra_v, extra_rows, key_mask, segment_ids):
+        if dax is not None:  # explicit collective: every data shard sees all source rows (global row ids)
+            extra_k = lax.all_gather(extra_k, dax, axis=0, tiled=True)
+            extra_v = lax.all_gather(extra_v, dax, axis=0, tiled=True)
+            key_mask = lax.all_gather(key_mask, dax, axis=0, tiled=True)
+        o, _, mass = fn(q, k, v, extra_k, extra_v, extra_rows, key_mask, segment_ids)
+        return o, mass
+
+    args = _checks.place(mesh, act, q, k, v, extra_k, extra_v) + _checks.place(
+        mesh, row, extra_rows, key_mask, segment_ids)
+    return jax.shard_map(body, mesh=mesh, in_specs=(act, act, act, act, act, row, row, row),
+                         out_specs=(act, P(dax, None, max_)))(*args)

@@ -1,0 +1,218 @@
+"""Memory attention (FoT inference): one joint softmax over causal local keys and external memory keys,
+dense (all valid memory keys, streamed in chunks with an online softmax) or exact top-k (running
+lax.top_k over memory chunks, then the selected keys join the local keys in one softmax).
+
+Sharded use (mesh=...): batch over `data_axis`, memory length M over `model_axis` (heads are not split
+inside this op; q/k/v are replicated over `model_axis`). Each model shard works on its slice of the
+memory: dense -> partial (output, log-sum-exp) merged exactly with psum; top-k -> local top-k per shard,
+all_gather of the K candidates' scores/keys/values over `model_axis`, exact top-k of the union.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from fot.ops import _checks
+from fot.ops.attention import (F32, NEG, blockwise_attention, combine, no_blocks, query_positions,
+                               scores, segments, _vma)
+from fot.ops.topk import running_topk
+
+DEFAULT_CHUNK = 2048
+
+
+def _fetch_chunk(chunk):
+    def fetch(src, aux, j):
+        mem_k, mem_v = src
+        (mask,) = aux
+        start = j * chunk
+        return (lax.dynamic_slice_in_dim(mem_k, start, chunk, axis=1),
+                lax.dynamic_slice_in_dim(mem_v, start, chunk, axis=1),
+                lax.dynamic_slice_in_dim(mask, start, chunk, axis=1))
+    return fetch
+
+
+def _fetch_tail(start):
+    def fetch(src, aux, j):
+        mem_k, mem_v = src
+        (mask,) = aux
+        return mem_k[:, start:], mem_v[:, start:], mask[:, start:]
+    return fetch
+
+
+def _local_part(q, k, v, segment_ids, scale):
+    q_pos = query_positions(q, k)
+    seg_q, seg_k = segments(segment_ids, q_pos, k)
+    return blockwise_attention(q, k, v, q_pos, seg_q, seg_k, (), (), fetch=no_blocks, n_blocks=0,
+                               scale=scale)
+
+
+def _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk):
+    """Partial softmax results over all valid memory keys (online softmax over chunks)."""
+    m = mem_k.shape[1]
+    if m == 0:
+        return []
+    chunk = max(1, min(chunk, m))
+    n_full, rem = divmod(m, chunk)
+    dummy_pos = jnp.zeros(q.shape[:2], jnp.int32)
+    dummy_seg = jnp.zeros(q.shape[:2], jnp.int32)
+    parts = []
+    if n_full:
+        parts.append(blockwise_attention(q, q, q, dummy_pos, dummy_seg, dummy_seg, (mem_k, mem_v),
+                                         (mem_mask,), fetch=_fetch_chunk(chunk), n_blocks=n_full,
+                                         scale=scale, include_local=False))
+    if rem:
+        parts.append(blockwise_attention(q, q, q, dummy_pos, dummy_seg, dummy_seg, (mem_k, mem_v),
+                                         (mem_mask,), fetch=_fetch_tail(n_full * chunk), n_blocks=1,
+                                         scale=scale, include_local=False))
+    return parts
+
+
+def _select_topk(q, mem_k, mem_mask, top_k, scale, chunk):
+    """Exact top-k memory slots per (b, t, h) by <q, mem_k>: (valid bool, idx int32) [B,T,H,K]."""
+    qs = lax.stop_gradient(q)
+    mk = lax.stop_gradient(mem_k)
+
+    def score_fn(start, size):
+        kc = lax.dynamic_slice_in_dim(mk, start, size, axis=1)
+        mc = lax.dynamic_slice_in_dim(mem_mask, start, size, axis=1)
+        return jnp.where(mc[:, None, None, :], scores(qs, kc, scale), NEG)
+
+    vals, idx = running_topk(score_fn, mem_k.shape[1], top_k, chunk, q.shape[:3],
+                             vma=_vma(q, mem_k, mem_mask))
+    return vals > NEG / 2, idx
+
+
+def _gather_slots(x, idx):
+    """x [B,M,H,D], idx [B,T,H,K] -> [B,T,H,K,D]."""
+    b, t, h, kk = idx.shape
+    xt = jnp.swapaxes(x, 1, 2)  # [B,H,M,D]
+    it = jnp.swapaxes(idx, 1, 2).reshape(b, h, t * kk)
+    g = jnp.take_along_axis(xt, it[..., None], axis=2)  # [B,H,T*K,D]
+    return jnp.swapaxes(g.reshape(b, h, t, kk, -1), 1, 2)
+
+
+def _selected_part(q, sel_k, sel_v, valid, scale):
+    """Softmax part over selected keys: q [B,T,H,D], sel [B,T,H,K,D], valid [B,T,H,K]."""
+    s = jnp.einsum("bthd,bthkd->bthk", q, sel_k, preferred_element_type=F32) * scale
+    s = jnp.where(valid, s, NEG)
+    mx = lax.stop_gradient(s.max(-1))
+    e = jnp.where(valid, jnp.exp(s - mx[..., None]), 0.0)
+    l = e.sum(-1)
+    safe = jnp.where(l > 0, l, 1.0)
+    o = jnp.einsum("bthk,bthkd->bthd", e, sel_v.astype(F32)) / safe[..., None]
+    lse = jnp.where(l > 0, mx + jnp.log(safe), NEG)
+    return o, lse, (l > 0).astype(F32)
+
+
+def _memory_unsharded(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, scale, chunk,
+                      include_local):
+    parts = [_local_part(q, k, v, segment_ids, scale)] if include_local else []
+    if top_k is None:
+        parts += _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk)
+    elif mem_k.shape[1]:
+        valid, idx = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk)
+        parts.append(_selected_part(q, _gather_slots(mem_k, idx), _gather_slots(mem_v, idx), valid, scale))
+    if not parts:
+        z = jnp.zeros(q.shape[:3], F32)
+        return jnp.zeros(q.shape, F32), z
+    o, _, mass = combine(parts)
+    return o, mass
+
+
+def _memory_shard_body(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, scale, chunk, include_local,
+                       model_axis):
+    local = [_local_part(q, k, v, segment_ids, scale)] if include_local else []
+    if top_k is None:
+        mem_parts = _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk)
+        if not mem_parts:
+            return _memory_unsharded(q, k, v, mem_k, mem_v, mem_mask, segment_ids, top_k=None, scale=scale,
+                                     chunk=chunk, include_local=include_local)
+        o_m, lse_m, mass_m = combine(mem_parts)
+        # exact merge of the per-shard partial softmaxes over the model axis
+        mx = lax.stop_gradient(lax.pmax(lax.stop_gradient(lse_m), model_axis))
+        w = jnp.exp(lse_m - mx)
+        tot = lax.psum(w, model_axis)
+        safe = jnp.where(tot > 0, tot, 1.0)
+        o_m = lax.psum(w[..., None] * o_m, model_axis) / safe[..., None]
+        mass_m = lax.psum(w * mass_m, model_axis) / safe
+        lse_m = mx + jnp.log(safe)
+        mem_part = (o_m, lse_m, mass_m)
+    else:
+        valid, idx = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk)
+        vals = jnp.where(valid, jnp.einsum("bthd,bthkd->bthk", lax.stop_gradient(q),
+                                           lax.stop_gradient(_gather_slots(mem_k, idx)),
+                                           preferred_element_type=F32) * scale, NEG)
+        sel_k, sel_v = _gather_slots(mem_k, idx), _gather_slots(mem_v, idx)
+        # candidates of every shard (K each), then the exact top-k of their union
+        vals = lax.all_gather(vals, model_axis, axis=3, tiled=True, to="invarying")
+        sel_k = lax.all_gather(sel_k, model_axis, axis=3, tiled=True, to="invarying")
+        sel_v = lax.all_gather(sel_v, model_axis, axis=3, tiled=True, to="invarying")
+        best, pos = lax.top_k(vals, top_k)
+        sel_k = jnp.take_along_axis(sel_k, pos[..., None], axis=3)
+        sel_v = jnp.take_along_axis(sel_v, pos[..., None], axis=3)
+        mem_part = _selected_part(q, sel_k, sel_v, best > NEG / 2, scale)
+    o, _, mass = combine(local + [mem_part])
+    return o, mass
+
+
+def memory_attention(q, k, v, mem_k, mem_v, *, mem_mask=None, top_k=None, segment_ids=None, scale=None,
+                     mesh=None, chunk_size=None, include_local=True, return_stats=False, data_axis="data",
+                     model_axis="model"):
+    """Joint softmax over causal local keys and external memory keys.
+
+    q [B,Tq,H,Dh]; k, v [B,Tk,H,Dh] (Tk >= Tq, queries aligned to the END of the keys); mem_k, mem_v
+    [B,M,H,Dh] (fully visible, no causal mask); mem_mask bool [B,M] (valid slots); segment_ids int [B,Tk].
+    top_k=None: all valid memory keys (streamed in chunks of `chunk_size` with an online softmax).
+    top_k=K: per (b,t,h) the K valid memory keys with the largest <q, mem_k> (exact; fewer valid -> all
+    valid), found with a chunked running lax.top_k (no [B,T,H,M] tensor), then one softmax with the local
+    keys. Gradients reach q and the selected mem_k/mem_v (their scores are recomputed from gathered keys).
+    include_local=False: memory keys only. mesh: see module docstring (memory length over `model_axis`,
+    batch over `data_axis`; M and B must divide the axis sizes).
+    Returns [B,Tq,H,Dh] in q.dtype; with return_stats also {"mem_mass": float32 [B,Tq,H]}.
+    """
+    _checks.check_qkv(q, k, v)
+    _checks.check_segments(segment_ids, k)
+    if k.shape[1] < q.shape[1]:
+        raise ValueError(f"k must have at least as many keys as q has queries, got q {q.shape}, k {k.shape}")
+    _checks.check_source("mem_k", mem_k, "mem_v", mem_v, q)
+    _checks.check_key_mask("mem_mask", mem_mask, mem_k)
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+        raise ValueError(f"top_k must be None or a positive int, got {top_k!r} (mem_k {mem_k.shape})")
+    chunk = DEFAULT_CHUNK if chunk_size is None else int(chunk_size)
+    if chunk < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if mem_mask is None:
+        mem_mask = jnp.ones(mem_k.shape[:2], bool)
+    if segment_ids is None:
+        segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
+    kw = dict(top_k=top_k, scale=scale, chunk=chunk, include_local=include_local)
+    args = (q, k, v, mem_k, mem_v, mem_mask, segment_ids)
+    if mesh is None or _checks.mesh_axis(mesh, model_axis) is None:
+        if mesh is not None:
+            o, mass = _memory_sharded(functools.partial(_memory_unsharded, **kw), mesh, data_axis, None, args)
+        else:
+            o, mass = _memory_unsharded(*args, **kw)
+    else:
+        o, mass = _memory_sharded(functools.partial(_memory_shard_body, model_axis=model_axis, **kw), mesh,
+                                  data_axis, model_axis, args)
+    o = o.astype(q.dtype)
+    return (o, {"mem_mass": mass}) if return_stats else o
+
+
+def _memory_sharded(body, mesh, data_axis, model_axis, args):
+    q, k, v, mem_k, mem_v, mem_mask, segment_ids = args
+    dax = _checks.mesh_axis(mesh, data_axis)
+    _checks.check_divisible("q", q.shape[0], mesh, dax, "batch size")
+    if model_axis is not None:
+        _checks.check_divisible("mem_k", mem_k.shape[1], mesh, model_axis, "memory length M")
+    act = P(dax, None, None, None)
+    mem = P(dax, model_axis, None, None)
+    placed = (_checks.place(mesh, act, q, k, v) + _checks.place(mesh, mem, mem_k, mem_v)
+              + _checks.place(mesh, P(dax, model_axis), mem_mask) + _checks.place(mesh, P(dax, None), segment_ids))
+    return jax.shard_map(body, mesh=mesh, in_specs=(act, act, act, mem, mem, P(dax, model_axis), P(dax, None)),
+                         out_specs=(act, P(dax, None, None)))(*placed)

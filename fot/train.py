@@ -1,0 +1,137 @@
+r"""Training entry point: ``python -m fot.train --gin_file=F [--gin_file=G ...] [--gin_bindings=...] --workdir=DIR``.
+
+Gin files compose (run file + size file + options, t5x/meliad style); later files and
+``--gin_bindings`` override earlier ones. Library code is gin-free: this module registers the
+configurables (``ModelConfig``, the data iterators, optimizer/schedule factories and optax pieces,
+curricula, ``train``) with ``gin.external_configurable``. The operative config is written to
+``DIR/config.gin``; checkpoints go to ``DIR/checkpoints``; TensorBoard events to ``DIR``; results to
+``DIR/results.json`` and as the last stdout line (one JSON object).
+
+Exit codes: 0 = finished (or saved and stopped on SIGTERM); 2 = configuration error (one line on
+stderr); 3 = training diverged (NaN/inf loss; the last checkpoint is the last good one).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+_REPO_GIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin config files (composed in order).")
+flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings, e.g. 'train.total_steps = 10'.")
+flags.DEFINE_list("gin_search_paths", ["gin", _REPO_GIN], "Directories searched for gin files and includes.")
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard, config.gin, results.json).")
+
+_REGISTERED = False
+
+
+def register_configurables() -> None:
+    """Register every gin configurable used by gin/*.gin (idempotent). Also used by ``fot.eval``."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import gin
+    import optax
+
+    from fot.data.dictionary import DictionaryLookupIterator
+    from fot.model import ModelConfig
+    from fot.training import curriculum, loop, optim
+
+    gin.external_configurable(ModelConfig, name="ModelConfig", module="fot.model")
+    gin.external_configurable(DictionaryLookupIterator, name="DictionaryLookupIterator", module="fot.data")
+    for fn in (optim.make_optimizer, optim.make_schedule, optim.inverse_sqrt_schedule):
+        gin.external_configurable(fn, module="fot.training")
+    for cls in (curriculum.ConstantD, curriculum.SwitchAtStep, curriculum.SwitchOnAccuracy, curriculum.RandomD):
+        gin.external_configurable(cls, module="fot.training")
+    gin.external_configurable(loop.train, name="train", module="fot.training")
+    for fn in (optax.adamw, optax.adafactor, optax.sgd, optax.chain, optax.clip_by_global_norm,
+               optax.warmup_cosine_decay_schedule, optax.linear_schedule, optax.constant_schedule,
+               optax.join_schedules):
+        gin.external_configurable(fn, module="optax")
+    _register_data_pipeline(gin)
+    _REGISTERED = True
+
+
+def _register_data_pipeline(gin) -> None:
+    """The seqio pipeline's iterator factories (fot.data), registered only when that module imports."""
+    try:
+        from fot.data import pipeline  # noqa: F401  (seqio/TF are imported lazily inside its functions)
+    except ImportError:
+        return
+    for name in getattr(pipeline, "GIN_CONFIGURABLES", ()):
+        gin.external_configurable(getattr(pipeline, name), name=name, module="fot.data")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"fot.train: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def parse_gin(gin_files, gin_bindings, search_paths) -> None:
+    """Parse and finalize gin files and bindings; one-line error and exit 2 on any problem."""
+    import gin
+
+    register_configurables()
+    for path in search_paths:
+        if path and os.path.isdir(path):
+            gin.add_config_file_search_path(path)
+    if not gin_files:
+        _fail("no --gin_file given (e.g. --gin_file=gin/quickstart.gin)")
+    from absl import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.FATAL)  # gin's resource reader logs an error for every search-path miss
+    try:
+        gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
+    except (OSError, IOError) as e:
+        _fail(f"gin file not found: {e}")
+    except Exception as e:  # gin raises ValueError/KeyError/SyntaxError subclasses for bad bindings
+        _fail(f"bad gin config: {type(e).__name__}: {e}")
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected positional arguments: {argv[1:]}")
+    if not FLAGS.workdir:
+        _fail("--workdir is required")
+    parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    import gin
+
+    from fot.training.loop import ConfigError, StopSignal, TrainingDivergedError, train
+
+    def write_config(workdir: str) -> None:
+        with open(os.path.join(workdir, "config.gin"), "w") as f:
+            f.write(gin.operative_config_str())
+
+    stop = StopSignal()
+    try:
+        gin.get_configurable("fot.training.train")(workdir=FLAGS.workdir, config_writer=write_config, should_stop=stop)
+    except ConfigError as e:
+        _fail(str(e))
+    except TrainingDivergedError as e:
+        _fail(str(e), code=3)
+    except ValueError as e:
+        # Validation errors of configured objects (ModelConfig, iterators, optimizer factories) are
+        # user-facing; gin prefixes them with the configurable that raised.
+        if os.environ.get("FOT_DEBUG"):
+            raise
+        _fail(f"invalid configuration: {e} (set FOT_DEBUG=1 for the traceback)")
+    finally:
+        stop.restore()
+
+
+def run() -> None:
+    # orbax/clu log every save at INFO through absl; keep the console to the progress lines unless
+    # the user asks for verbosity explicitly.
+    if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in sys.argv[1:]):
+        sys.argv.insert(1, "--verbosity=-1")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

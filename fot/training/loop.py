@@ -1,0 +1,251 @@
+"""The training loop: ``train(...)`` (gin-free; ``fot.train`` binds it from gin files).
+
+One step: d from the curriculum → ``extra_rows = crossbatch_plan(B/m, d, pack=k)`` (a static shape
+per d, so each distinct d compiles once) → jitted, donated train step on the mesh. Metrics of step
+s are read after step s+1 is dispatched (host and device stay busy); they feed the curriculum, the
+NaN guard, TensorBoard and the console. Checkpoints (orbax, async) every N steps, at the end, and on
+SIGTERM; a run restarted on the same workdir resumes from the latest checkpoint exactly (params,
+optimizer, step, RNG, data cursor, curriculum). A time budget (``max_train_seconds``) ends training
+early and still evaluates and saves.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from fot.model import Decoder, ModelConfig
+from fot.parallel import DATA_AXIS, make_mesh
+from fot.training.checkpoint import Checkpointer
+from fot.training.curriculum import ConstantD, Curriculum
+from fot.training.metrics import MetricsLogger, write_results
+from fot.training.state import abstract_train_state, count_params, create_train_state, state_shardings
+from fot.training.step import make_eval_step, make_train_step, plan_rows, put_batch
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem (reported by ``fot.train`` as one line, no traceback)."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """Loss or gradient norm became NaN/inf; the last checkpoint on disk is the last good one."""
+
+
+class StopSignal:
+    """Sets ``requested`` on SIGTERM (TPU VM preemption): the loop saves a checkpoint and exits cleanly."""
+
+    def __init__(self, signals: Sequence[int] = (signal.SIGTERM,)):
+        self.requested = False
+        self.signum = None
+        self._previous = {}
+        for s in signals:
+            self._previous[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        self.requested, self.signum = True, signum
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+def _as_iterator(data):
+    return data() if callable(data) and not hasattr(data, "__next__") else data
+
+
+def _check_layout(name: str, batch_size: int, pack: int, data_size: int, microbatches: int) -> None:
+    if pack < 1 or batch_size % pack:
+        raise ConfigError(f"{name}: batch_size={batch_size} is not divisible by pack={pack}")
+    if batch_size % data_size:
+        raise ConfigError(f"{name}: batch_size={batch_size} is not divisible by the mesh data axis "
+                          f"({data_size} devices)")
+    if batch_size % (microbatches * pack):
+        raise ConfigError(f"{name}: batch_size={batch_size} cannot be split into num_microbatches="
+                          f"{microbatches} micro-batches of whole packs (pack={pack})")
+
+
+def evaluate(eval_fn, params, data, num_extra: int, steps: int, sharding) -> dict[str, float]:
+    """Per-token loss/accuracy over ``steps`` batches of ``data`` with ``num_extra`` crossbatch contexts.
+
+    ``data`` restarts from its initial state (``set_state``) so every evaluation sees the same batches.
+    """
+    totals = {"loss": 0.0, "correct": 0.0, "tokens": 0.0}
+    rows = plan_rows(data.batch_size, num_extra, data.pack)
+    for _ in range(steps):
+        sums = jax.device_get(eval_fn(params, put_batch(next(data), sharding), rows))
+        for k in totals:
+            totals[k] += float(sums[k])
+    n = max(totals["tokens"], 1.0)
+    return {"loss": totals["loss"] / n, "accuracy": totals["correct"] / n, "tokens": totals["tokens"]}
+
+
+def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: optax.GradientTransformation,
+          total_steps: int, curriculum: Curriculum | None = None, eval_data=None, eval_every: int = 0,
+          eval_steps: int = 4, eval_num_extra: Sequence[int] | None = None,
+          mesh_config: dict[str, int] | None = None, fsdp: bool = False, num_microbatches: int = 1,
+          stepping: bool = True, seed: int = 0, checkpoint_every: int = 1000, keep_checkpoints: int | None = 3,
+          async_checkpointing: bool = True, log_every: int = 50, max_train_seconds: float | None = None,
+          config_writer: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
+          stream=None) -> dict[str, Any]:
+    """Train ``Decoder(model_config)`` on ``train_data`` (batch-contract iterator or factory).
+
+    Returns the results dict (also printed as the final JSON line and written to workdir/results.json).
+    Raises ``ConfigError`` for bad settings and ``TrainingDivergedError`` on a NaN/inf loss.
+    """
+    t_start = time.perf_counter()
+    workdir = os.path.abspath(workdir)
+    parent = os.path.dirname(workdir)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"workdir parent directory does not exist: {parent}")
+    os.makedirs(workdir, exist_ok=True)
+    if total_steps < 1:
+        raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
+    if num_microbatches < 1:
+        raise ConfigError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    curriculum = curriculum or ConstantD(1)
+    data = _as_iterator(train_data)
+    eval_iter = _as_iterator(eval_data) if eval_data is not None else None
+    mesh = make_mesh(mesh_config)
+    data_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(DATA_AXIS, 1)
+    batch_size, seq_len, pack = int(data.batch_size), int(data.seq_len), int(getattr(data, "pack", 1))
+    _check_layout("train_data", batch_size, pack, data_size, num_microbatches)
+    if eval_iter is not None:
+        _check_layout("eval_data", int(eval_iter.batch_size), int(getattr(eval_iter, "pack", 1)), data_size, 1)
+    vocab = getattr(data, "vocab_size", None)
+    if vocab is not None and vocab > model_config.vocab_size:
+        raise ConfigError(f"data vocab_size={vocab} exceeds model_config.vocab_size={model_config.vocab_size}")
+    micro_batch = batch_size // num_microbatches
+    for d in curriculum.values:
+        if d >= micro_batch:
+            raise ConfigError(f"curriculum d={d} needs at least d+1={d + 1} rows per (micro-)batch, got {micro_batch}")
+
+    model = Decoder(model_config)
+    shardings = state_shardings(model, optimizer, mesh, seq_len)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    ckpt = Checkpointer(workdir, every=checkpoint_every, keep=keep_checkpoints, async_save=async_checkpointing)
+    log = MetricsLogger(workdir, total_steps, stream=stream)
+    if config_writer is not None:
+        config_writer(workdir)
+    eval_state0 = eval_iter.get_state() if eval_iter is not None else None
+
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, cursor, cur_state = ckpt.restore(abstract_train_state(model, optimizer, mesh, seq_len, shardings))
+        data.set_state(cursor)
+        curriculum.set_state(cur_state)
+        log.message(f"resumed from {ckpt.manager.directory}/{latest} (step {int(state.step)})")
+    else:
+        state = create_train_state(model, optimizer, mesh, seq_len, seed, shardings)
+    n_params = count_params(state.params)
+    log.message(f"model: {n_params:,} params | mesh {dict(zip(mesh.axis_names, mesh.devices.shape))} | "
+                f"batch {batch_size}x{seq_len} pack {pack} | curriculum: {curriculum.describe()}")
+
+    train_step = make_train_step(model, optimizer, mesh=mesh, num_microbatches=num_microbatches, pack=pack,
+                                 state_shardings=shardings, batch_sharding=batch_sharding)
+    eval_step = make_eval_step(model, mesh=mesh, param_shardings=shardings.params, batch_sharding=batch_sharding)
+    plans: dict[int, Any] = {}
+    step = int(state.step)
+    start_step = step
+    tokens_per_step = batch_size * seq_len
+    pending = None
+    last: dict[str, float] = {}
+    curve: list[dict[str, float]] = []
+    stopped = "completed"
+    should_stop = should_stop or (lambda: False)
+
+    def eval_ds() -> list[int]:
+        if eval_num_extra is not None:
+            return [int(x) for x in eval_num_extra]
+        final_d = curriculum.d_at(step)
+        return [final_d, 0] if final_d else [0]
+
+    def run_eval() -> dict[str, float]:
+        out = {}
+        for d in eval_ds():
+            eval_iter.set_state(eval_state0)
+            r = evaluate(eval_step, state.params, eval_iter, d, eval_steps, batch_sharding)
+            out[f"eval_accuracy_d{d}"], out[f"eval_loss_d{d}"] = r["accuracy"], r["loss"]
+        log.scalars(step, out)
+        return out
+
+    def process():
+        nonlocal pending, last
+        if pending is None:
+            return
+        s, d, metrics = pending
+        pending = None
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+            raise TrainingDivergedError(
+                f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step {s}; stopping. Last good "
+                f"checkpoint: step {ckpt.latest_step()} under {ckpt.manager.directory}")
+        curriculum.observe(s, m)
+        m["d"] = d
+        last = m
+        if s % log_every == 0 or s == total_steps:
+            log.progress(s, m)
+
+    try:
+        while step < total_steps:
+            if should_stop():
+                stopped = "preempted"
+                break
+            if max_train_seconds is not None and time.perf_counter() - t_start > max_train_seconds:
+                stopped = "time_budget"
+                break
+            d = curriculum.d_at(step)
+            if d not in plans:
+                plans[d] = plan_rows(micro_batch, d, pack, stepping)
+            batch = put_batch(next(data), batch_sharding)
+            state, metrics = train_step(state, batch, plans[d])
+            log.add_tokens(tokens_per_step)
+            step += 1
+            process()
+            pending = (step, d, metrics)
+            if eval_iter is not None and eval_every and step % eval_every == 0:
+                process()
+                r = run_eval()
+                curve.append({"step": step, **r})
+                log.message(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()))
+            if ckpt.due(step):
+                process()
+                ckpt.save(step, state, data.get_state(), curriculum.get_state())
+        process()
+        ckpt.save(step, state, data.get_state(), curriculum.get_state())
+        if stopped == "preempted":
+            ckpt.wait()
+            log.message(f"stop signal received: saved checkpoint at step {step}, exiting")
+        train_seconds = time.perf_counter() - t_start
+        results: dict[str, Any] = {"step": step, "stopped": stopped, "params": n_params,
+                                   "train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"),
+                                   "d": last.get("d", curriculum.d_at(step)),
+                                   "train_seconds": round(train_seconds, 2),
+                                   "steps_per_sec": round((step - start_step) / max(train_seconds, 1e-9), 3),
+                                   "tokens_per_step": tokens_per_step}
+        if eval_iter is not None and stopped != "preempted":
+            r = run_eval()
+            if not curve or curve[-1]["step"] != step:
+                curve.append({"step": step, **r})
+            results.update(r)
+            results["curve"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()
+                                 if k == "step" or k.startswith("eval_accuracy")} for c in curve]
+        results["wall_seconds"] = round(time.perf_counter() - t_start, 2)
+        ckpt.close()
+        log.close()
+        write_results(workdir, results, stream)
+        return results
+    except TrainingDivergedError:
+        ckpt.close()
+        log.close()
+        raise

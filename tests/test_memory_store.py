@@ -1,0 +1,105 @@
+"""fot.memory.store: FIFO ring buffer, overflow report, per-row reset, dtype, sharding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fot import memory as fm
+from fot.parallel import make_mesh
+
+
+def _fifo_reference(windows, masks, capacity):
+    """Numpy reference: per row the list of valid (key) entries, oldest first, FIFO by slot count."""
+    b = windows[0].shape[0]
+    slots = [[] for _ in range(b)]  # each slot: (key, valid)
+    evicted = np.zeros(b, int)
+    for w, m in zip(windows, masks):
+        for r in range(b):
+            for t in range(w.shape[1]):
+                slots[r].append((w[r, t], bool(m[r, t])))
+                if len(slots[r]) > capacity:
+                    old = slots[r].pop(0)
+                    evicted[r] += int(old[1])
+    valid = [[k for k, v in row if v] for row in slots]
+    return valid, evicted
+
+
+@pytest.mark.parametrize("capacity,t", [(12, 4), (10, 4), (3, 4)])
+def test_fifo_eviction_matches_reference(rng, capacity, t):
+    b, h, dh = 2, 2, 4
+    store = fm.init_store(b, capacity, h, dh, dtype=jnp.float32)
+    windows, masks = [], []
+    append = jax.jit(fm.append)
+    for _ in range(5):
+        k = rng.standard_normal((b, t, h, dh)).astype(np.float32)
+        m = rng.random((b, t)) > 0.2
+        windows.append(k)
+        masks.append(m)
+        store = append(store, jnp.asarray(k), jnp.asarray(-k), jnp.asarray(m))
+    valid, evicted = _fifo_reference(windows, masks, capacity)
+    np.testing.assert_array_equal(np.asarray(store.evicted), evicted)
+    assert evicted.sum() > 0  # the test exercises overflow
+    got_k, got_m = np.asarray(store.keys), np.asarray(store.mask)
+    for r in range(b):
+        got = got_k[r][got_m[r]]
+        want = np.stack(valid[r]) if valid[r] else np.zeros((0, h, dh))
+        # order inside the ring differs from insertion order; compare as sorted sets of rows
+        key = lambda a: np.lexsort(a.reshape(len(a), -1).T)  # noqa: E731
+        np.testing.assert_array_equal(got[key(got)], want[key(want)])
+        np.testing.assert_array_equal(np.asarray(store.values)[r][got_m[r]][key(got)], -want[key(want)])
+    assert int(np.asarray(fm.overflow_report({3: store})["evicted"]).sum()) == evicted.sum()
+
+
+def test_oldest_evicted_first(rng):
+    b, h, dh, cap = 1, 1, 2, 6
+    store = fm.init_store(b, cap, h, dh, dtype=jnp.float32)
+    for i in range(4):  # 4 windows of 3 tokens, values tag the insertion time
+        v = jnp.full((b, 3, h, dh), float(i))
+        store = fm.append(store, jnp.asarray(rng.standard_normal((b, 3, h, dh)), jnp.float32), v)
+    tags = sorted(set(np.asarray(store.values)[0, :, 0, 0].tolist()))
+    assert tags == [2.0, 3.0]  # the two oldest windows are gone
+    assert np.asarray(store.evicted).tolist() == [6]
+    assert np.asarray(store.appended).tolist() == [12]
+
+
+def test_reset_rows_empties_memory(rng):
+    b, cap = 3, 8
+    store = fm.init_store(b, cap, 2, 4)
+    k = jnp.asarray(rng.standard_normal((b, 4, 2, 4)), jnp.float32)
+    store = fm.append(store, k, k)
+    store = fm.reset(store, jnp.array([False, True, False]))
+    assert np.asarray(store.size()).tolist() == [4, 0, 4]
+    store = fm.append(store, k, k)
+    assert np.asarray(store.size()).tolist() == [8, 4, 8]
+    assert np.asarray(fm.reset(store).size()).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="rows"):
+        fm.reset(store, jnp.array([True, False]))
+
+
+def test_storage_dtype_and_bad_input(rng):
+    store = fm.init_store(2, 8, 2, 4)  # bf16 default
+    k = jnp.asarray(rng.standard_normal((2, 4, 2, 4)), jnp.float32)
+    store = fm.append(store, k, k)
+    assert store.keys.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(store.keys[:, :4], np.float32), np.asarray(k), rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="keys"):
+        fm.append(store, k[:, :, :1], k[:, :, :1])
+    with pytest.raises(ValueError, match="mask"):
+        fm.append(store, k, k, jnp.ones((2, 3), bool))
+    with pytest.raises(ValueError, match="capacity"):
+        fm.init_store(2, 0, 2, 4)
+
+
+def test_sharded_store_equals_single_device(rng):
+    mesh = make_mesh({"data": 2, "model": 4})
+    b, cap, h, dh = 2, 16, 2, 4
+    plain = fm.init_store(b, cap, h, dh, dtype=jnp.float32)
+    sharded = fm.stores_for_model(b, cap, [1], h, dh, dtype=jnp.float32, mesh=mesh)[1]
+    assert sharded.keys.sharding.spec[:2] == ("data", "model")
+    append = jax.jit(fm.append)
+    for _ in range(6):
+        k = jnp.asarray(rng.standard_normal((b, 4, h, dh)), jnp.float32)
+        m = jnp.asarray(rng.random((b, 4)) > 0.3)
+        plain, sharded = fm.append(plain, k, 2 * k, m), append(sharded, k, 2 * k, m)
+    for a, c in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))

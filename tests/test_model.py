@@ -1,0 +1,293 @@
+"""fot.model Decoder vs an independent dense jax.numpy reference written here (forward and gradients)."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fot.model import Decoder, ModelConfig
+
+B, T = 4, 8
+
+
+def make_cfg(**kw):
+    base = dict(vocab_size=61, d_model=32, num_layers=3, num_heads=4, head_dim=8, mlp_dim=48,
+                mem_layers=(1,), rope_theta=500.0, norm_eps=1e-5)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def init(cfg, rng, b=B, t=T):
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    variables = Decoder(cfg).init(jax.random.key(int(rng.integers(1 << 30))), tokens)
+    params = nn.meta.unbox(variables)["params"]
+    # Make non-trivial norm scales / per-head params so they are exercised.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * (1 + 0.3 * jnp.asarray(rng.standard_normal(x.shape), x.dtype))
+        if any(getattr(p, "key", "") in ("scale", "qk_scale") for p in path) else x, params)
+    return params, tokens
+
+
+# ---------------------------------------------------------------- independent reference (jax.numpy)
+def _rope(x, pos, theta):
+    dh = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, dh, 2) / dh)
+    ang = pos[..., None].astype(np.float32) * inv  # [B,T,Dh/2]
+    cos, sin = jnp.cos(ang)[:, :, None], jnp.sin(ang)[:, :, None]
+    x1, x2 = x[..., : dh // 2], x[..., dh // 2:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+def _rms(x, w, eps):
+    return x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def ref_forward(p, cfg, tokens, extra_rows=None, key_mask=None, positions=None):
+    """Dense reference: per row, memory layers softmax jointly over causal local keys and all keys of the
+    rows extra_rows[b] (in memory-view encoding); returns (logits, {layer: mem_mass [B,T,H]})."""
+    b, t = tokens.shape
+    h, dh = cfg.num_heads, cfg.head_dim
+    pos = np.broadcast_to(np.arange(t), (b, t)) if positions is None else np.asarray(positions)
+    x = p["embed"]["embedding"][tokens]
+    masses = {}
+    for i in range(cfg.num_layers):
+        lp = p[f"layers_{i}"]
+        a = lp["attn"]
+        y = _rms(x, lp["attn_norm"]["scale"], cfg.norm_eps)
+        q, k, v = [(y @ a[n]["kernel"]).reshape(b, t, h, dh) for n in "qkv"]
+        mem = i in cfg.mem_layers
+        scale = dh ** -0.5
+        if mem and cfg.qk_norm:
+            q = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * a["qk_scale"][:, None]
+            k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+            scale = 1.0
+        rope = not (mem and cfg.mem_positional == "none")
+        qr, kr = (_rope(q, pos, cfg.rope_theta), _rope(k, pos, cfg.rope_theta)) if rope else (q, k)
+        causal = np.tril(np.ones((t, t), bool))
+        outs = []
+        for r in range(b):
+            s = jnp.einsum("thd,shd->hts", qr[r], kr[r]) * scale
+            s = jnp.where(causal[None], s, -jnp.inf)
+            vv = v[r]
+            n_loc = t
+            if mem and extra_rows is not None:
+                src = [int(e) for e in extra_rows[r] if e >= 0]
+                for e in src:
+                    km = np.ones(t, bool) if key_mask is None else np.asarray(key_mask[e])
+                    se = jnp.einsum("thd,shd->hts", qr[r], k[e]) * scale
+                    s = jnp.concatenate([s, jnp.where(km[None, None], se, -jnp.inf)], -1)
+                    vv = jnp.concatenate([vv, v[e]], 0)
+            if mem and cfg.mem_gate:
+                g = jax.nn.sigmoid(a["gate_bias"])[:, None, None]
+                loc = jnp.einsum("hts,shd->thd", jax.nn.softmax(s[..., :n_loc], -1), vv[:n_loc])
+                if s.shape[-1] > n_loc:
+                    mo = jnp.einsum("hts,shd->thd", jax.nn.softmax(s[..., n_loc:], -1), vv[n_loc:])
+                else:
+                    mo = jnp.zeros_like(loc)
+                o = (g * mo.transpose(1, 0, 2) + (1 - g) * loc.transpose(1, 0, 2)).transpose(1, 0, 2)
+            else:
+                pr = jax.nn.softmax(s, -1)
+                o = jnp.einsum("hts,shd->thd", pr, vv)
+                masses.setdefault(i, []).append(pr[..., n_loc:].sum(-1).T)
+            outs.append(o)
+        o = jnp.stack(outs).reshape(b, t, h * dh)
+        x = x + o @ a["o"]["kernel"]
+        m = lp["mlp"]
+        y = _rms(x, lp["mlp_norm"]["scale"], cfg.norm_eps)
+        x = x + (jax.nn.silu(y @ m["gate"]["kernel"]) * (y @ m["up"]["kernel"])) @ m["down"]["kernel"]
+    x = _rms(x, p["final_norm"]["scale"], cfg.norm_eps)
+    head = p["embed"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]["kernel"]
+    return x @ head, {i: jnp.stack(v) for i, v in masses.items()}
+
+
+ROWS = np.array([[-1, -1], [0, -1], [1, 0], [2, -1]], np.int32)
+
+
+def test_params_tree(rng):
+    cfg = make_cfg()
+    params, tokens = init(cfg, rng)
+    assert set(params) == {"embed", "layers_0", "layers_1", "layers_2", "final_norm", "lm_head"}
+    lay = params["layers_1"]
+    assert set(lay) == {"attn_norm", "attn", "mlp_norm", "mlp"}
+    assert set(lay["attn"]) == {"q", "k", "v", "o"} and set(lay["mlp"]) == {"gate", "up", "down"}
+    assert lay["attn"]["q"]["kernel"].shape == (32, 32) and lay["mlp"]["down"]["kernel"].shape == (48, 32)
+    assert params["lm_head"]["kernel"].shape == (32, 61)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    std = float(np.std(np.asarray(params["embed"]["embedding"])))
+    assert 0.015 < std < 0.025
+    specs = nn.get_partition_spec(Decoder(cfg).init(jax.random.key(0), tokens))["params"]
+    assert tuple(specs["layers_0"]["attn"]["q"]["kernel"]) == ("embed", "heads")
+    assert tuple(specs["layers_0"]["mlp"]["down"]["kernel"]) == ("mlp", "embed")
+    assert tuple(specs["embed"]["embedding"]) == ("vocab", "embed")
+    tied, _ = init(make_cfg(tie_embeddings=True), rng)
+    assert "lm_head" not in tied
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(mem_positional="none", qk_norm=True, mem_layers=(0, 2)),
+                                dict(tie_embeddings=True, mem_layers=(0, 2))])
+def test_forward_and_grad_match_reference(rng, kw):
+    cfg = make_cfg(**kw)
+    params, tokens = init(cfg, rng)
+    key_mask = np.ones((B, T), bool)
+    key_mask[0, -3:] = False  # padded keys of source row 0
+    print("DBG", jax.config.jax_default_matmul_precision, np.asarray(tokens))
+    model = Decoder(cfg)
+    out = model.apply({"params": params}, tokens, extra_rows=jnp.asarray(ROWS), extra_key_mask=key_mask)
+    ref, _ = ref_forward(params, cfg, tokens, ROWS, key_mask)
+    assert out.dtype == jnp.float32 and out.shape == (B, T, cfg.vocab_size)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    w = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    g = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens, extra_rows=jnp.asarray(ROWS),
+                                                extra_key_mask=key_mask) * w))(params)
+    g_ref = jax.grad(lambda p: jnp.sum(ref_forward(p, cfg, tokens, ROWS, key_mask)[0] * w))(params)
+    for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-4, atol=2e-6, err_msg=str(path))
+
+
+def test_mem_mass_and_gate_match_reference(rng):
+    cfg = make_cfg()
+    params, tokens = init(cfg, rng)
+    logits, aux = Decoder(cfg).apply({"params": params}, tokens, extra_rows=jnp.asarray(ROWS),
+                                     collect_mem_mass=True)
+    _, mass = ref_forward(params, cfg, tokens, ROWS)
+    assert set(aux["mem_mass"]) == {1} and aux["mem_mass"][1].shape == (B, T, cfg.num_heads)
+    np.testing.assert_allclose(np.asarray(aux["mem_mass"][1]), np.asarray(mass[1]), atol=1e-5)
+    assert np.all(np.asarray(aux["mem_mass"][1])[0] == 0) and np.all(np.asarray(aux["mem_mass"][1])[1:] > 0)
+    gcfg = make_cfg(mem_gate=True)
+    gparams, _ = init(gcfg, rng)
+    gparams["layers_1"]["attn"]["gate_bias"] = jnp.asarray(rng.standard_normal(4), jnp.float32)
+    out = Decoder(gcfg).apply({"params": gparams}, tokens, extra_rows=jnp.asarray(ROWS))
+    ref, _ = ref_forward(gparams, gcfg, tokens, ROWS)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_no_memory_layers_equals_memory_layers_without_extras(rng, segments):
+    cfg_mem, cfg_plain = make_cfg(mem_layers=(0, 2)), make_cfg(mem_layers=())
+    params, tokens = init(cfg_mem, rng)
+    seg = None
+    if segments:
+        seg = np.ones((B, T), np.int32)
+        seg[:, 5:] = 2
+        seg[1, 6:] = 0
+    plain = Decoder(cfg_plain).apply({"params": params}, tokens, segment_ids=seg)
+    for rows in (None, -np.ones((B, 3), np.int32)):
+        out = Decoder(cfg_mem).apply({"params": params}, tokens, segment_ids=seg, extra_rows=rows)
+        np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=1e-5, atol=1e-6)
+    linked = Decoder(cfg_mem).apply({"params": params}, tokens, segment_ids=seg, extra_rows=ROWS)
+    assert not np.allclose(np.asarray(linked)[1:], np.asarray(plain)[1:], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(linked)[0], np.asarray(plain)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_reaches_previous_row_only_when_linked(rng):
+    cfg = make_cfg(vocab_size=64, mem_layers=(1,))
+    params, _ = init(cfg, rng)
+    tokens = jnp.asarray(np.stack([rng.integers(16 * r, 16 * (r + 1), T) for r in range(B)]), jnp.int32)
+    model = Decoder(cfg)
+    w = jnp.asarray(rng.standard_normal((T, cfg.vocab_size)), jnp.float32)
+
+    def emb_grad(rows):
+        loss = lambda p: jnp.sum(model.apply({"params": p}, tokens, extra_rows=rows)[2] * w)  # row 2 only
+        return np.abs(np.asarray(jax.grad(loss)(params)["embed"]["embedding"]))
+
+    g = emb_grad(jnp.asarray(ROWS))  # row 2 uses rows 1 and 0
+    assert g[0:16].max() > 1e-6 and g[16:32].max() > 1e-6 and g[32:48].max() > 0
+    assert g[48:64].max() == 0
+    g = emb_grad(jnp.asarray([[-1], [-1], [1], [-1]], jnp.int32))
+    assert g[16:32].max() > 1e-6 and g[0:16].max() == 0
+    g = emb_grad(jnp.asarray(-np.ones((B, 1), np.int32)))
+    assert g[0:32].max() == 0 and g[32:48].max() > 0
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(mem_positional="none", qk_norm=True), dict(remat=True)])
+def test_cache_path_equals_full_forward(rng, kw):
+    cfg = make_cfg(**kw)
+    params, tokens = init(cfg, rng, t=11)
+    model = Decoder(cfg)
+    full = model.apply({"params": params}, tokens)
+    c = 7
+    l1, aux = model.apply({"params": params}, tokens[:, :c], return_kv=True)
+    assert set(aux["kv"]) == {0, 1, 2} and set(aux["mem_kv"]) == {1}
+    assert aux["kv"][0][0].shape == (B, c, cfg.num_heads, cfg.head_dim)
+    l2, aux2 = model.apply({"params": params}, tokens[:, c:c + 2], cache=aux["kv"], return_kv=True)
+    cache = {i: tuple(jnp.concatenate([a, b_], 1) for a, b_ in zip(aux["kv"][i], aux2["kv"][i])) for i in aux["kv"]}
+    l3 = model.apply({"params": params}, tokens[:, c + 2:], cache=cache,
+                     positions=jnp.broadcast_to(jnp.arange(c + 2, 11), (B, 2)))
+    np.testing.assert_allclose(np.asarray(jnp.concatenate([l1, l2, l3], 1)), np.asarray(full),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(mem_layers=(0, 2)), dict(mem_positional="none", qk_norm=True)])
+def test_memory_path_equals_crossbatch(rng, kw):
+    """Windows w0, w1, w2 streamed with memory = crossbatch rows [w0, w1, w2] with row r using rows < r."""
+    cfg = make_cfg(**kw)
+    params, tokens = init(cfg, rng, b=3)
+    model = Decoder(cfg)
+    rows = jnp.asarray([[-1, -1], [0, -1], [1, 0]], jnp.int32)
+    cross, caux = model.apply({"params": params}, tokens, extra_rows=rows, collect_mem_mass=True)
+    mem = None
+    for r in range(3):
+        w = tokens[r:r + 1]
+        out, aux = model.apply({"params": params}, w, memory=mem, return_kv=True, collect_mem_mass=True)
+        np.testing.assert_allclose(np.asarray(out[0]), np.asarray(cross[r]), rtol=1e-5, atol=1e-5)
+        for i in cfg.mem_layers:
+            np.testing.assert_allclose(np.asarray(aux["mem_kv"][i][0][0]), np.asarray(caux["mem_kv"][i][0][r]),
+                                       rtol=1e-5, atol=1e-6)
+            if mem is not None:
+                np.testing.assert_allclose(np.asarray(aux["mem_mass"][i][0]), np.asarray(caux["mem_mass"][i][r]),
+                                           atol=1e-5)
+        if r == 2:  # exact top-k with K >= M valid slots equals dense memory attention
+            topk = model.apply({"params": params}, w, memory=mem, top_k=2 * T)
+            np.testing.assert_allclose(np.asarray(topk), np.asarray(out), rtol=1e-5, atol=1e-5)
+        new = {i: aux["mem_kv"][i] for i in cfg.mem_layers}
+        if mem is None:
+            mem = {i: (k, v, jnp.ones((1, T), bool)) for i, (k, v) in new.items()}
+        else:
+            mem = {i: (jnp.concatenate([mem[i][0], new[i][0]], 1), jnp.concatenate([mem[i][1], new[i][1]], 1),
+                       jnp.ones((1, mem[i][2].shape[1] + T), bool)) for i in cfg.mem_layers}
+
+
+def test_remat_and_bf16(rng):
+    cfg = make_cfg()
+    params, tokens = init(cfg, rng)
+    f = lambda c: lambda p: jnp.sum(Decoder(c).apply({"params": p}, tokens, extra_rows=ROWS) ** 2)
+    g0 = jax.grad(f(cfg))(params)
+    g1 = jax.grad(f(dataclasses.replace(cfg, remat=(1, 2))))(params)
+    jax.tree.map(lambda a, b_: np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-7),
+                 g0, g1)
+    bf = Decoder(dataclasses.replace(cfg, dtype="bfloat16")).apply({"params": params}, tokens, extra_rows=ROWS)
+    ref = Decoder(cfg).apply({"params": params}, tokens, extra_rows=ROWS)
+    assert bf.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(bf), np.asarray(ref), atol=0.05)
+
+
+def test_bad_inputs(rng):
+    with pytest.raises(ValueError, match=r"mem_layers.*num_layers=3"):
+        make_cfg(mem_layers=(3,))
+    with pytest.raises(ValueError, match="mem_positional"):
+        make_cfg(mem_positional="rope")
+    cfg = make_cfg()
+    params, tokens = init(cfg, rng)
+    app = lambda *a, **k: Decoder(cfg).apply({"params": params}, *a, **k)
+    kv = {i: (jnp.zeros((B, 3, 4, 8)),) * 2 for i in range(3)}
+    cases = [
+        ((tokens[0],), {}, r"tokens.*\(8,\)"),
+        ((tokens,), dict(positions=jnp.zeros((B, T + 1), jnp.int32)), r"positions.*\(4, 9\)"),
+        ((tokens,), dict(segment_ids=jnp.ones((B, 2), jnp.int32)), r"segment_ids.*\(4, 2\)"),
+        ((tokens,), dict(extra_rows=jnp.zeros((B + 1, 2), jnp.int32)), r"extra_rows.*\(5, 2\)"),
+        ((tokens,), dict(extra_rows=jnp.zeros((B,), jnp.int32)), r"extra_rows.*\(4,\)"),
+        ((tokens,), dict(extra_rows=np.full((B, 1), B, np.int32)), r"extra_rows.*\[-1, batch=4\)"),
+        ((tokens,), dict(extra_key_mask=np.ones((B, 3), bool), extra_rows=ROWS), r"extra_key_mask.*\(4, 3\)"),
+        ((tokens,), dict(memory={0: (jnp.zeros((B, 2, 4, 8)),) * 2 + (jnp.ones((B, 2), bool),)}),
+         r"layer 0.*mem_layers"),
+        ((tokens,), dict(memory={1: (jnp.zeros((B, 2, 4, 8)), jnp.zeros((B, 2, 4, 8)), jnp.ones((B, 3), bool))}),
+         r"memory\[1\] shapes"),
+        ((tokens,), dict(cache={0: kv[0]}), r"cache must map every layer"),
+        ((tokens,), dict(cache={i: (jnp.zeros((B, 3, 4, 4)),) * 2 for i in range(3)}), r"cache\[0\]"),
+        ((tokens,), dict(cache=kv, extra_rows=ROWS), "cache"),
+    ]
+    for args, kwargs, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            app(*args, **kwargs)
