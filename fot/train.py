@@ -66,7 +66,10 @@ def _register_data_pipeline(gin) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    print(f"fot.train: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    import re
+
+    message = re.sub(r"\s+In call to configurable .*$", "", " ".join(str(message).split()))
+    print(f"fot.train: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 

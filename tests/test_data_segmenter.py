@@ -315,3 +315,24 @@ def test_stdlib_corpus_is_deterministic_and_split():
     assert stdlib_corpus.load_documents.__wrapped__("train") == train  # deterministic re-read
     with pytest.raises(ValueError, match="split"):
         stdlib_corpus.load_documents("dev")
+
+
+def test_two_hosts_have_disjoint_lanes_and_segment_ids(rng):
+    docs = random_docs(rng, 200, lo=1, hi=30)
+    # host h reads every other document (as ShardInfo(h, 2) does) and owns lanes [4h, 4h+4) of 8
+    hosts = [Segmenter(ListDocuments(docs[h::2]), 8, 16, pack=2, bos_id=BOS, eos_id=EOS,
+                       lane_offset=4 * h, num_global_lanes=8) for h in range(2)]
+    ids = [set(), set()]
+    content = [set(), set()]
+    for h, seg in enumerate(hosts):
+        batches = run(seg, 12)
+        for b in batches:
+            ids[h] |= set(b["segment_ids"][b["segment_ids"] > 0].tolist())
+        for _, _, toks, complete in reconstruct(lane_streams(batches, 2, 16)):
+            if complete:
+                content[h].add(tuple(toks))
+    assert ids[0] and ids[1] and not ids[0] & ids[1]
+    assert content[0] <= {tuple(wrap(d)) for d in docs[0::2]}
+    assert content[1] <= {tuple(wrap(d)) for d in docs[1::2]}
+    with pytest.raises(ValueError, match="num_global_lanes"):
+        Segmenter(ListDocuments(docs), 8, 16, pack=2, lane_offset=6, num_global_lanes=8)

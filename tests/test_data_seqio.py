@@ -210,7 +210,7 @@ def test_mixture_rates_and_resume_end_to_end(tmp_path, spm_path, sp):
 
 def test_stdlib_and_dictionary_tasks(tmp_path, spm_path, sp):
     from fot.data import pipeline, tasks
-    from fot.data.dictionary import DictionaryLookupIterator
+    from fot.data.dictionary import DictionarySpec, documents_to_rows, generate_documents
 
     name = tasks.register_stdlib_task("stdlib_t", vocabulary=spm_path)
     it = pipeline.make_iterator(name, batch_size=4, seq_len=32, pack=1, split="validation", shard_info=(0, 1),
@@ -232,8 +232,13 @@ def test_stdlib_and_dictionary_tasks(tmp_path, spm_path, sp):
     b = next(it)
     assert b["start_of_doc"].tolist() == [True, False, True, False]
     assert (b["segment_ids"] > 0).all()
-    ref = DictionaryLookupIterator(2, 32, pack=2, vocab_size=64, query_len=32).batch_at(0)
-    # same layout as the training engineer's iterator: answers (after <v>) carry the loss
-    np.testing.assert_array_equal(b["loss_mask"][:, :].sum(1) > 0, ref["loss_mask"].sum(1) > 0)
-    ans = b["loss_mask"] > 0
-    assert ans.any() and np.all(b["targets"][ans] >= 4)
+    # independent reference: the generator's first document of epoch 0 (seed 3, split 0, epoch seed 0)
+    docs = generate_documents(np.random.default_rng([3, 0, 0]), 16,
+                              DictionarySpec(vocab_size=64, doc_len=64, query_len=32))
+    np.testing.assert_array_equal(b["inputs"][:2].reshape(-1), docs["tokens"][0, :-1])
+    np.testing.assert_array_equal(b["targets"][:2].reshape(-1), docs["tokens"][0, 1:])
+    np.testing.assert_array_equal(b["loss_mask"][:2].reshape(-1), docs["answer"][0, 1:])
+    # same row layout as the training engineer's DictionaryLookupIterator
+    ref = documents_to_rows({k: v[:2] for k, v in docs.items()}, 32)
+    for k in ("inputs", "targets", "loss_mask", "start_of_doc"):
+        np.testing.assert_array_equal(b[k], ref[k], err_msg=k)

@@ -13,7 +13,7 @@ B, T = 4, 8
 
 
 def make_cfg(**kw):
-    base = dict(vocab_size=61, d_model=32, num_layers=3, num_heads=4, head_dim=8, mlp_dim=48,
+    base = dict(vocab_size=61, d_model=32, num_layers=2, num_heads=4, head_dim=8, mlp_dim=48,
                 mem_layers=(1,), rope_theta=500.0, norm_eps=1e-5)
     base.update(kw)
     return ModelConfig(**base)
@@ -28,6 +28,12 @@ def init(cfg, rng, b=B, t=T):
         lambda path, x: x * (1 + 0.3 * jnp.asarray(rng.standard_normal(x.shape), x.dtype))
         if any(getattr(p, "key", "") in ("scale", "qk_scale") for p in path) else x, params)
     return params, tokens
+
+
+def jit_apply(cfg, **static):
+    """Jitted ``Decoder(cfg).apply`` taking params and tokens; ``static`` are non-array keywords."""
+    model = Decoder(cfg)
+    return jax.jit(lambda p, tokens, **kw: model.apply({"params": p}, tokens, **kw, **static))
 
 
 # ---------------------------------------------------------------- independent reference (jax.numpy)
@@ -102,13 +108,21 @@ def ref_forward(p, cfg, tokens, extra_rows=None, key_mask=None, positions=None):
     return x @ head, {i: jnp.stack(v) for i, v in masses.items()}
 
 
+def assert_trees_close(got, want, rtol=1e-4):
+    """Leafwise allclose with atol relative to each leaf's largest magnitude (float32 summation noise)."""
+    for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        b_ = np.asarray(b_)
+        np.testing.assert_allclose(np.asarray(a), b_, rtol=rtol, atol=rtol * np.abs(b_).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 ROWS = np.array([[-1, -1], [0, -1], [1, 0], [2, -1]], np.int32)
 
 
 def test_params_tree(rng):
     cfg = make_cfg()
     params, tokens = init(cfg, rng)
-    assert set(params) == {"embed", "layers_0", "layers_1", "layers_2", "final_norm", "lm_head"}
+    assert set(params) == {"embed", "layers_0", "layers_1", "final_norm", "lm_head"}
     lay = params["layers_1"]
     assert set(lay) == {"attn_norm", "attn", "mlp_norm", "mlp"}
     assert set(lay["attn"]) == {"q", "k", "v", "o"} and set(lay["mlp"]) == {"gate", "up", "down"}
@@ -125,58 +139,56 @@ def test_params_tree(rng):
     assert "lm_head" not in tied
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(mem_positional="none", qk_norm=True, mem_layers=(0, 2)),
-                                dict(tie_embeddings=True, mem_layers=(0, 2))])
+@pytest.mark.parametrize("kw", [dict(), dict(mem_positional="none", qk_norm=True, mem_layers=(0, 1)),
+                                dict(tie_embeddings=True, mem_layers=(0, 1))])
 def test_forward_and_grad_match_reference(rng, kw):
     cfg = make_cfg(**kw)
     params, tokens = init(cfg, rng)
     key_mask = np.ones((B, T), bool)
     key_mask[0, -3:] = False  # padded keys of source row 0
-    print("DBG", jax.config.jax_default_matmul_precision, np.asarray(tokens))
-    model = Decoder(cfg)
-    out = model.apply({"params": params}, tokens, extra_rows=jnp.asarray(ROWS), extra_key_mask=key_mask)
-    ref, _ = ref_forward(params, cfg, tokens, ROWS, key_mask)
+    apply = jit_apply(cfg)
+    out = apply(params, tokens, extra_rows=jnp.asarray(ROWS), extra_key_mask=key_mask)
+    ref, _ = jax.jit(lambda p: ref_forward(p, cfg, tokens, ROWS, key_mask))(params)
     assert out.dtype == jnp.float32 and out.shape == (B, T, cfg.vocab_size)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
     w = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
-    g = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, tokens, extra_rows=jnp.asarray(ROWS),
-                                                extra_key_mask=key_mask) * w))(params)
-    g_ref = jax.grad(lambda p: jnp.sum(ref_forward(p, cfg, tokens, ROWS, key_mask)[0] * w))(params)
-    for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-4, atol=2e-6, err_msg=str(path))
+    g = jax.jit(jax.grad(lambda p: jnp.sum(apply(p, tokens, extra_rows=jnp.asarray(ROWS),
+                                                 extra_key_mask=key_mask) * w)))(params)
+    g_ref = jax.jit(jax.grad(lambda p: jnp.sum(ref_forward(p, cfg, tokens, ROWS, key_mask)[0] * w)))(params)
+    assert_trees_close(g, g_ref)
 
 
 def test_mem_mass_and_gate_match_reference(rng):
     cfg = make_cfg()
     params, tokens = init(cfg, rng)
-    logits, aux = Decoder(cfg).apply({"params": params}, tokens, extra_rows=jnp.asarray(ROWS),
-                                     collect_mem_mass=True)
-    _, mass = ref_forward(params, cfg, tokens, ROWS)
+    logits, aux = jit_apply(cfg, collect_mem_mass=True)(params, tokens, extra_rows=jnp.asarray(ROWS))
+    _, mass = jax.jit(lambda p: ref_forward(p, cfg, tokens, ROWS))(params)
     assert set(aux["mem_mass"]) == {1} and aux["mem_mass"][1].shape == (B, T, cfg.num_heads)
     np.testing.assert_allclose(np.asarray(aux["mem_mass"][1]), np.asarray(mass[1]), atol=1e-5)
     assert np.all(np.asarray(aux["mem_mass"][1])[0] == 0) and np.all(np.asarray(aux["mem_mass"][1])[1:] > 0)
     gcfg = make_cfg(mem_gate=True)
     gparams, _ = init(gcfg, rng)
     gparams["layers_1"]["attn"]["gate_bias"] = jnp.asarray(rng.standard_normal(4), jnp.float32)
-    out = Decoder(gcfg).apply({"params": gparams}, tokens, extra_rows=jnp.asarray(ROWS))
-    ref, _ = ref_forward(gparams, gcfg, tokens, ROWS)
+    out = jit_apply(gcfg)(gparams, tokens, extra_rows=jnp.asarray(ROWS))
+    ref, _ = jax.jit(lambda p: ref_forward(p, gcfg, tokens, ROWS))(gparams)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("segments", [False, True])
 def test_no_memory_layers_equals_memory_layers_without_extras(rng, segments):
-    cfg_mem, cfg_plain = make_cfg(mem_layers=(0, 2)), make_cfg(mem_layers=())
+    cfg_mem, cfg_plain = make_cfg(mem_layers=(0, 1)), make_cfg(mem_layers=())
     params, tokens = init(cfg_mem, rng)
     seg = None
     if segments:
         seg = np.ones((B, T), np.int32)
         seg[:, 5:] = 2
         seg[1, 6:] = 0
-    plain = Decoder(cfg_plain).apply({"params": params}, tokens, segment_ids=seg)
+    plain = jit_apply(cfg_plain)(params, tokens, segment_ids=seg)
+    mem = jit_apply(cfg_mem)
     for rows in (None, -np.ones((B, 3), np.int32)):
-        out = Decoder(cfg_mem).apply({"params": params}, tokens, segment_ids=seg, extra_rows=rows)
+        out = mem(params, tokens, segment_ids=seg, extra_rows=rows)
         np.testing.assert_allclose(np.asarray(out), np.asarray(plain), rtol=1e-5, atol=1e-6)
-    linked = Decoder(cfg_mem).apply({"params": params}, tokens, segment_ids=seg, extra_rows=ROWS)
+    linked = mem(params, tokens, segment_ids=seg, extra_rows=ROWS)
     assert not np.allclose(np.asarray(linked)[1:], np.asarray(plain)[1:], atol=1e-4)
     np.testing.assert_allclose(np.asarray(linked)[0], np.asarray(plain)[0], rtol=1e-5, atol=1e-6)
 
@@ -185,12 +197,12 @@ def test_gradient_reaches_previous_row_only_when_linked(rng):
     cfg = make_cfg(vocab_size=64, mem_layers=(1,))
     params, _ = init(cfg, rng)
     tokens = jnp.asarray(np.stack([rng.integers(16 * r, 16 * (r + 1), T) for r in range(B)]), jnp.int32)
-    model = Decoder(cfg)
+    apply = jit_apply(cfg)
     w = jnp.asarray(rng.standard_normal((T, cfg.vocab_size)), jnp.float32)
+    grad = jax.jit(jax.grad(lambda p, rows: jnp.sum(apply(p, tokens, extra_rows=rows)[2] * w)))  # row 2 only
 
     def emb_grad(rows):
-        loss = lambda p: jnp.sum(model.apply({"params": p}, tokens, extra_rows=rows)[2] * w)  # row 2 only
-        return np.abs(np.asarray(jax.grad(loss)(params)["embed"]["embedding"]))
+        return np.abs(np.asarray(grad(params, rows)["embed"]["embedding"]))
 
     g = emb_grad(jnp.asarray(ROWS))  # row 2 uses rows 1 and 0
     assert g[0:16].max() > 1e-6 and g[16:32].max() > 1e-6 and g[32:48].max() > 0
@@ -201,36 +213,49 @@ def test_gradient_reaches_previous_row_only_when_linked(rng):
     assert g[0:32].max() == 0 and g[32:48].max() > 0
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(mem_positional="none", qk_norm=True), dict(remat=True)])
-def test_cache_path_equals_full_forward(rng, kw):
+@pytest.mark.parametrize("kw, segments", [(dict(), True), (dict(mem_positional="none", qk_norm=True), False),
+                                          (dict(remat=True), False)])
+def test_cache_path_equals_full_forward(rng, kw, segments):
     cfg = make_cfg(**kw)
-    params, tokens = init(cfg, rng, t=11)
-    model = Decoder(cfg)
-    full = model.apply({"params": params}, tokens)
-    c = 7
-    l1, aux = model.apply({"params": params}, tokens[:, :c], return_kv=True)
-    assert set(aux["kv"]) == {0, 1, 2} and set(aux["mem_kv"]) == {1}
+    t, c = 11, 7
+    params, tokens = init(cfg, rng, t=t)
+    seg = None
+    if segments:  # left padding in row 1, a second document from token 5 on in row 2
+        seg = np.ones((B, t), np.int32)
+        seg[1, :2] = 0
+        seg[2, 5:] = 2
+    full = jit_apply(cfg)(params, tokens, segment_ids=seg)
+    step = jit_apply(cfg, return_kv=True)
+    sl = (lambda a, b_: None) if seg is None else (lambda a, b_: seg[:, a:b_])
+    l1, aux = step(params, tokens[:, :c], segment_ids=sl(0, c))
+    assert set(aux["kv"]) == {0, 1} and set(aux["mem_kv"]) == {1}
     assert aux["kv"][0][0].shape == (B, c, cfg.num_heads, cfg.head_dim)
-    l2, aux2 = model.apply({"params": params}, tokens[:, c:c + 2], cache=aux["kv"], return_kv=True)
+    # default positions continue at C; segment_ids [B, C+T] cover the cached keys too
+    l2, aux2 = step(params, tokens[:, c:c + 2], cache=aux["kv"], segment_ids=sl(0, c + 2))
     cache = {i: tuple(jnp.concatenate([a, b_], 1) for a, b_ in zip(aux["kv"][i], aux2["kv"][i])) for i in aux["kv"]}
-    l3 = model.apply({"params": params}, tokens[:, c + 2:], cache=cache,
-                     positions=jnp.broadcast_to(jnp.arange(c + 2, 11), (B, 2)))
+    l3, _ = step(params, tokens[:, c + 2:], cache=cache, positions=jnp.broadcast_to(jnp.arange(c + 2, t), (B, 2)),
+                 segment_ids=sl(0, t))
     np.testing.assert_allclose(np.asarray(jnp.concatenate([l1, l2, l3], 1)), np.asarray(full),
                                rtol=1e-5, atol=1e-5)
+    if segments:  # [B, T] segment ids with a cache: cached keys take the id of the row's first new token
+        l3b, _ = step(params, tokens[:, c + 2:], cache=cache, segment_ids=seg[:, c + 2:])
+        np.testing.assert_allclose(np.asarray(l3b)[[0, 1, 3]], np.asarray(full)[[0, 1, 3], c + 2:],
+                                   rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kw", [dict(mem_layers=(0, 2)), dict(mem_positional="none", qk_norm=True)])
+@pytest.mark.parametrize("kw", [dict(mem_layers=(0, 1)), dict(mem_positional="none", qk_norm=True),
+                                dict(mem_gate=True)])
 def test_memory_path_equals_crossbatch(rng, kw):
     """Windows w0, w1, w2 streamed with memory = crossbatch rows [w0, w1, w2] with row r using rows < r."""
     cfg = make_cfg(**kw)
     params, tokens = init(cfg, rng, b=3)
-    model = Decoder(cfg)
     rows = jnp.asarray([[-1, -1], [0, -1], [1, 0]], jnp.int32)
-    cross, caux = model.apply({"params": params}, tokens, extra_rows=rows, collect_mem_mass=True)
+    stream = jit_apply(cfg, return_kv=True, collect_mem_mass=True)
+    cross, caux = stream(params, tokens, extra_rows=rows)
     mem = None
     for r in range(3):
         w = tokens[r:r + 1]
-        out, aux = model.apply({"params": params}, w, memory=mem, return_kv=True, collect_mem_mass=True)
+        out, aux = stream(params, w, memory=mem)
         np.testing.assert_allclose(np.asarray(out[0]), np.asarray(cross[r]), rtol=1e-5, atol=1e-5)
         for i in cfg.mem_layers:
             np.testing.assert_allclose(np.asarray(aux["mem_kv"][i][0][0]), np.asarray(caux["mem_kv"][i][0][r]),
@@ -238,8 +263,8 @@ def test_memory_path_equals_crossbatch(rng, kw):
             if mem is not None:
                 np.testing.assert_allclose(np.asarray(aux["mem_mass"][i][0]), np.asarray(caux["mem_mass"][i][r]),
                                            atol=1e-5)
-        if r == 2:  # exact top-k with K >= M valid slots equals dense memory attention
-            topk = model.apply({"params": params}, w, memory=mem, top_k=2 * T)
+        if r == 2 and not cfg.mem_gate:  # exact top-k with K >= M valid slots equals dense memory attention
+            topk = jit_apply(cfg, top_k=2 * T)(params, w, memory=mem)
             np.testing.assert_allclose(np.asarray(topk), np.asarray(out), rtol=1e-5, atol=1e-5)
         new = {i: aux["mem_kv"][i] for i in cfg.mem_layers}
         if mem is None:
@@ -252,26 +277,25 @@ def test_memory_path_equals_crossbatch(rng, kw):
 def test_remat_and_bf16(rng):
     cfg = make_cfg()
     params, tokens = init(cfg, rng)
-    f = lambda c: lambda p: jnp.sum(Decoder(c).apply({"params": p}, tokens, extra_rows=ROWS) ** 2)
-    g0 = jax.grad(f(cfg))(params)
-    g1 = jax.grad(f(dataclasses.replace(cfg, remat=(1, 2))))(params)
-    jax.tree.map(lambda a, b_: np.testing.assert_allclose(np.asarray(a), np.asarray(b_), rtol=1e-5, atol=1e-7),
-                 g0, g1)
-    bf = Decoder(dataclasses.replace(cfg, dtype="bfloat16")).apply({"params": params}, tokens, extra_rows=ROWS)
-    ref = Decoder(cfg).apply({"params": params}, tokens, extra_rows=ROWS)
+    f = lambda c: jax.jit(jax.grad(lambda p: jnp.sum(Decoder(c).apply({"params": p}, tokens, extra_rows=ROWS) ** 2)))
+    g0 = f(cfg)(params)
+    g1 = f(dataclasses.replace(cfg, remat=(1,)))(params)
+    assert_trees_close(g1, g0, rtol=1e-5)
+    bf = jit_apply(dataclasses.replace(cfg, dtype="bfloat16"))(params, tokens, extra_rows=ROWS)
+    ref = jit_apply(cfg)(params, tokens, extra_rows=ROWS)
     assert bf.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(bf), np.asarray(ref), atol=0.05)
 
 
 def test_bad_inputs(rng):
-    with pytest.raises(ValueError, match=r"mem_layers.*num_layers=3"):
-        make_cfg(mem_layers=(3,))
+    with pytest.raises(ValueError, match=r"mem_layers.*num_layers=2"):
+        make_cfg(mem_layers=(2,))
     with pytest.raises(ValueError, match="mem_positional"):
         make_cfg(mem_positional="rope")
     cfg = make_cfg()
     params, tokens = init(cfg, rng)
     app = lambda *a, **k: Decoder(cfg).apply({"params": params}, *a, **k)
-    kv = {i: (jnp.zeros((B, 3, 4, 8)),) * 2 for i in range(3)}
+    kv = {i: (jnp.zeros((B, 3, 4, 8)),) * 2 for i in range(2)}
     cases = [
         ((tokens[0],), {}, r"tokens.*\(8,\)"),
         ((tokens,), dict(positions=jnp.zeros((B, T + 1), jnp.int32)), r"positions.*\(4, 9\)"),
@@ -285,7 +309,7 @@ def test_bad_inputs(rng):
         ((tokens,), dict(memory={1: (jnp.zeros((B, 2, 4, 8)), jnp.zeros((B, 2, 4, 8)), jnp.ones((B, 3), bool))}),
          r"memory\[1\] shapes"),
         ((tokens,), dict(cache={0: kv[0]}), r"cache must map every layer"),
-        ((tokens,), dict(cache={i: (jnp.zeros((B, 3, 4, 4)),) * 2 for i in range(3)}), r"cache\[0\]"),
+        ((tokens,), dict(cache={i: (jnp.zeros((B, 3, 4, 4)),) * 2 for i in range(2)}), r"cache\[0\]"),
         ((tokens,), dict(cache=kv, extra_rows=ROWS), "cache"),
     ]
     for args, kwargs, msg in cases:

@@ -18,24 +18,38 @@ import numpy as np
 
 from fot.data.documents import MixtureDocuments
 from fot.data.segmenter import Segmenter
+from fot.data.tasks import (register_dictionary_task, register_files_task, register_function_task,  # noqa: F401
+                            register_mixture, register_stdlib_task, register_tfds_task)
+from fot.data.vocab import check_vocab_size, load_vocabulary, stdlib_vocabulary  # noqa: F401
+
+# Registered by fot.train with gin.external_configurable(..., module="fot.data") (short names in gin).
+GIN_CONFIGURABLES = ("make_iterator", "register_files_task", "register_tfds_task", "register_stdlib_task",
+                     "register_dictionary_task", "register_mixture", "load_vocabulary", "stdlib_vocabulary")
 
 
 class PrefetchIterator:
     """Runs an iterator with ``get_state``/``set_state`` in a background thread.
+
+    Attributes: ``batch_size`` (global rows per step; ``local_batch_size`` rows come from this
+    host), ``seq_len``, ``pack``, ``vocab_size`` (tokenizer size, or None).
 
     ``buffer_size`` batches (with the cursor *after* each) wait in a bounded queue.
     ``get_state()`` returns the cursor after the last batch handed to the caller — not after
     the prefetched ones — so a checkpoint taken after step n resumes at batch n+1.
     ``set_state`` stops the thread, drops the prefetched batches and restores the cursor; the
     thread restarts on the next ``next()``. Exceptions in the thread re-raise in ``next()``.
+    ``buffer_size=0`` runs synchronously (no thread), with the same interface.
     """
 
-    def __init__(self, iterator, buffer_size: int = 2):
-        if buffer_size < 1:
-            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+    def __init__(self, iterator, buffer_size: int = 2, *, batch_size: int | None = None,
+                 vocab_size: int | None = None):
+        if buffer_size < 0:
+            raise ValueError(f"buffer_size must be >= 0, got {buffer_size}")
         self._it = iterator
         self.buffer_size = int(buffer_size)
-        self.batch_size, self.seq_len, self.pack = iterator.batch_size, iterator.seq_len, iterator.pack
+        self.local_batch_size, self.seq_len, self.pack = iterator.batch_size, iterator.seq_len, iterator.pack
+        self.batch_size = int(batch_size or iterator.batch_size)
+        self.vocab_size = vocab_size
         self._state = _json_copy(iterator.get_state())
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
@@ -77,6 +91,14 @@ class PrefetchIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._done:
             raise StopIteration
+        if self.buffer_size == 0:
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._done = True
+                raise
+            self._state = _json_copy(self._it.get_state())
+            return batch
         if self._thread is None:
             self._start()
         kind, value, state = self._queue.get()
@@ -202,7 +224,10 @@ def make_iterator(task: str, *, batch_size: int, seq_len: int, pack: int = 1, sp
       boundary: "continue" (next document follows in the same row) or "pad" (see segmenter).
       min_lengths: per-task minimum document length overrides.
       shard_info: ``seqio.ShardInfo`` or ``(index, count)``; default from jax's process index.
-      prefetch: batches prepared ahead in a background thread (0 = no thread).
+      prefetch: batches prepared ahead in a background thread (0 = synchronous).
+
+    Returns a ``PrefetchIterator``: ``batch_size`` is the global batch, each ``next()`` gives this
+    host's ``local_batch_size`` rows; ``vocab_size`` is the task vocabulary's size.
     """
     shard = host_shard(shard_info)
     if batch_size % shard.num_shards:
@@ -220,7 +245,9 @@ def make_iterator(task: str, *, batch_size: int, seq_len: int, pack: int = 1, sp
     lanes = local // pack
     seg = Segmenter(provider, local, seq_len, pack=pack, bos_id=bos, eos_id=eos, boundary=boundary,
                     lane_offset=shard.index * lanes, num_global_lanes=lanes * shard.num_shards)
-    return PrefetchIterator(seg, prefetch) if prefetch else seg
+    from fot.data.tf_env import import_seqio  # pylint: disable=g-import-not-at-top
+    vocab = import_seqio().get_mixture_or_task(task).output_features["targets"].vocabulary
+    return PrefetchIterator(seg, prefetch, batch_size=batch_size, vocab_size=int(vocab.vocab_size))
 
 
 def make_global_batch(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:

@@ -31,11 +31,29 @@ def max_dictionary_tokens(key_len: int, value_len: int, vocab_size: int) -> int:
     return int(min(num_symbols ** key_len, 2**62) * record)
 
 
+def _align_definitions(docs, n: int, window: int, record: int):
+    """Re-lay the ``n`` definition tokens of ``docs`` window by window (whole records, padded)."""
+    tokens, segment = docs["tokens"].copy(), docs["segment"].copy()
+    per = window // record
+    n_def = docs["keys"].shape[1]
+    recs = tokens[:, : n_def * record].reshape(tokens.shape[0], n_def, record).copy()
+    tokens[:, :n] = 0
+    segment[:, :n] = 0
+    for w in range(n // window):
+        chunk = recs[:, w * per:(w + 1) * per].reshape(tokens.shape[0], -1)
+        tokens[:, w * window: w * window + chunk.shape[1]] = chunk
+        segment[:, w * window: w * window + chunk.shape[1]] = 1
+    return {**docs, "tokens": tokens, "segment": segment}
+
+
 def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_size: int,
              sizes: Sequence[int], num_docs: int = 16, top_k: int | None = 32, seed: int = 0,
-             mem_dtype: str = "float32", memory_budget_bytes: int = 1 << 30, mesh=None) -> dict[str, Any]:
+             mem_dtype: str = "float32", memory_budget_bytes: int = 1 << 30, aligned: bool = True,
+             mesh=None) -> dict[str, Any]:
     """Accuracy curves. ``sizes``: definition tokens in memory (rounded up to a multiple of ``window``;
     sizes beyond the unique-key limit of the spec are skipped and listed in ``skipped``).
+    ``aligned``: lay definitions out as in training — ``window // record`` whole records per window,
+    padding at the window's end, so no record straddles a window boundary (False: records back to back).
 
     Returns ``{"sizes", "fot_accuracy", "no_memory_accuracy", "answers", "skipped", ...}``.
     """
@@ -56,12 +74,16 @@ def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_
         if n < 1:
             raise ValueError(f"memory sizes must be >= 1, got {size}")
         record = key_len + value_len + 2
-        if n // record > limit // record or n // record < 1:
+        per_window = window // record
+        n_def = (n // window) * per_window if aligned else n // record
+        if n_def > limit // record or n_def < 1:
             skipped.append(int(size))
             continue
         spec = DictionarySpec(key_len=key_len, value_len=value_len, vocab_size=vocab_size,
-                              doc_len=n + window, query_len=window)
+                              doc_len=n + window, query_len=window, num_definitions=n_def)
         docs = generate_documents(rng, num_docs, spec)
+        if aligned:
+            docs = _align_definitions(docs, n, window, record)
         inputs, targets = docs["tokens"][:, :-1], docs["tokens"][:, 1:]
         answer = docs["answer"][:, 1:]
         keep = docs["segment"][:, :-1] > 0
@@ -86,7 +108,7 @@ def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_
     return {"task": "dictionary", "sizes": out_sizes, "fot_accuracy": fot_acc, "no_memory_accuracy": base_acc,
             "answers": answers, "skipped": skipped, "window": window, "top_k": top_k, "num_docs": num_docs,
             "key_len": key_len, "value_len": value_len, "vocab_size": vocab_size,
-            "max_dictionary_tokens": limit}
+            "max_dictionary_tokens": limit, "aligned": aligned}
 
 
 def plot(result: dict[str, Any], path: str) -> None:

@@ -193,8 +193,12 @@ class MemoryInference:
         return max(n, 1) * self.config.window
 
     def forward(self, tokens, *, key_mask=None, stores=None, last_context_length: int | None = None,
-                collect_mem_mass: bool = False) -> dict[str, Any]:
+                collect_mem_mass: bool = False, bounds: list[tuple[int, int]] | None = None) -> dict[str, Any]:
         """Process a whole input ``tokens [B, T]`` (numpy or jax, int).
+
+        ``bounds`` overrides :meth:`plan`: explicit contiguous windows ``[(0, e0), (e0, e1), ..., (s, T)]``
+        of at most ``window`` tokens; with ``last_context_length > 0`` the last one is the final window
+        (e.g. to replay a generation whose local cache was flushed into memory).
 
         Returns a dict: ``logits`` float32 [B, T, V] (every token, as LongLLaMA concatenates window
         outputs), ``stores`` (memory after the prefix windows), ``final_kv`` (aux of the final window:
@@ -211,9 +215,19 @@ class MemoryInference:
         key_mask = np.asarray(key_mask, bool)
         if key_mask.shape != (b, t):
             raise ValueError(f"key_mask must have shape {(b, t)}, got {key_mask.shape}")
-        bounds, prefix = self.plan(t, last_context_length)
+        if bounds is None:
+            bounds, prefix = self.plan(t, last_context_length)
+        else:
+            bounds = [(int(a), int(z)) for a, z in bounds]
+            ends = [0] + [z for _, z in bounds]
+            if [a for a, _ in bounds] != ends[:-1] or ends[-1] != t or any(
+                    not 0 < z - a <= cfg.window for a, z in bounds):
+                raise ValueError(f"bounds must tile [0, {t}) with windows of 1..{cfg.window} tokens, got {bounds}")
+            lcl = cfg.last_context_length if last_context_length is None else int(last_context_length)
+            prefix = bounds[-1][0] if lcl > 0 else t
         if stores is None:
-            cap = cfg.capacity if cfg.capacity is not None else self.capacity_for(t, last_context_length)
+            cap = cfg.capacity if cfg.capacity is not None else max(
+                1, sum(1 for _, e in bounds if e <= prefix)) * cfg.window
             stores = self.init_memory(b, cap)
         if cfg.on_overflow == "error" and self.mem_layers:
             cap = next(iter(stores.values())).capacity

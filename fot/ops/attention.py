@@ -26,12 +26,6 @@ def scores(q, k, scale):
     return jnp.einsum("bthd,bshd->bths", q, k, preferred_element_type=F32) * scale
 
 
-def _pv(p, v):
-    if v.dtype != F32:
-        p = p.astype(v.dtype)
-    return jnp.einsum("bths,bshd->bthd", p, v, preferred_element_type=F32)
-
-
 def local_mask(q_pos, seg_q, seg_k):
     """Causal + same-segment mask [B,T,1,Tk]: key j visible to query i iff j <= q_pos[b,i], same segment."""
     kpos = jnp.arange(seg_k.shape[1])
@@ -55,13 +49,32 @@ def full(shape, value, vma):
     return lax.pcast(z, tuple(sorted(vma)), to="varying") if vma else z
 
 
-def _init_state(q, vma):
-    b, t, h, d = q.shape
-    z = full((b, t, h), 0.0, vma)
-    return (full((b, t, h), NEG, vma), z, z, full((b, t, h, d), 0.0, vma))
+def _t(x):
+    """[B,T,H,...] <-> [B,H,T,...] (the kernel works head-major so every matmul is a plain batched dot)."""
+    return jnp.swapaxes(x, 1, 2)
 
 
-def _accumulate(state, s, mask, v, is_extra):
+def _scores_h(qh, kh, scale):
+    return jnp.einsum("bhtd,bhsd->bhts", qh, kh, preferred_element_type=F32) * scale
+
+
+def _pv_h(p, vh):
+    if vh.dtype != F32:
+        p = p.astype(vh.dtype)
+    return jnp.einsum("bhts,bhsd->bhtd", p, vh, preferred_element_type=F32)
+
+
+def _local_mask_h(q_pos, seg_q, seg_k):
+    return jnp.swapaxes(local_mask(q_pos, seg_q, seg_k), 1, 2)  # [B,1,T,Tk]
+
+
+def _init_state(qh, vma):
+    b, h, t, d = qh.shape
+    z = full((b, h, t), 0.0, vma)
+    return (full((b, h, t), NEG, vma), z, z, full((b, h, t, d), 0.0, vma))
+
+
+def _accumulate(state, s, mask, vh, is_extra):
     m, l, lm, acc = state
     s = jnp.where(mask, s, NEG)
     m_new = jnp.maximum(m, s.max(-1))
@@ -70,19 +83,18 @@ def _accumulate(state, s, mask, v, is_extra):
     ps = p.sum(-1)
     l = l * alpha + ps
     lm = lm * alpha + (ps if is_extra else 0.0)
-    acc = acc * alpha[..., None] + _pv(p, v)
+    acc = acc * alpha[..., None] + _pv_h(p, vh)
     return m_new, l, lm, acc
 
 
-def _block_grads(q, kb, vb, mask, lse, do, delta, dlse, scale):
-    """Flash-attention backward for one key block: returns dq, dk, dv (float32)."""
-    s = scores(q, kb, scale)
-    p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
-    dv = jnp.einsum("bths,bthd->bshd", p, do)
-    dp = jnp.einsum("bthd,bshd->bths", do, vb.astype(F32))
+def _block_grads(qh, kh, vh, mask, lse, doh, delta, dlse, scale):
+    """Flash-attention backward for one key block (head-major): dq [B,H,T,D], dk, dv [B,H,S,D] float32."""
+    p = jnp.where(mask, jnp.exp(_scores_h(qh, kh, scale) - lse[..., None]), 0.0)
+    dv = jnp.einsum("bhts,bhtd->bhsd", p, doh)
+    dp = jnp.einsum("bhtd,bhsd->bhts", doh, vh.astype(F32))
     ds = p * (dp - delta[..., None] + dlse[..., None])
-    dq = jnp.einsum("bths,bshd->bthd", ds, kb.astype(F32)) * scale
-    dk = jnp.einsum("bths,bthd->bshd", ds, q.astype(F32)) * scale
+    dq = jnp.einsum("bhts,bhsd->bhtd", ds, kh.astype(F32)) * scale
+    dk = jnp.einsum("bhts,bhtd->bhsd", ds, qh.astype(F32)) * scale
     return dq, dk, dv
 
 
@@ -99,53 +111,62 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_bloc
     aux = tuple(aux)
 
     def forward(q, k, v, q_pos, seg_q, seg_k, src, aux):
-        state = _init_state(q, _vma(q, k, v, q_pos, seg_q, seg_k, src, aux))
+        qh = _t(q)
+        state = _init_state(qh, _vma(q, k, v, q_pos, seg_q, seg_k, src, aux))
         if include_local:
-            state = _accumulate(state, scores(q, k, scale), local_mask(q_pos, seg_q, seg_k), v, False)
+            state = _accumulate(state, _scores_h(qh, _t(k), scale), _local_mask_h(q_pos, seg_q, seg_k), _t(v),
+                                False)
         if n_blocks:
             def body(state, j):
                 kb, vb, mb = fetch(src, aux, j)
-                return _accumulate(state, scores(q, kb, scale), mb[:, None, None, :], vb, True), None
+                return _accumulate(state, _scores_h(qh, _t(kb), scale), mb[:, None, None, :], _t(vb), True), None
             state, _ = lax.scan(body, state, jnp.arange(n_blocks))
         m, l, lm, acc = state
         safe = jnp.where(l > 0, l, 1.0)
-        o = acc / safe[..., None]
+        oh = acc / safe[..., None]
         lse = jnp.where(l > 0, m + jnp.log(safe), NEG)
-        return o, lse, lm / safe
+        return oh, lse, lm / safe  # head-major
+
+    def public(oh, lse, mass):
+        return _t(oh), _t(lse), _t(mass)
 
     @jax.custom_vjp
     def attend(q, k, v, q_pos, seg_q, seg_k, src, aux):
-        return forward(q, k, v, q_pos, seg_q, seg_k, src, aux)
+        return public(*forward(q, k, v, q_pos, seg_q, seg_k, src, aux))
 
     def attend_fwd(q, k, v, q_pos, seg_q, seg_k, src, aux):
-        o, lse, mass = forward(q, k, v, q_pos, seg_q, seg_k, src, aux)
-        return (o, lse, mass), (q, k, v, q_pos, seg_q, seg_k, src, aux, o, lse)
+        oh, lse, mass = forward(q, k, v, q_pos, seg_q, seg_k, src, aux)
+        return public(oh, lse, mass), (q, k, v, q_pos, seg_q, seg_k, src, aux, oh, lse)
 
     def attend_bwd(res, cts):
-        q, k, v, q_pos, seg_q, seg_k, src, aux, o, lse = res
+        q, k, v, q_pos, seg_q, seg_k, src, aux, oh, lse = res
         do, dlse, _ = cts
-        do = do.astype(F32)
-        dlse = dlse.astype(F32)
-        delta = jnp.sum(do * o, axis=-1)
-        vma = _vma(q, k, v, q_pos, seg_q, seg_k, src, aux, do, dlse, o, lse)
-        dq = full(q.shape, 0.0, vma)
+        doh = _t(do.astype(F32))
+        dlse = _t(dlse.astype(F32))
+        qh = _t(q)
+        delta = jnp.sum(doh * oh, axis=-1)
+        vma = _vma(q, k, v, q_pos, seg_q, seg_k, src, aux, do, dlse, oh, lse)
+        dq = full(qh.shape, 0.0, vma)
         dk = full(k.shape, 0.0, vma)
         dv = full(v.shape, 0.0, vma)
         if include_local:
-            dq, dk, dv = _block_grads(q, k, v, local_mask(q_pos, seg_q, seg_k), lse, do, delta, dlse, scale)
+            dq, dkh, dvh = _block_grads(qh, _t(k), _t(v), _local_mask_h(q_pos, seg_q, seg_k), lse, doh, delta,
+                                        dlse, scale)
+            dk, dv = _t(dkh), _t(dvh)
         dsrc = jax.tree.map(lambda x: full(x.shape, 0.0, vma), src)
         if n_blocks:
             def body(carry, j):
                 dq, dsrc = carry
                 (kb, vb, mb), pullback = _fetch_vjp(fetch, src, aux, j)
-                dqj, dkb, dvb = _block_grads(q, kb, vb, mb[:, None, None, :], lse, do, delta, dlse, scale)
-                (dsj,) = pullback((dkb.astype(kb.dtype), dvb.astype(vb.dtype)))
+                dqj, dkb, dvb = _block_grads(qh, _t(kb), _t(vb), mb[:, None, None, :], lse, doh, delta, dlse,
+                                             scale)
+                (dsj,) = pullback((_t(dkb).astype(kb.dtype), _t(dvb).astype(vb.dtype)))
                 dsrc = jax.tree.map(lambda a, b: a + b.astype(F32), dsrc, dsj)
                 return (dq + dqj, dsrc), None
             (dq, dsrc), _ = lax.scan(body, (dq, dsrc), jnp.arange(n_blocks))
         dsrc = jax.tree.map(_cotangent, dsrc, src)
         none_aux = tuple(None for _ in aux)
-        return (_cotangent(dq, q), _cotangent(dk, k), _cotangent(dv, v), None, None, None, dsrc, none_aux)
+        return (_cotangent(_t(dq), q), _cotangent(dk, k), _cotangent(dv, v), None, None, None, dsrc, none_aux)
 
     attend.defvjp(attend_fwd, attend_bwd)
     return attend(q, k, v, q_pos, seg_q, seg_k, src, aux)

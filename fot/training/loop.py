@@ -75,6 +75,16 @@ def _check_layout(name: str, batch_size: int, pack: int, data_size: int, microba
                           f"{microbatches} micro-batches of whole packs (pack={pack})")
 
 
+def _mesh_devices(mesh_config):
+    """All devices, or the first prod(sizes) when every axis size is given and fewer are asked for
+    (so ``{"data": 1}`` runs on one device of a multi-device host)."""
+    devices = jax.devices()
+    sizes = list(mesh_config.values()) if isinstance(mesh_config, dict) else [s for _, s in (mesh_config or [])]
+    if sizes and all(int(s) > 0 for s in sizes) and math.prod(int(s) for s in sizes) < len(devices):
+        return devices[:math.prod(int(s) for s in sizes)]
+    return devices
+
+
 def evaluate(eval_fn, params, data, num_extra: int, steps: int, sharding) -> dict[str, float]:
     """Per-token loss/accuracy over ``steps`` batches of ``data`` with ``num_extra`` crossbatch contexts.
 
@@ -116,7 +126,7 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
     curriculum = curriculum or ConstantD(1)
     data = _as_iterator(train_data)
     eval_iter = _as_iterator(eval_data) if eval_data is not None else None
-    mesh = make_mesh(mesh_config)
+    mesh = make_mesh(mesh_config, devices=_mesh_devices(mesh_config))
     data_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(DATA_AXIS, 1)
     batch_size, seq_len, pack = int(data.batch_size), int(data.seq_len), int(getattr(data, "pack", 1))
     _check_layout("train_data", batch_size, pack, data_size, num_microbatches)

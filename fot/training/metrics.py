@@ -15,8 +15,9 @@ from typing import Any
 
 
 class _JsonlWriter:
-    """Fallback when clu's TensorBoard writer cannot import (no tensorflow/tensorboard installed):
-    scalars go to ``workdir/metrics.jsonl``, one JSON object per write."""
+    """``workdir/metrics.jsonl``: one JSON object ``{"step": s, name: value, ...}`` per write. Always
+    written next to the TensorBoard events (easy to read back in tests and scripts); also the
+    fallback when clu's TensorBoard writer cannot import (no tensorflow/tensorboard installed)."""
 
     def __init__(self, workdir: str):
         self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
@@ -41,8 +42,20 @@ def _make_writer(workdir: str, tensorboard: bool):
         except ImportError as e:  # clu's SummaryWriter needs tensorflow + tensorboard
             print(f"note: TensorBoard writer unavailable ({e}); writing {workdir}/metrics.jsonl", file=sys.stderr)
         else:
-            return metric_writers.create_default_writer(workdir, just_logging=False, asynchronous=True)
+            tb = metric_writers.create_default_writer(workdir, just_logging=False, asynchronous=True)
+            return _Both(tb, _JsonlWriter(workdir))
     return _JsonlWriter(workdir)
+
+
+class _Both:
+    def __init__(self, *writers):
+        self.writers = writers
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            for w in self.writers:
+                getattr(w, name)(*args, **kwargs)
+        return call
 
 
 def format_duration(seconds: float) -> str:

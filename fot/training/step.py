@@ -117,6 +117,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mesh: Mes
     def call(state, batch, extra_rows):
         return jitted(state, {k: batch[k] for k in BATCH_KEYS}, extra_rows)
 
+    call.jitted = jitted  # ``call.jitted._cache_size()`` = number of compilations (one per distinct d)
     return call
 
 

@@ -1,0 +1,106 @@
+"""Restore a training run for evaluation/generation: operative gin config + latest orbax checkpoint.
+
+Used by ``python -m fot.eval`` and ``python -m fot.generate`` (defines no flags).
+"""
+from __future__ import annotations
+
+import os
+
+
+class EvalError(ValueError):
+    """Bad input to the eval CLI (reported as one line, exit 2)."""
+
+
+def _bound(gin, selector: str) -> bool:
+    try:
+        gin.query_parameter(selector)
+        return True
+    except ValueError:
+        return False
+
+
+def _resolve(gin, value):
+    """Evaluate macro references (``%WINDOW``) in a queried gin value."""
+    ref_type = gin.config.ConfigurableReference
+    while isinstance(value, ref_type) and value.evaluate:
+        value = value.scoped_configurable_fn()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_resolve(gin, v) for v in value)
+    return value
+
+
+def _train_data_param(gin, name: str):
+    """Value of ``name`` bound on the training data iterator (``train.train_data``), or None."""
+    try:
+        ref = gin.query_parameter("fot.training.train.train_data")
+    except ValueError:
+        return None
+    scope = "/".join(getattr(ref, "scopes", []) or [])
+    for sel in (ref.selector, ref.selector.split(".")[-1]):
+        try:
+            return _resolve(gin, gin.query_parameter(f"{scope}/{sel}.{name}" if scope else f"{sel}.{name}"))
+        except ValueError:
+            continue
+    return None
+
+
+def load_run(workdir: str, step: int | None = None, gin_bindings=(), gin_files=(), search_paths=()):
+    """(model, params, step) from a training workdir; gin holds the run's operative config afterwards."""
+    if not workdir:
+        raise EvalError("--workdir is required")
+    workdir = os.path.abspath(workdir)
+    if not os.path.isdir(workdir):
+        raise EvalError(f"workdir {workdir} does not exist")
+    cfg_path = os.path.join(workdir, "config.gin")
+    if not os.path.isfile(cfg_path):
+        raise EvalError(f"{cfg_path} not found (the operative config written by fot.train)")
+    ckpt = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt) or not any(n.isdigit() for n in os.listdir(ckpt)):
+        raise EvalError(f"no checkpoint under {ckpt}")
+    import gin
+    import jax.numpy as jnp
+
+    from fot.training.checkpoint import load_params
+    from fot import train as _train
+    _train.register_configurables()
+    for path in search_paths:
+        if path and os.path.isdir(path):
+            gin.add_config_file_search_path(path)
+    _register_eval(gin)
+    gin.clear_config()
+    try:
+        gin.parse_config_files_and_bindings([cfg_path, *gin_files], list(gin_bindings), skip_unknown=True,
+                                            finalize_config=False)
+    except (OSError, IOError) as e:
+        raise EvalError(f"gin file not found: {e}") from None
+    except Exception as e:  # noqa: BLE001 - gin raises many exception types for bad bindings
+        raise EvalError(f"bad gin config: {type(e).__name__}: {e}") from None
+    from fot.model import Decoder
+    try:
+        mcfg = gin.get_configurable("fot.model.ModelConfig")()
+    except Exception as e:  # noqa: BLE001
+        raise EvalError(f"cannot build ModelConfig from {cfg_path}: {e}") from None
+    try:
+        params, step = load_params(workdir, step)
+    except FileNotFoundError as e:
+        raise EvalError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - orbax errors for a missing/corrupt step
+        raise EvalError(f"cannot restore checkpoint step {step} under {ckpt}: {type(e).__name__}: {e}") from None
+    params = __import__("jax").tree.map(jnp.asarray, params)
+    return Decoder(mcfg), params, step
+
+
+_EVAL_REGISTERED = False
+
+
+def _register_eval(gin) -> None:
+    global _EVAL_REGISTERED
+    if _EVAL_REGISTERED:
+        return
+    from fot.eval import dictionary, distraction, passkey, perplexity
+    for name, mod in (("dictionary_eval", dictionary), ("passkey_eval", passkey),
+                      ("perplexity_eval", perplexity), ("distraction_eval", distraction)):
+        gin.external_configurable(mod.evaluate, name=name, module="fot.eval")
+    _EVAL_REGISTERED = True
+
+

@@ -1,0 +1,84 @@
+"""Checkpoints: SIGTERM mid-run → save + exit 0; resume gives the uninterrupted run's losses exactly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "gin/runs/dictionary_tiny.gin"
+
+
+def _env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                PYTHONPATH=REPO)
+
+
+def _args(workdir, total_steps):
+    # SwitchOnAccuracy with a low threshold makes the curriculum state matter for the resume too.
+    return [sys.executable, "-m", "fot.train", f"--gin_file={TINY}", f"--workdir={workdir}",
+            f"--gin_bindings=train.total_steps = {total_steps}", "--gin_bindings=train.checkpoint_every = 4",
+            "--gin_bindings=train.curriculum = @SwitchOnAccuracy()",
+            "--gin_bindings=SwitchOnAccuracy.before = 1", "--gin_bindings=SwitchOnAccuracy.after = 3",
+            "--gin_bindings=SwitchOnAccuracy.threshold = 0.2"]
+
+
+def _losses(workdir):
+    rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    out = {}
+    for r in rows:
+        if "loss" in r:
+            out[r["step"]] = (r["loss"], r["d"])
+    return out
+
+
+def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
+    wd = str(tmp_path / "interrupted")
+    proc = subprocess.Popen(_args(wd, 100000), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    first = os.path.join(wd, "checkpoints", "4")
+    deadline = time.time() + 600
+    while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert os.path.isdir(first), "no first checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "stop signal received" in out
+    result = json.loads(out.strip().splitlines()[-1])
+    stop_step = result["step"]
+    assert result["stopped"] == "preempted" and stop_step >= 4
+    assert os.path.isdir(os.path.join(wd, "checkpoints", str(stop_step)))
+
+    total = stop_step + 6
+    resumed = subprocess.run(_args(wd, total), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from" in resumed.stdout and json.loads(resumed.stdout.splitlines()[-1])["step"] == total
+
+    ref = str(tmp_path / "uninterrupted")
+    full = subprocess.run(_args(ref, total), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    got, want = _losses(wd), _losses(ref)
+    assert sorted(want) == list(range(1, total + 1)) and sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s][0] for s in sorted(want)], [want[s][0] for s in sorted(want)], rtol=1e-6)
+    assert [got[s][1] for s in sorted(want)] == [want[s][1] for s in sorted(want)]
+    assert {d for _, d in want.values()} == {1.0, 3.0}, "curriculum should have switched in this run"
+
+    # keep_checkpoints = 2 (tiny run file): only the two most recent step directories remain.
+    steps = sorted(int(p) for p in os.listdir(os.path.join(ref, "checkpoints")) if p.isdigit())
+    assert steps[-1] == total and len(steps) == 2
+
+    # Inference-side loader: params only, no model/optimizer needed; equal to the resumed run's.
+    from fot.training.checkpoint import load_params
+    p1, s1 = load_params(wd)
+    p2, s2 = load_params(ref)
+    assert s1 == s2 == total
+    import jax
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert "embed" in p1 and "layers_1" in p1
+    assert os.path.isfile(os.path.join(wd, "config.gin"))

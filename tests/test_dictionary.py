@@ -1,0 +1,111 @@
+"""Dictionary-lookup generator: well-formed records, answers match definitions, k-packing, resume."""
+import numpy as np
+import pytest
+
+from fot.data.dictionary import KEY, PAD, QUERY, VALUE, DictionaryLookupIterator, DictionarySpec
+
+
+def _parse_document(tokens, key_len, value_len):
+    """Independent parser: walk the token stream, return (definitions dict, list of (key, value, pos))."""
+    defs, queries, i = {}, [], 0
+    n = len(tokens)
+    while i < n:
+        t = tokens[i]
+        if t == PAD:
+            i += 1
+            continue
+        assert t in (KEY, QUERY), f"record must start with <k> or <q>, got {t} at {i}"
+        key = tuple(tokens[i + 1:i + 1 + key_len])
+        assert tokens[i + 1 + key_len] == VALUE
+        val = tuple(tokens[i + 2 + key_len:i + 2 + key_len + value_len])
+        assert all(x >= 4 for x in key + val), "keys/values must be symbols (>= 4)"
+        if t == KEY:
+            assert key not in defs, "keys must be unique within a document"
+            assert not queries, "definitions must precede queries"
+            defs[key] = val
+        else:
+            queries.append((key, val, i + 2 + key_len))
+        i += 2 + key_len + value_len
+    return defs, queries
+
+
+@pytest.mark.parametrize("key_len,value_len,seq_len,vocab", [(4, 4, 64, 64), (2, 3, 32, 20), (1, 1, 16, 40)])
+def test_documents_well_formed_and_answers_match(key_len, value_len, seq_len, vocab):
+    it = DictionaryLookupIterator(8, seq_len, pack=2, key_len=key_len, value_len=value_len, vocab_size=vocab, seed=3)
+    b = next(it)
+    B, L = b["inputs"].shape
+    assert (B, L) == (8, seq_len)
+    assert b["inputs"].dtype == np.int32 and b["targets"].dtype == np.int32
+    assert b["loss_mask"].dtype == np.float32 and b["segment_ids"].dtype == np.int32
+    assert b["positions"].dtype == np.int32 and b["start_of_doc"].dtype == bool
+    np.testing.assert_array_equal(b["positions"], np.broadcast_to(np.arange(L), (B, L)))
+    np.testing.assert_array_equal(b["start_of_doc"], np.arange(B) % 2 == 0)
+    assert b["inputs"].max() < vocab
+    for doc in range(B // 2):
+        rows = slice(2 * doc, 2 * doc + 2)
+        tokens = b["inputs"][rows].reshape(-1)
+        targets = b["targets"][rows].reshape(-1)
+        mask = b["loss_mask"][rows].reshape(-1)
+        # Targets are the next tokens of the document (also across the pack's window boundary).
+        np.testing.assert_array_equal(targets[:-1], tokens[1:])
+        # The definitions live in the first window, the queries in the second.
+        assert QUERY not in tokens[:L] and KEY not in tokens[L:]
+        defs, queries = _parse_document(list(tokens), key_len, value_len)
+        assert len(defs) == (L // (key_len + value_len + 2)) and len(queries) >= 1
+        expected_mask = np.zeros(2 * L, np.float32)
+        for key, val, pos in queries:
+            assert defs[key] == val, "query answer must equal the definition"
+            expected_mask[pos - 1:pos - 1 + value_len] = 1.0  # predicting v_i from the token before it
+            np.testing.assert_array_equal(targets[pos - 1:pos - 1 + value_len], val)
+        np.testing.assert_array_equal(mask, expected_mask)
+        # Padding has segment id 0, record tokens 1.
+        np.testing.assert_array_equal(b["segment_ids"][rows].reshape(-1) > 0, tokens != PAD)
+
+
+def test_deterministic_per_seed_and_seeds_differ():
+    a = DictionaryLookupIterator(4, 32, key_len=2, value_len=2, seed=7)
+    b = DictionaryLookupIterator(4, 32, key_len=2, value_len=2, seed=7)
+    c = DictionaryLookupIterator(4, 32, key_len=2, value_len=2, seed=8)
+    for _ in range(3):
+        x, y, z = next(a), next(b), next(c)
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+        assert not np.array_equal(x["inputs"], z["inputs"])
+    # Consecutive steps differ.
+    assert not np.array_equal(a.batch_at(0)["inputs"], a.batch_at(1)["inputs"])
+
+
+def test_get_state_set_state_resume():
+    a = DictionaryLookupIterator(6, 32, key_len=3, value_len=2, seed=11)
+    for _ in range(4):
+        next(a)
+    state = a.get_state()
+    expected = [next(a) for _ in range(3)]
+    b = DictionaryLookupIterator(6, 32, key_len=3, value_len=2, seed=11)
+    b.set_state(state)
+    for want in expected:
+        got = next(b)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    with pytest.raises(ValueError, match="seed"):
+        DictionaryLookupIterator(6, 32, key_len=3, value_len=2, seed=12).set_state(state)
+
+
+def test_queries_cover_distinct_keys_and_values_vary(rng):
+    it = DictionaryLookupIterator(64, 64, key_len=4, value_len=4, seed=int(rng.integers(1 << 30)))
+    b = next(it)
+    q = b["inputs"][1::2]
+    assert len(np.unique(q[q >= 4])) > 40  # all 60 symbols are used
+    # Queries in one document ask for distinct definitions when there are enough of them.
+    tokens = np.concatenate([b["inputs"][0], b["inputs"][1]])
+    _, queries = _parse_document(list(tokens), 4, 4)
+    assert len({k for k, _, _ in queries}) == len(queries)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="batch_size=7 is not divisible by pack=2"):
+        DictionaryLookupIterator(7, 32)
+    with pytest.raises(ValueError, match="distinct keys"):
+        DictionarySpec(key_len=1, value_len=1, vocab_size=8, doc_len=128)
+    with pytest.raises(ValueError, match="query"):
+        DictionaryLookupIterator(4, 8, key_len=4, value_len=4)

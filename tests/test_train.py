@@ -1,0 +1,146 @@
+"""Training entry point: gin composition, CLI errors, 1 vs 8 devices, NaN guard, micro-batching."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "gin/runs/dictionary_tiny.gin"
+
+
+def run_cli(args, devices=1, timeout=600):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, "-m", "fot.train", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def error_lines(proc):
+    return [line for line in proc.stderr.splitlines() if line.startswith("fot.train: error:")]
+
+
+def test_gin_composition_and_overrides():
+    import gin
+
+    from fot.train import register_configurables
+
+    register_configurables()
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(os.path.join(REPO, "gin"))
+        gin.parse_config_files_and_bindings(
+            [os.path.join(REPO, "gin/quickstart.gin"), os.path.join(REPO, "gin/mesh/fsdp.gin")],
+            ["train.total_steps = 7", "WINDOW = 32", "SwitchOnAccuracy.after = 2"])
+        assert gin.query_parameter("train.total_steps") == 7
+        assert gin.query_parameter("train.fsdp") is True  # from the later file
+        assert gin.query_parameter("SwitchOnAccuracy.after") == 2
+        with gin.config_scope("train_data"):
+            it = gin.get_configurable("fot.data.DictionaryLookupIterator")()
+        with gin.config_scope("eval_data"):
+            ev = gin.get_configurable("fot.data.DictionaryLookupIterator")()
+        assert (it.seq_len, it.pack, it.spec.key_len, it.seed) == (32, 2, 4, 0)
+        assert ev.seq_len == 32 and ev.seed != it.seed
+        cfg = gin.get_configurable("fot.model.ModelConfig")()
+        assert cfg.vocab_size == 64 and cfg.mem_positional == "none" and cfg.qk_norm
+        # The paper's exact setting composes from the run file + the 37M size file.
+        gin.clear_config()
+        gin.parse_config_files_and_bindings([os.path.join(REPO, "gin/dictionary_paper.gin")], [])
+        cfg = gin.get_configurable("fot.model.ModelConfig")()
+        assert (cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.mem_layers) == (64, 512, 12, (8,))
+        with gin.config_scope("train_data"):
+            it = gin.get_configurable("fot.data.DictionaryLookupIterator")()
+        assert it.seq_len == 256 and it.pack == 2 and it.batch_size * it.seq_len // 2 == 32768
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize("args,devices,expect", [
+    (["--gin_bindings=train.no_such_param = 1"], 1, "doesn't have a parameter named 'no_such_param'"),
+    (["--gin_bindings=NoSuchThing.x = 1"], 1, "No configurable matching 'NoSuchThing'"),
+    (["--gin_file=gin/no_such_file.gin"], 1, "gin file not found"),
+    (["--gin_bindings=ROWS = 7"], 1, "batch_size=7 is not divisible by pack=2"),
+    (["--gin_bindings=ROWS = 12", "--gin_bindings=train.mesh_config = {'data': 8}"], 8,
+     "not divisible by the mesh data axis"),
+    (["--workdir=/nonexistent_parent_dir/run"], 1, "workdir parent directory does not exist"),
+])
+def test_cli_errors_are_one_clear_line(tmp_path, args, devices, expect):
+    workdir = [] if any(a.startswith("--workdir") for a in args) else [f"--workdir={tmp_path}/run"]
+    proc = run_cli([f"--gin_file={TINY}", *args, *workdir], devices=devices)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and expect in lines[0], proc.stderr[-3000:]
+
+
+def _train_in_process(workdir, mesh_config, steps=3, **kw):
+    from fot.data.dictionary import DictionaryLookupIterator
+    from fot.model import ModelConfig
+    from fot.training.loop import train
+    from fot.training.optim import make_optimizer
+
+    cfg = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, mem_layers=(1,))
+    data = DictionaryLookupIterator(16, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=4)
+    from fot.training.curriculum import ConstantD
+    with open(os.devnull, "w") as null:
+        train(workdir=workdir, model_config=cfg, train_data=data, optimizer=make_optimizer("adamw", 3e-3),
+              total_steps=steps, curriculum=ConstantD(3), mesh_config=mesh_config, log_every=1,
+              checkpoint_every=1000, stream=null, **kw)
+    rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    return np.array([r["loss"] for r in rows if "loss" in r])
+
+
+def test_one_vs_eight_devices_identical_losses(tmp_path):
+    one = _train_in_process(str(tmp_path / "one"), {"data": 1})
+    eight = _train_in_process(str(tmp_path / "eight"), {"data": 8}, fsdp=True)
+    assert one.shape == (3,) and np.all(np.isfinite(one))
+    np.testing.assert_allclose(eight, one, rtol=2e-5)
+    assert not np.allclose(one[0], one[-1])  # the run actually trains
+
+
+def test_microbatches_match_full_batch(tmp_path):
+    # d = 1 with pack 2: every row's extra context is inside its own pack, so micro-batches of whole
+    # packs see exactly the full batch's contexts and the losses must agree.
+    from fot.data.dictionary import DictionaryLookupIterator
+    from fot.model import ModelConfig
+    from fot.training.curriculum import ConstantD
+    from fot.training.loop import train
+    from fot.training.optim import make_optimizer
+
+    losses = []
+    for m in (1, 4):
+        wd = str(tmp_path / f"m{m}")
+        cfg = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, mem_layers=(1,))
+        data = DictionaryLookupIterator(16, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=9)
+        with open(os.devnull, "w") as null:
+            train(workdir=wd, model_config=cfg, train_data=data, optimizer=make_optimizer("adamw", 3e-3),
+                  total_steps=3, curriculum=ConstantD(1), mesh_config={"data": 1}, log_every=1,
+                  num_microbatches=m, checkpoint_every=1000, stream=null)
+        losses.append([json.loads(x)["loss"] for x in open(os.path.join(wd, "metrics.jsonl")) if '"loss"' in x])
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5)
+
+
+def test_nan_loss_stops_with_clear_message_and_good_checkpoint(tmp_path):
+    wd = tmp_path / "nan"
+    # lr is sane for 3 steps, then absurd: params blow up and the loss turns NaN/inf a step later.
+    proc = run_cli([f"--gin_file={TINY}", f"--workdir={wd}",
+                    "--gin_bindings=make_optimizer.learning_rate = @optax.join_schedules()",
+                    "--gin_bindings=optax.join_schedules.schedules = [@ok/optax.constant_schedule(), "
+                    "@bad/optax.constant_schedule()]",
+                    "--gin_bindings=optax.join_schedules.boundaries = [3]",
+                    "--gin_bindings=ok/optax.constant_schedule.value = 1e-3",
+                    "--gin_bindings=bad/optax.constant_schedule.value = 1e30",
+                    "--gin_bindings=train.checkpoint_every = 2",
+                    "--gin_bindings=train.total_steps = 50"])
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "loss became" in lines[0] and "Last good checkpoint: step" in lines[0], lines
+    nan_step = int(lines[0].split(" at step ")[1].split(";")[0])
+    from fot.training.checkpoint import load_params
+    params, step = load_params(str(wd))
+    assert 2 <= step < nan_step
+    assert all(np.all(np.isfinite(x)) for x in __import__("jax").tree.leaves(params))
+    assert not (wd / "results.json").exists()
