@@ -1,6 +1,6 @@
 """Data pipeline throughput vs. the 37M train step on this machine, measured in one run.
 
-    python -m benchmarks.pipeline [--rows=16 --window=256 --pack=2 --d=3 --train_steps=6]
+    python -m benchmarks.pipeline [--rows=8 --window=256 --pack=2 --d=3 --train_steps=3]
 
 1. Pipeline: the stdlib corpus task (BPE 2048 vocabulary trained on it, cached) through
    ``fot.data.pipeline.make_iterator`` (seqio read + SentencePiece tokenisation + segmenter +
@@ -34,12 +34,12 @@ def measure_pipeline(it, seconds: float, max_batches: int) -> tuple[float, int]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", type=int, default=16)
+    p.add_argument("--rows", type=int, default=8)
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--pack", type=int, default=2)
     p.add_argument("--d", type=int, default=3, help="crossbatch contexts in the train step")
     p.add_argument("--pipe_seconds", type=float, default=10.0)
-    p.add_argument("--train_steps", type=int, default=6)
+    p.add_argument("--train_steps", type=int, default=3)
     p.add_argument("--vocab_size", type=int, default=2048, help="tokenizer (stdlib BPE) size")
     args = p.parse_args(argv)
 

@@ -112,6 +112,8 @@ def retrieval(sizes, *, dim=128, k=32, num_queries=256, chunk=16384, repeats=2, 
                          "temp_MiB": _temp_bytes(fn, *args) / 2**20,
                          "max_abs_score_err": float(np.abs(d - ref_d).max()), "recall": float(recall)}
         rows.append(row)
+        print(f"[topk] {m} keys: FAISS {row['faiss_qps']:.1f} q/s, " + ", ".join(
+            f"{k} {v['qps']:.1f} q/s" for k, v in row.items() if isinstance(v, dict)), flush=True)
         del keys, index
     return {"threads": threads, "dim": dim, "k": k, "queries": num_queries, "chunk": chunk, "rows": rows}
 
@@ -146,6 +148,7 @@ def streaming(doc_len: int, *, window=256, top_k=32, seed=0):
             logits, stores, _ = runner.step(stores, tokens[:, s:s + window])
         jax.block_until_ready(logits)
         out[name] = doc_len / (time.perf_counter() - t0)
+        print(f"[stream] {name}: {out[name]:.0f} tokens/s", flush=True)
     return {"doc_len": doc_len, "window": window, "model": "4 layers, d=128, 4 heads, mem layer 2",
             "tokens_per_s": out}
 

@@ -65,6 +65,22 @@ def _register_data_pipeline(gin) -> None:
         gin.external_configurable(getattr(pipeline, name), name=name, module="fot.data")
 
 
+def load_run(workdir: str, step: int | None = None):
+    """(ModelConfig, params, step) of a training run: parses ``workdir/config.gin`` (the operative
+    config) and restores the params of the checkpoint at ``step`` (default latest) as numpy arrays.
+    For evaluation / inference / export code. Clears the global gin config first."""
+    import gin
+
+    from fot.training.checkpoint import load_params
+
+    register_configurables()
+    gin.clear_config()
+    gin.parse_config_file(os.path.join(workdir, "config.gin"), skip_unknown=True)
+    config = gin.get_configurable("fot.model.ModelConfig")()
+    params, step = load_params(workdir, step)
+    return config, params, step
+
+
 def _fail(message: str, code: int = 2) -> None:
     import re
 

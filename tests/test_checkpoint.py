@@ -7,6 +7,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = "gin/runs/dictionary_tiny.gin"
@@ -35,6 +36,7 @@ def _losses(workdir):
     return out
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     wd = str(tmp_path / "interrupted")
     proc = subprocess.Popen(_args(wd, 100000), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
@@ -82,3 +84,26 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     assert "embed" in p1 and "layers_1" in p1
     assert os.path.isfile(os.path.join(wd, "config.gin"))
+
+
+def test_load_run_gives_config_and_params(tmp_path):
+    wd = str(tmp_path / "run")
+    proc = subprocess.run(_args(wd, 4), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import gin
+    import jax
+    import jax.numpy as jnp
+
+    from fot.model import Decoder
+    from fot.train import load_run
+
+    try:
+        cfg, params, step = load_run(wd)
+    finally:
+        gin.clear_config()
+    assert step == 4 and cfg.vocab_size == 16 and cfg.mem_layers == (1,)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 16, size=(2, 16)), jnp.int32)
+    logits = Decoder(cfg).apply({"params": params}, tokens)
+    assert logits.shape == (2, 16, 16) and bool(jnp.all(jnp.isfinite(logits)))
+    assert jax.tree.structure(params) == jax.tree.structure(
+        jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0), tokens))["params"])

@@ -190,4 +190,7 @@ def test_config_validation():
         WindowedConfig.longllama(max_position_embeddings=8, last_context_length=4, capacity=16)
     with pytest.raises(ValueError, match="last_context_length"):
         WindowedConfig(window=8, last_context_length=9)
+    ll = WindowedConfig.longllama(max_position_embeddings=8, last_context_length=4)
+    assert ll.plan(21) == ([(0, 8), (8, 16), (16, 17), (17, 21)], 17)  # LongLLaMA §3.2 split
+    assert ll.plan(3) == ([(0, 3)], 0)
     assert isinstance(fm.MemoryStore, type)

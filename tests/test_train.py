@@ -41,7 +41,7 @@ def test_gin_composition_and_overrides():
             it = gin.get_configurable("fot.data.DictionaryLookupIterator")()
         with gin.config_scope("eval_data"):
             ev = gin.get_configurable("fot.data.DictionaryLookupIterator")()
-        assert (it.seq_len, it.pack, it.spec.key_len, it.seed) == (32, 2, 4, 0)
+        assert (it.seq_len, it.pack, it.spec.key_len, it.seed) == (32, 2, 2, 0)
         assert ev.seq_len == 32 and ev.seed != it.seed
         cfg = gin.get_configurable("fot.model.ModelConfig")()
         assert cfg.vocab_size == 64 and cfg.mem_positional == "none" and cfg.qk_norm

@@ -78,6 +78,25 @@ class WindowedConfig:
                 raise ValueError("mode='longllama' has an unbounded memory: capacity must be None")
         jnp.dtype(self.mem_dtype)
 
+    def plan(self, length: int, last_context_length: int | None = None) -> tuple[list[tuple[int, int]], int]:
+        """Window boundaries for an input of ``length`` tokens: ``([(start, end), ...], prefix)``.
+
+        Prefix windows cover ``[0, prefix)`` in steps of ``window``; the final window (if any) is
+        ``[prefix, length)`` with ``prefix = max(length - last_context_length, 0)``.
+        """
+        lcl = self.last_context_length if last_context_length is None else int(last_context_length)
+        if lcl < 0:
+            raise ValueError(f"last_context_length must be >= 0, got {lcl}")
+        w = self.window
+        prefix = max(length - lcl, 0)
+        bounds = [(s, min(s + w, prefix)) for s in range(0, prefix, w)]
+        if prefix < length:
+            if length - prefix > w:
+                raise ValueError(f"the final window has {length - prefix} tokens > window={w} "
+                                 f"(last_context_length={lcl})")
+            bounds.append((prefix, length))
+        return bounds, prefix
+
     @classmethod
     def longllama(cls, max_position_embeddings: int = 2048, last_context_length: int = 1024,
                   mem_dtype: str = "bfloat16", **kw) -> "WindowedConfig":
@@ -168,23 +187,8 @@ class MemoryInference:
 
     # ---------------------------------------------------------------------------------------------
     def plan(self, length: int, last_context_length: int | None = None) -> tuple[list[tuple[int, int]], int]:
-        """Window boundaries for an input of ``length`` tokens: ``([(start, end), ...], prefix)``.
-
-        Prefix windows cover ``[0, prefix)`` in steps of ``window``; the final window (if any) is
-        ``[prefix, length)`` with ``prefix = max(length - last_context_length, 0)``.
-        """
-        lcl = self.config.last_context_length if last_context_length is None else int(last_context_length)
-        if lcl < 0:
-            raise ValueError(f"last_context_length must be >= 0, got {lcl}")
-        w = self.config.window
-        prefix = max(length - lcl, 0)
-        bounds = [(s, min(s + w, prefix)) for s in range(0, prefix, w)]
-        if prefix < length:
-            if length - prefix > w:
-                raise ValueError(f"the final window has {length - prefix} tokens > window={w} "
-                                 f"(last_context_length={lcl})")
-            bounds.append((prefix, length))
-        return bounds, prefix
+        """See :meth:`WindowedConfig.plan`."""
+        return self.config.plan(length, last_context_length)
 
     def capacity_for(self, length: int, last_context_length: int | None = None) -> int:
         """Memory slots needed to hold every prefix window of an input of ``length`` (padded windows)."""

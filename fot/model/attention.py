@@ -99,7 +99,7 @@ class Attention(nn.Module):
         if self.is_memory and cfg.mem_gate:
             bias = self.param("gate_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)),
                               (h,), cfg.params_dtype)
-            gate = jax.nn.sigmoid(bias.astype(jnp.float32))[:, None]  # [H, 1]
+            gate = jax.nn.sigmoid(bias.astype(jnp.float32))[:, None]  # [H, 1]; x has_memory[B,1,1,1] below
 
         if self.is_memory and extra_rows is not None:
             if gate is None:
@@ -112,6 +112,9 @@ class Attention(nn.Module):
                                                     extra_key_mask=extra_key_mask, segment_ids=segment_ids,
                                                     scale=scale, mesh=self.mesh, include_local=False)
                 local = ops.causal_attention(q_loc, k_loc, v, segment_ids=segment_ids, scale=scale)
+                mask = jnp.ones(x.shape[:2], bool) if extra_key_mask is None else extra_key_mask
+                rows_ok = jnp.take(mask.any(-1), jnp.clip(extra_rows, 0, b - 1), axis=0) & (extra_rows >= 0)
+                gate = gate * rows_ok.any(-1)[:, None, None, None]
                 out = self._mix(gate, mem_only, local)
         elif self.is_memory and memory is not None:
             mem_k, mem_v, mem_mask = memory
@@ -128,6 +131,7 @@ class Attention(nn.Module):
                                                     extra_key_mask=mem_mask, scale=scale, mesh=self.mesh,
                                                     include_local=False)
                 local = ops.causal_attention(q_loc, k_all, v_all, segment_ids=seg_all, scale=scale)
+                gate = gate * mem_mask.any(-1)[:, None, None, None]
                 out = self._mix(gate, mem_only, local)
         else:
             out = ops.causal_attention(q_loc, k_all, v_all, segment_ids=seg_all, scale=scale)
@@ -136,12 +140,14 @@ class Attention(nn.Module):
             if stats is not None:
                 aux["mem_mass"] = stats["mem_mass"]
             elif gate is not None and (extra_rows is not None or memory is not None):
-                aux["mem_mass"] = jnp.broadcast_to(gate[:, 0], (b, t, h)).astype(jnp.float32)
+                aux["mem_mass"] = jnp.broadcast_to(gate[..., 0], (b, t, h)).astype(jnp.float32)
         out = self._constrain(out.astype(dt)).reshape(b, t, h * dh)
         return dense(cfg.d_model, ("heads", "embed"), cfg, "o")(out), aux
 
     @staticmethod
     def _mix(gate, mem_only, local):
-        """MT gate: g * memory_only + (1 - g) * local_only, g [H, 1] broadcast over [B, T, H, Dh]."""
+        """MT gate: g * memory_only + (1 - g) * local_only, g [B, 1, H, 1] broadcast over [B, T, H, Dh].
+
+        g is 0 for rows without any visible memory key (then the output is the local attention)."""
         mixed = gate * mem_only.astype(jnp.float32) + (1.0 - gate) * local.astype(jnp.float32)
         return mixed.astype(local.dtype)

@@ -26,7 +26,8 @@ class ModelConfig:
       qk_norm: memory layers L2-normalise q and k per head and scale logits by a learnable per-head
         temperature (param ``attn/qk_scale`` [H], init ``qk_scale_init`` or ``sqrt(head_dim)``).
       mem_gate: MT-style gate in memory layers: ``g = sigmoid(attn/gate_bias[h])``,
-        ``out = g * memory_only + (1 - g) * local_only``. Off by default (FoT uses one joint softmax).
+        ``out = g * memory_only + (1 - g) * local_only`` (``g = 0`` for a row without any visible
+        memory key). Off by default (FoT uses one joint softmax); dense memory only (no ``top_k``).
       rope_theta: RoPE base. norm_eps: RMSNorm epsilon. tie_embeddings: LM head = embedding^T.
       dtype: compute dtype name; param_dtype: params dtype name (float32).
       remat: ``False``/``True`` (every layer) or a sequence of layer indices to rematerialise.

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from fot.ops import _checks
 from fot.ops.attention import (F32, NEG, blockwise_attention, combine, no_blocks, query_positions,
-                               scores, segments, _vma)
+                               segments, _vma)
 from fot.ops.topk import running_topk
 
 DEFAULT_CHUNK = 2048
@@ -73,26 +73,24 @@ def _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk):
 
 def _select_topk(q, mem_k, mem_mask, top_k, scale, chunk):
     """Exact top-k memory slots per (b, t, h) by <q, mem_k>: (valid bool, idx int32) [B,T,H,K]."""
-    qs = lax.stop_gradient(q)
+    qh = jnp.swapaxes(lax.stop_gradient(q), 1, 2)  # [B,H,T,D]
     mk = lax.stop_gradient(mem_k)
 
     def score_fn(start, size):
-        kc = lax.dynamic_slice_in_dim(mk, start, size, axis=1)
+        kc = lax.dynamic_slice_in_dim(mk, start, size, axis=1)  # [B,C,H,D]
         mc = lax.dynamic_slice_in_dim(mem_mask, start, size, axis=1)
-        return jnp.where(mc[:, None, None, :], scores(qs, kc, scale), NEG)
+        s = jnp.einsum("bhtd,bchd->bhtc", qh, kc, preferred_element_type=F32) * scale
+        return jnp.where(mc[:, None, None, :], s, NEG)
 
-    vals, idx = running_topk(score_fn, mem_k.shape[1], top_k, chunk, q.shape[:3],
-                             vma=_vma(q, mem_k, mem_mask))
-    return vals > NEG / 2, idx
+    b, t, h = q.shape[:3]
+    vals, idx = running_topk(score_fn, mem_k.shape[1], top_k, chunk, (b, h, t), vma=_vma(q, mem_k, mem_mask))
+    return jnp.swapaxes(vals > NEG / 2, 1, 2), jnp.swapaxes(idx, 1, 2)
 
 
 def _gather_slots(x, idx):
-    """x [B,M,H,D], idx [B,T,H,K] -> [B,T,H,K,D]."""
-    b, t, h, kk = idx.shape
-    xt = jnp.swapaxes(x, 1, 2)  # [B,H,M,D]
-    it = jnp.swapaxes(idx, 1, 2).reshape(b, h, t * kk)
-    g = jnp.take_along_axis(xt, it[..., None], axis=2)  # [B,H,T*K,D]
-    return jnp.swapaxes(g.reshape(b, h, t, kk, -1), 1, 2)
+    """x [B,M,H,D], idx [B,T,H,K] -> x[b, idx[b,t,h,k], h] as [B,T,H,K,D] (no copy of the memory)."""
+    b, _, h, _ = idx.shape
+    return x[jnp.arange(b)[:, None, None, None], idx, jnp.arange(h)[None, None, :, None]]
 
 
 def _selected_part(q, sel_k, sel_v, valid, scale):

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fot.model import Decoder, ModelConfig
-from fot.parallel import DATA_AXIS, make_mesh
+from fot.parallel import DATA_AXIS, axis_rules, make_mesh
 from fot.training.checkpoint import Checkpointer
 from fot.training.curriculum import ConstantD, Curriculum
 from fot.training.metrics import MetricsLogger, write_results
@@ -141,7 +141,7 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
             raise ConfigError(f"curriculum d={d} needs at least d+1={d + 1} rows per (micro-)batch, got {micro_batch}")
 
     model = Decoder(model_config)
-    shardings = state_shardings(model, optimizer, mesh, seq_len)
+    shardings = state_shardings(model, optimizer, mesh, seq_len, rules=axis_rules(fsdp=fsdp))
     batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     ckpt = Checkpointer(workdir, every=checkpoint_every, keep=keep_checkpoints, async_save=async_checkpointing)
     log = MetricsLogger(workdir, total_steps, stream=stream)
