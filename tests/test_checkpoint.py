@@ -105,5 +105,6 @@ def test_load_run_gives_config_and_params(tmp_path):
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 16, size=(2, 16)), jnp.int32)
     logits = Decoder(cfg).apply({"params": params}, tokens)
     assert logits.shape == (2, 16, 16) and bool(jnp.all(jnp.isfinite(logits)))
+    import flax.linen as nn
     assert jax.tree.structure(params) == jax.tree.structure(
-        jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0), tokens))["params"])
+        nn.meta.unbox(jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0), tokens)))["params"])

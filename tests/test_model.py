@@ -72,40 +72,37 @@ def ref_forward(p, cfg, tokens, extra_rows=None, key_mask=None, positions=None):
         rope = not (mem and cfg.mem_positional == "none")
         qr, kr = (_rope(q, pos, cfg.rope_theta), _rope(k, pos, cfg.rope_theta)) if rope else (q, k)
         causal = np.tril(np.ones((t, t), bool))
-        outs = []
-        for r in range(b):
-            s = jnp.einsum("thd,shd->hts", qr[r], kr[r]) * scale
-            s = jnp.where(causal[None], s, -jnp.inf)
-            vv = v[r]
-            n_loc = t
-            if mem and extra_rows is not None:
-                src = [int(e) for e in extra_rows[r] if e >= 0]
-                for e in src:
-                    km = np.ones(t, bool) if key_mask is None else np.asarray(key_mask[e])
-                    se = jnp.einsum("thd,shd->hts", qr[r], k[e]) * scale
-                    s = jnp.concatenate([s, jnp.where(km[None, None], se, -jnp.inf)], -1)
-                    vv = jnp.concatenate([vv, v[e]], 0)
-            if mem and cfg.mem_gate:
-                g = jax.nn.sigmoid(a["gate_bias"])[:, None, None]
-                loc = jnp.einsum("hts,shd->thd", jax.nn.softmax(s[..., :n_loc], -1), vv[:n_loc])
-                if s.shape[-1] > n_loc:  # rows without memory keys: local attention only
-                    mo = jnp.einsum("hts,shd->thd", jax.nn.softmax(s[..., n_loc:], -1), vv[n_loc:])
-                    o = (g * mo.transpose(1, 0, 2) + (1 - g) * loc.transpose(1, 0, 2)).transpose(1, 0, 2)
-                else:
-                    o = loc
-            else:
-                pr = jax.nn.softmax(s, -1)
-                o = jnp.einsum("hts,shd->thd", pr, vv)
-                masses.setdefault(i, []).append(pr[..., n_loc:].sum(-1).T)
-            outs.append(o)
-        o = jnp.stack(outs).reshape(b, t, h * dh)
+        s = jnp.einsum("bthd,bshd->bhts", qr, kr) * scale
+        s = jnp.where(causal, s, -jnp.inf)
+        vv = v
+        if mem and extra_rows is not None:  # dense: gather every used source row's keys, mask, concatenate
+            rows = np.asarray(extra_rows)
+            n = rows.shape[1]
+            rc = np.clip(rows, 0, b - 1)
+            km = np.ones((b, t), bool) if key_mask is None else np.asarray(key_mask)
+            km = ((rows >= 0)[:, :, None] & km[rc]).reshape(b, 1, 1, n * t)
+            ke, ve = k[rc].reshape(b, n * t, h, dh), v[rc].reshape(b, n * t, h, dh)
+            se = jnp.where(km, jnp.einsum("bthd,bshd->bhts", qr, ke) * scale, -jnp.inf)
+            s, vv = jnp.concatenate([s, se], -1), jnp.concatenate([v, ve], 1)
+        if mem and cfg.mem_gate:
+            g = jax.nn.sigmoid(a["gate_bias"])[None, :, None, None]
+            o = jnp.einsum("bhts,bshd->bhtd", jax.nn.softmax(s[..., :t], -1), vv[:, :t])
+            if extra_rows is not None:  # rows without any memory key: local attention only
+                has = km.any(-1, keepdims=True)
+                mo = jnp.einsum("bhts,bshd->bhtd", jax.nn.softmax(jnp.where(has, s[..., t:], 0.0), -1), vv[:, t:])
+                o = jnp.where(has, g * mo + (1 - g) * o, o)
+        else:
+            pr = jax.nn.softmax(s, -1)
+            o = jnp.einsum("bhts,bshd->bhtd", pr, vv)
+            masses[i] = pr[..., t:].sum(-1).transpose(0, 2, 1)
+        o = o.transpose(0, 2, 1, 3).reshape(b, t, h * dh)
         x = x + o @ a["o"]["kernel"]
         m = lp["mlp"]
         y = _rms(x, lp["mlp_norm"]["scale"], cfg.norm_eps)
         x = x + (jax.nn.silu(y @ m["gate"]["kernel"]) * (y @ m["up"]["kernel"])) @ m["down"]["kernel"]
     x = _rms(x, p["final_norm"]["scale"], cfg.norm_eps)
     head = p["embed"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]["kernel"]
-    return x @ head, {i: jnp.stack(v) for i, v in masses.items()}
+    return x @ head, masses
 
 
 def assert_trees_close(got, want, rtol=1e-4):
