@@ -314,3 +314,16 @@ def test_bad_inputs(rng):
     for args, kwargs, msg in cases:
         with pytest.raises(ValueError, match=msg):
             app(*args, **kwargs)
+
+
+def test_config_resolution():
+    cfg = ModelConfig(vocab_size=10, d_model=64, num_layers=4, num_heads=4, mlp_dim=8, mem_layers=[3, 1])
+    assert cfg.head_dim == 16 and cfg.mem_layers == (1, 3) and cfg.is_memory_layer(3) and not cfg.is_memory_layer(2)
+    assert cfg.replace(d_model=128).head_dim == 32
+    assert cfg.replace(d_model=128, head_dim=8).head_dim == 8
+    assert ModelConfig(10, 64, 4, 4, 8, head_dim=8).replace(num_heads=2).head_dim == 8
+    assert ModelConfig(10, 64, 4, 4, 8, remat=[2]).remat_layer(2) and not cfg.remat_layer(2)
+    for bad in (dict(head_dim=7), dict(d_model=30), dict(remat=[4]), dict(dtype="float33"),
+                dict(remat_policy="nope"), dict(mem_layers=(1, 1)), dict(mem_layers=(-1,))):
+        with pytest.raises(ValueError):
+            ModelConfig(**{**dict(vocab_size=10, d_model=64, num_layers=4, num_heads=4, mlp_dim=8), **bad})

@@ -56,3 +56,29 @@ def test_sharded_forward_and_grads_equal_single_device(setup, mesh_cfg, fsdp):
         b_ = np.asarray(b_)
         np.testing.assert_allclose(np.asarray(a), b_, rtol=1e-4, atol=1e-5 * np.abs(b_).max(),
                                    err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_sharded_memory_inference_equals_single_device(setup, top_k):
+    cfg, variables, tokens, *_ = setup
+    rng = np.random.default_rng(7)
+    m = 16
+    memory = {1: (jnp.asarray(rng.standard_normal((B, m, 4, 8)), jnp.float32),
+                  jnp.asarray(rng.standard_normal((B, m, 4, 8)), jnp.float32),
+                  jnp.asarray(rng.random((B, m)) < 0.7))}
+    cache = {i: (jnp.asarray(rng.standard_normal((B, 3, 4, 8)), jnp.float32),
+                 jnp.asarray(rng.standard_normal((B, 3, 4, 8)), jnp.float32)) for i in range(2)}
+
+    def run(params, tokens, memory, cache, mesh):
+        return Decoder(cfg).apply({"params": params}, tokens, memory=memory, cache=cache, top_k=top_k, mesh=mesh)
+
+    f = jax.jit(run, static_argnums=4)
+    want = f(nn.meta.unbox(variables)["params"], tokens, memory, cache, None)
+    mesh = make_mesh({"data": 4, "model": 2})
+    act = NamedSharding(mesh, P("data", None, "model"))
+    memory_s = {1: (jax.device_put(memory[1][0], act), jax.device_put(memory[1][1], act),
+                    jax.device_put(memory[1][2], NamedSharding(mesh, P("data"))))}
+    cache_s = jax.tree.map(lambda x: jax.device_put(x, act), cache)
+    got = f(shard_params(variables, mesh)["params"], jax.device_put(tokens, NamedSharding(mesh, P("data"))),
+            memory_s, cache_s, mesh)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

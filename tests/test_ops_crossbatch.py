@@ -111,13 +111,17 @@ def _put(mesh, spec, *xs):
     return [jax.device_put(x, NamedSharding(mesh, spec)) for x in xs]
 
 
-@pytest.mark.parametrize("shape,axes", [((8,), ("data",)), ((4, 2), ("data", "model"))])
-def test_sharded_equals_single_device(rng, shape, axes):
+@pytest.mark.parametrize("shape,axes,auto", [((8,), ("data",), False), ((4, 2), ("data", "model"), False),
+                                             ((4, 2), ("data", "model"), True)])
+def test_sharded_equals_single_device(rng, shape, axes, auto):
     b, t, h, d, n = 8, 4, 4, 8, 3
     q, k, v, ek, ev, _, km, seg = make_inputs(rng, b, t, h, d, n)
     rows = crossbatch_plan(b, n, pack=2)
     rows[3, 1] = 7  # a row from another data shard, "later" in the batch
-    mesh = jax.make_mesh(shape, axes)
+    if auto:  # jax.sharding.Mesh: Auto axes (jax.make_mesh gives Explicit axes)
+        mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), axes)
+    else:
+        mesh = jax.make_mesh(shape, axes)
     act = P("data", None, "model" if "model" in axes else None, None)
     qs, ks, vs, eks, evs = _put(mesh, act, q, k, v, ek, ev)
     rws, kms, segs = _put(mesh, P("data", None), rows, km, seg)

@@ -100,26 +100,35 @@ def test_one_vs_eight_devices_identical_losses(tmp_path):
     assert not np.allclose(one[0], one[-1])  # the run actually trains
 
 
-def test_microbatches_match_full_batch(tmp_path):
+def test_microbatches_match_full_batch(rng):
     # d = 1 with pack 2: every row's extra context is inside its own pack, so micro-batches of whole
-    # packs see exactly the full batch's contexts and the losses must agree.
-    from fot.data.dictionary import DictionaryLookupIterator
-    from fot.model import ModelConfig
-    from fot.training.curriculum import ConstantD
-    from fot.training.loop import train
-    from fot.training.optim import make_optimizer
+    # packs see exactly the full batch's contexts: loss, metrics and the updated params must agree.
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    losses = []
+    from fot.data.dictionary import DictionaryLookupIterator
+    from fot.model import Decoder, ModelConfig
+    from fot.parallel import make_mesh
+    from fot.training.optim import make_optimizer
+    from fot.training.state import create_train_state, state_shardings
+    from fot.training.step import make_train_step, plan_rows, put_batch
+
+    cfg = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, mem_layers=(1,))
+    model, opt = Decoder(cfg), make_optimizer("adamw", 3e-3)
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    sh = state_shardings(model, opt, mesh, 16)
+    bs = NamedSharding(mesh, PartitionSpec("data"))
+    batch = next(DictionaryLookupIterator(16, 16, pack=2, key_len=1, value_len=1, vocab_size=16,
+                                          seed=int(rng.integers(1 << 20))))
+    outs = []
     for m in (1, 4):
-        wd = str(tmp_path / f"m{m}")
-        cfg = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, mem_layers=(1,))
-        data = DictionaryLookupIterator(16, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=9)
-        with open(os.devnull, "w") as null:
-            train(workdir=wd, model_config=cfg, train_data=data, optimizer=make_optimizer("adamw", 3e-3),
-                  total_steps=3, curriculum=ConstantD(1), mesh_config={"data": 1}, log_every=1,
-                  num_microbatches=m, checkpoint_every=1000, stream=null)
-        losses.append([json.loads(x)["loss"] for x in open(os.path.join(wd, "metrics.jsonl")) if '"loss"' in x])
-    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-5)
+        state = create_train_state(model, opt, mesh, 16, 0, sh)
+        step = make_train_step(model, opt, mesh=mesh, num_microbatches=m, pack=2, state_shardings=sh)
+        state, metrics = step(state, put_batch(batch, bs), plan_rows(16 // m, 1, 2))
+        outs.append((jax.device_get(metrics), jax.device_get(state.params)))
+    for k in ("loss", "accuracy", "tokens", "grad_norm"):
+        np.testing.assert_allclose(outs[1][0][k], outs[0][0][k], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=5e-5), outs[1][1], outs[0][1])  # Adam step ~ lr = 3e-3
 
 
 def test_nan_loss_stops_with_clear_message_and_good_checkpoint(tmp_path):
@@ -144,3 +153,29 @@ def test_nan_loss_stops_with_clear_message_and_good_checkpoint(tmp_path):
     assert 2 <= step < nan_step
     assert all(np.all(np.isfinite(x)) for x in __import__("jax").tree.leaves(params))
     assert not (wd / "results.json").exists()
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adamw"])
+def test_state_shardings_on_a_data_model_mesh(name):
+    # Optimizer state follows its params where param-shaped (Adam moments) and is replicated where it
+    # is not (Adafactor's factored row/column statistics), so init and one step work on a 4x2 mesh.
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from fot.data.dictionary import DictionaryLookupIterator
+    from fot.model import Decoder, ModelConfig
+    from fot.parallel import axis_rules, make_mesh
+    from fot.training.optim import make_optimizer
+    from fot.training.state import create_train_state, state_shardings
+    from fot.training.step import make_train_step, plan_rows, put_batch
+
+    cfg = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, mem_layers=(1,))
+    model, opt = Decoder(cfg), make_optimizer(name, 1e-3)
+    mesh = make_mesh({"data": 4, "model": 2})
+    sh = state_shardings(model, opt, mesh, 16, rules=axis_rules(fsdp=True))
+    assert sh.params["layers_0"]["mlp"]["up"]["kernel"].spec == PartitionSpec("data", "model")
+    state = create_train_state(model, opt, mesh, 16, 0, sh)
+    step = make_train_step(model, opt, mesh=mesh, pack=2, state_shardings=sh)
+    batch = next(DictionaryLookupIterator(8, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=1))
+    state, metrics = step(state, put_batch(batch, NamedSharding(mesh, PartitionSpec("data"))), plan_rows(8, 2, 2))
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1

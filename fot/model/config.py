@@ -119,7 +119,8 @@ class ModelConfig:
         return getattr(jax.checkpoint_policies, self.remat_policy)
 
     def replace(self, **changes) -> "ModelConfig":
-        """``dataclasses.replace``; ``head_dim`` is re-derived when d_model/num_heads change and it was implicit."""
+        """``dataclasses.replace``; when d_model/num_heads change and head_dim equals d_model // num_heads
+        (the implicit default), head_dim is re-derived."""
         if ("d_model" in changes or "num_heads" in changes) and "head_dim" not in changes:
             d, h = changes.get("d_model", self.d_model), changes.get("num_heads", self.num_heads)
             if self.head_dim == self.d_model // self.num_heads:

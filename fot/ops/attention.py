@@ -5,7 +5,9 @@ are fetched one at a time by a `fetch(src, aux, j) -> (k_j [B,S,H,Dh], v_j [B,S,
 function. Forward: lax.scan over blocks keeping (running max, sum, memory sum, accumulator).
 Backward: a custom VJP that saves only inputs, output and log-sum-exp and recomputes each block's scores
 (flash-attention backward), so neither forward nor backward memory grows with the number of blocks.
-Gradients of the fetched blocks reach `src` through jax.vjp of `fetch` (gather -> scatter-add, etc.).
+Gradients of the fetched blocks reach `src` through `fetch.accumulate(dsrc, aux, j, (dk_j, dv_j))` when the
+fetch function defines it (in-place scatter-add into the float32 cotangent carry), else through jax.vjp of
+`fetch`.
 
 All scores, softmax statistics and accumulators are float32.
 """
@@ -19,11 +21,6 @@ from fot.ops import _checks
 
 F32 = jnp.float32
 NEG = -1e30  # finite "minus infinity": masked logits; log-sum-exp of a query with no visible key
-
-
-def scores(q, k, scale):
-    """q [B,T,H,D], k [B,S,H,D] -> scale * <q,k> float32 [B,T,H,S]."""
-    return jnp.einsum("bthd,bshd->bths", q, k, preferred_element_type=F32) * scale
 
 
 def local_mask(q_pos, seg_q, seg_k):
@@ -157,11 +154,16 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_bloc
         if n_blocks:
             def body(carry, j):
                 dq, dsrc = carry
-                (kb, vb, mb), pullback = _fetch_vjp(fetch, src, aux, j)
+                kb, vb, mb = fetch(src, aux, j)
                 dqj, dkb, dvb = _block_grads(qh, _t(kb), _t(vb), mb[:, None, None, :], lse, doh, delta, dlse,
                                              scale)
-                (dsj,) = pullback((_t(dkb).astype(kb.dtype), _t(dvb).astype(vb.dtype)))
-                dsrc = jax.tree.map(lambda a, b: a + b.astype(F32), dsrc, dsj)
+                dkb, dvb = _t(dkb), _t(dvb)
+                if hasattr(fetch, "accumulate"):  # in-place scatter-add of the block's cotangents
+                    dsrc = fetch.accumulate(dsrc, aux, j, (dkb, dvb))
+                else:  # generic: transpose of `fetch` (a full-size cotangent per block)
+                    _, pullback = jax.vjp(lambda s_: fetch(s_, aux, j)[:2], src)
+                    (dsj,) = pullback((dkb.astype(kb.dtype), dvb.astype(vb.dtype)))
+                    dsrc = jax.tree.map(lambda a, b: a + b.astype(F32), dsrc, dsj)
                 return (dq + dqj, dsrc), None
             (dq, dsrc), _ = lax.scan(body, (dq, dsrc), jnp.arange(n_blocks))
         dsrc = jax.tree.map(_cotangent, dsrc, src)
@@ -182,12 +184,6 @@ def _cotangent(ct, primal):
     if missing:
         ct = lax.pcast(ct, tuple(sorted(missing)), to="varying")
     return ct.astype(primal.dtype)
-
-
-def _fetch_vjp(fetch, src, aux, j):
-    kb, vb, mb = fetch(src, aux, j)
-    _, pullback = jax.vjp(lambda s: fetch(s, aux, j)[:2], src)
-    return (kb, vb, mb), pullback
 
 
 def no_blocks(src, aux, j):  # pragma: no cover - never called (n_blocks=0)

@@ -24,6 +24,18 @@ def _fetch_row(src, aux, j):
     return jnp.take(extra_k, rc, axis=0), jnp.take(extra_v, rc, axis=0), mask
 
 
+def _accumulate_rows(dsrc, aux, j, dblock):
+    """Transpose of _fetch_row: scatter-add block j's cotangents into the source rows (unused rows: 0)."""
+    rows, _ = aux
+    r = lax.dynamic_index_in_dim(rows, j, axis=1, keepdims=False)
+    rc = jnp.clip(r, 0, dsrc[0].shape[0] - 1)
+    used = (r >= 0)[:, None, None, None]
+    return tuple(acc.at[rc].add(jnp.where(used, g, 0.0).astype(acc.dtype)) for acc, g in zip(dsrc, dblock))
+
+
+_fetch_row.accumulate = _accumulate_rows
+
+
 def _crossbatch_local(q, k, v, extra_k, extra_v, extra_rows, key_mask, segment_ids, *, scale,
                       include_local):
     q_pos = query_positions(q, k)

@@ -32,6 +32,14 @@ def _fetch_chunk(chunk):
         return (lax.dynamic_slice_in_dim(mem_k, start, chunk, axis=1),
                 lax.dynamic_slice_in_dim(mem_v, start, chunk, axis=1),
                 lax.dynamic_slice_in_dim(mask, start, chunk, axis=1))
+
+    def accumulate(dsrc, aux, j, dblock):  # transpose of fetch: add the chunk's cotangents in place
+        start = j * chunk
+        return tuple(lax.dynamic_update_slice_in_dim(
+            acc, lax.dynamic_slice_in_dim(acc, start, chunk, axis=1) + g.astype(acc.dtype), start, axis=1)
+            for acc, g in zip(dsrc, dblock))
+
+    fetch.accumulate = accumulate
     return fetch
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 
 NEG = -1e30
-DEFAULT_CHUNK = 16384
+DEFAULT_CHUNK = 8192
 
 
 def _merge(best, s, base):

@@ -85,13 +85,13 @@ def _mesh_devices(mesh_config):
     return devices
 
 
-def evaluate(eval_fn, params, data, num_extra: int, steps: int, sharding) -> dict[str, float]:
+def evaluate(eval_fn, params, data, num_extra: int, steps: int, sharding, stepping: bool = True) -> dict[str, float]:
     """Per-token loss/accuracy over ``steps`` batches of ``data`` with ``num_extra`` crossbatch contexts.
 
     ``data`` restarts from its initial state (``set_state``) so every evaluation sees the same batches.
     """
     totals = {"loss": 0.0, "correct": 0.0, "tokens": 0.0}
-    rows = plan_rows(data.batch_size, num_extra, data.pack)
+    rows = plan_rows(data.batch_size, num_extra, data.pack, stepping)
     for _ in range(steps):
         sums = jax.device_get(eval_fn(params, put_batch(next(data), sharding), rows))
         for k in totals:
@@ -184,7 +184,7 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
         out = {}
         for d in eval_ds():
             eval_iter.set_state(eval_state0)
-            r = evaluate(eval_step, state.params, eval_iter, d, eval_steps, batch_sharding)
+            r = evaluate(eval_step, state.params, eval_iter, d, eval_steps, batch_sharding, stepping)
             out[f"eval_accuracy_d{d}"], out[f"eval_loss_d{d}"] = r["accuracy"], r["loss"]
         log.scalars(step, out)
         return out

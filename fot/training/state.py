@@ -42,8 +42,11 @@ def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, m
     params_abs = nn.meta.unbox(boxed)["params"]
     opt_abs = jax.eval_shape(optimizer.init, params_abs)
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shard = optax.tree_map_params(optimizer, lambda _, s: s, opt_abs, p_shard,
-                                      transform_non_params=lambda _: replicated)
+    # Param-shaped leaves (Adam moments, Adafactor momentum) follow their param; param-derived leaves
+    # of another shape (Adafactor's factored v_row / v_col) and non-param leaves are replicated.
+    opt_shard = optax.tree_map_params(
+        optimizer, lambda leaf, shard, p: shard if tuple(leaf.shape) == tuple(p.shape) else replicated,
+        opt_abs, p_shard, params_abs, transform_non_params=lambda _: replicated)
     return TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
 
 
