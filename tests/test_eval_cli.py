@@ -12,10 +12,28 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["TOTAL_STEPS = 2", "ROWS = 4", "WINDOW = 16", "KEY_LEN = 2", "VALUE_LEN = 2",
-        "ModelConfig.d_model = 32", "ModelConfig.mlp_dim = 64", "ModelConfig.num_layers = 2",
-        "train.eval_every = 0", "train.checkpoint_every = 1", "train.log_every = 1",
-        "train.max_train_seconds = None", "train.curriculum = @ConstantD()", "ConstantD.d = 1"]
+# A self-contained tiny dictionary run (independent of gin/quickstart.gin's current tuning).
+TINY_GIN = """
+include 'runs/dictionary.gin'
+WINDOW = 16
+PACK = 2
+ROWS = 4
+KEY_LEN = 2
+VALUE_LEN = 2
+VOCAB = 64
+TOTAL_STEPS = 2
+ModelConfig.d_model = 32
+ModelConfig.num_layers = 2
+ModelConfig.num_heads = 2
+ModelConfig.mlp_dim = 64
+ModelConfig.mem_layers = (1,)
+make_optimizer.name = "adamw"
+make_schedule.kind = "constant"
+make_schedule.peak_lr = 1e-3
+train.mesh_config = {"data": -1}
+train.checkpoint_every = 1
+train.log_every = 1
+"""
 
 
 def _env():
@@ -32,8 +50,10 @@ def _run(module, *args, timeout=300):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("run") / "wd"
-    args = ["--gin_file=gin/quickstart.gin", f"--workdir={wd}"] + [f"--gin_bindings={b}" for b in TINY]
+    root = tmp_path_factory.mktemp("run")
+    wd = root / "wd"
+    (root / "tiny.gin").write_text(TINY_GIN)
+    args = [f"--gin_file={root / 'tiny.gin'}", f"--workdir={wd}"]
     r = _run("fot.train", *args)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (wd / "config.gin").is_file() and (wd / "checkpoints").is_dir()

@@ -140,6 +140,12 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
         if d >= micro_batch:
             raise ConfigError(f"curriculum d={d} needs at least d+1={d + 1} rows per (micro-)batch, got {micro_batch}")
 
+    if eval_iter is not None:
+        for d in list(eval_num_extra or ()) + list(curriculum.values):
+            if int(d) >= int(eval_iter.batch_size):
+                raise ConfigError(f"eval with d={d} needs at least {int(d) + 1} rows, eval_data has "
+                                  f"batch_size={eval_iter.batch_size}")
+
     model = Decoder(model_config)
     shardings = state_shardings(model, optimizer, mesh, seq_len, rules=axis_rules(fsdp=fsdp))
     batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
