@@ -72,6 +72,22 @@ def test_matches_dense_forward_and_grad(rng, b, t, s, h, d, n):
         assert float(jnp.abs(g1[3][used]).sum()) > 0
 
 
+@pytest.mark.parametrize("block_rows", [2, 3, 5])
+def test_grouped_blocks_match_dense(rng, block_rows):
+    """g rows per online-softmax block (n=5 not divisible by 2 or 3: padded with unused rows)."""
+    q, k, v, ek, ev, rows, km, seg = make_inputs(rng, 3, 4, 2, 8, 5, 6)
+    rows[1, 2] = -1
+    rows[2, :2] = rows[2, 3]  # the same source row several times in one block
+    w = rng.normal(size=q.shape).astype(np.float32)
+    out, st, g1 = out_and_grads(lambda *a: crossbatch_attention(
+        *a, rows, extra_key_mask=km, segment_ids=seg, return_stats=True, block_rows=block_rows), (q, k, v, ek, ev), w)
+    ref, ref_mass, g2 = out_and_grads(lambda *a: dense_crossbatch(*a, rows, km, seg, stats=True), (q, k, v, ek, ev), w)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    np.testing.assert_allclose(st, ref_mass, atol=1e-5)
+    for name, a, c in zip("q k v extra_k extra_v".split(), g1, g2):
+        np.testing.assert_allclose(a, c, atol=3e-5, err_msg=name)
+
+
 def test_plan_rows_and_no_extra_equals_causal(rng):
     q, k, v, ek, ev, _, km, seg = make_inputs(rng, 4, 5, 2, 8, 0)
     rows = crossbatch_plan(4, 2)
@@ -139,20 +155,23 @@ def test_sharded_equals_single_device(rng, shape, axes, auto):
     assert "all_gather" in text or "all-gather" in text  # explicit collective along `data`
 
 
-def _temp_bytes(n, b=4, t=32, h=2, d=16):
+def _temp_bytes(n, b=4, t=32, h=2, d=16, block_rows=None):
     x = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
     rows = jax.ShapeDtypeStruct((b, n), jnp.int32)
 
     def loss(q, k, v, ek, ev, rows):
-        return jnp.sum(crossbatch_attention(q, k, v, ek, ev, rows) ** 2)
+        return jnp.sum(crossbatch_attention(q, k, v, ek, ev, rows, block_rows=block_rows) ** 2)
 
     c = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3, 4))).lower(x, x, x, x, x, rows).compile()
     return c.memory_analysis().temp_size_in_bytes
 
 
 def test_memory_does_not_grow_with_n():
-    m1, m16 = _temp_bytes(1), _temp_bytes(16)
+    m1, m16 = _temp_bytes(1, block_rows=1), _temp_bytes(16, block_rows=1)
     assert m16 <= 1.5 * m1, (m1, m16)
+    # automatic grouping (t=32 keys per row -> 8 rows per block): memory grows with g, not with n
+    m8, m64 = _temp_bytes(8), _temp_bytes(64)
+    assert m64 <= 1.5 * m8, (m8, m64)
 
 
 def test_bad_inputs_raise():
@@ -172,3 +191,5 @@ def test_bad_inputs_raise():
         crossbatch_attention(x, x, x, jnp.ones((2, 4, 16)), x, rows)
     with pytest.raises(ValueError, match="divisible"):
         crossbatch_attention(x, x, x, x, x, rows, mesh=jax.make_mesh((8,), ("data",)))
+    with pytest.raises(ValueError, match="block_rows"):
+        crossbatch_attention(x, x, x, x, x, rows, block_rows=0)

@@ -132,6 +132,63 @@ def test_topk_scores_exact(rng, m, chunk, k):
     assert np.all(np.asarray(scores)[:, nvalid:] < -1e29)
 
 
+def test_topk_scores_prefilter_ties_masks_ragged(rng):
+    """Grouped-maxima prefilter (forced group sizes; M not a multiple of the group): heavy ties (integer
+    scores), masked keys, fewer valid keys than k in a chunk. Values must equal a numpy sort; indices must
+    be distinct valid keys whose scores are the returned values."""
+    m, k = 203, 6
+    qs = rng.integers(-2, 3, size=(5, 4)).astype(np.float32)
+    keys = rng.integers(-2, 3, size=(m, 4)).astype(np.float32)
+    mask = rng.random(m) > 0.3
+    mask[:60] = False  # with chunk 64: fewer valid keys than k in the first chunk
+    mask[5] = True
+    full = qs @ keys.T
+    for group in (0, 4, 8, 32, None):
+        for chunk in (64, 1000):
+            scores, idx = topk_scores(qs, keys, k, chunk_size=chunk, key_mask=mask, group=group)
+            scores, idx = np.asarray(scores), np.asarray(idx)
+            ref = np.sort(np.where(mask[None], full, -np.inf), axis=1)[:, ::-1][:, :k]
+            np.testing.assert_array_equal(scores, ref, err_msg=f"group {group} chunk {chunk}")
+            assert np.all(mask[idx]) and all(len(set(r)) == k for r in idx)
+            np.testing.assert_array_equal(np.take_along_axis(full, idx, 1), scores)
+
+
+def test_topk_prefilter_in_memory_attention(rng):
+    """A memory large enough for the prefilter (M=300 in one default chunk: groups of 8, ragged last
+    group) equals the dense reference restricted to the numpy top-k, forward and gradients."""
+    q, k, v, mk, mv, mm = make(rng, 1, 3, 4, 2, 8, 300)
+    w = rng.normal(size=q.shape).astype(np.float32)
+    out, _, g1 = out_and_grads(lambda *a: (memory_attention(*a, mem_mask=mm, top_k=3), None), (q, k, v, mk, mv), w)
+    sel = topk_selection(q, mk, mm, 3)
+    ref, _, g2 = out_and_grads(lambda *a: (dense_memory(*a, mm, 3, sel=sel), None), (q, k, v, mk, mv), w)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    for name, a, c in zip("q k v mem_k mem_v".split(), g1, g2):
+        np.testing.assert_allclose(a, c, atol=3e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_bf16_memory_with_float32_queries_equals_casting_first(rng, top_k):
+    """mem_k/mem_v in bf16 with float32 q are cast per chunk inside the op: same output and gradients as
+    casting the whole memory to float32 first (and the memory cotangents come back in bf16)."""
+    q, k, v, mk, mv, mm = make(rng, 2, 3, 5, 2, 8, 13)
+    mk16, mv16 = jnp.asarray(mk, jnp.bfloat16), jnp.asarray(mv, jnp.bfloat16)
+    w = rng.normal(size=q.shape).astype(np.float32)
+    kw = dict(mem_mask=mm, top_k=top_k, chunk_size=4, return_stats=True)
+    out, st, g1 = out_and_grads(lambda *a: memory_attention(*a, **kw), (q, k, v, mk16, mv16), w)
+    ref, st2, g2 = out_and_grads(lambda *a: memory_attention(*a[:3], a[3].astype(jnp.float32),
+                                                             a[4].astype(jnp.float32), **kw),
+                                 (q, k, v, mk16, mv16), w)
+    assert out.dtype == jnp.float32 and g1[3].dtype == jnp.bfloat16
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    np.testing.assert_allclose(st["mem_mass"], st2["mem_mass"], atol=1e-6)
+    for name, a, c in zip("q k v mem_k mem_v".split(), g1, g2):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(c, np.float32), atol=1e-5, err_msg=name)
+    # and against the independent dense reference on the bf16-rounded memory
+    mkf, mvf = np.asarray(mk16, np.float32), np.asarray(mv16, np.float32)
+    dense = dense_memory(q, k, v, mkf, mvf, mm, top_k, sel=topk_selection(q, mkf, mm, top_k))
+    np.testing.assert_allclose(out, dense, atol=1e-5)
+
+
 def test_bad_inputs_raise():
     x = jnp.ones((2, 4, 2, 8))
     mem = jnp.ones((2, 6, 2, 8))
@@ -151,3 +208,5 @@ def test_bad_inputs_raise():
         topk_scores(jnp.ones((3, 4)), jnp.ones((5, 6)), 2)
     with pytest.raises(ValueError, match="k must"):
         topk_scores(jnp.ones((3, 4)), jnp.ones((5, 4)), 0)
+    with pytest.raises(ValueError, match="group"):
+        topk_scores(jnp.ones((3, 4)), jnp.ones((5, 4)), 2, group=-1)

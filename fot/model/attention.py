@@ -117,8 +117,7 @@ class Attention(nn.Module):
                 gate = gate * rows_ok.any(-1)[:, None, None, None]
                 out = self._mix(gate, mem_only, local)
         elif self.is_memory and memory is not None:
-            mem_k, mem_v, mem_mask = memory
-            mem_k, mem_v = mem_k.astype(dt), mem_v.astype(dt)
+            mem_k, mem_v, mem_mask = memory  # any dtype (e.g. bf16 store): fot.ops casts per chunk
             if gate is None:
                 res = ops.memory_attention(q_loc, k_all, v_all, mem_k, mem_v, mem_mask=mem_mask,
                                            top_k=self.top_k, segment_ids=seg_all, scale=scale,

@@ -13,41 +13,70 @@ from fot.ops import _checks
 from fot.ops.attention import blockwise_attention, query_positions, segments
 
 
-def _fetch_row(src, aux, j):
-    """Block j of every row b: keys/values of source row extra_rows[b, j] (mask False if unused)."""
-    extra_k, extra_v = src
-    rows, key_mask = aux
-    r = lax.dynamic_index_in_dim(rows, j, axis=1, keepdims=False)  # [B]
-    used = r >= 0
-    rc = jnp.clip(r, 0, extra_k.shape[0] - 1)
-    mask = used[:, None] & jnp.take(key_mask, rc, axis=0)
-    return jnp.take(extra_k, rc, axis=0), jnp.take(extra_v, rc, axis=0), mask
+TARGET_BLOCK_KEYS = 256  # keys per online-softmax block when block_rows is automatic (CPU-measured)
 
 
-def _accumulate_rows(dsrc, aux, j, dblock):
-    """Transpose of _fetch_row: scatter-add block j's cotangents into the source rows (unused rows: 0)."""
-    rows, _ = aux
-    r = lax.dynamic_index_in_dim(rows, j, axis=1, keepdims=False)
-    rc = jnp.clip(r, 0, dsrc[0].shape[0] - 1)
-    used = (r >= 0)[:, None, None, None]
-    return tuple(acc.at[rc].add(jnp.where(used, g, 0.0).astype(acc.dtype)) for acc, g in zip(dsrc, dblock))
+def block_rows_for(num_extra, keys_per_row, block_rows=None):
+    """Rows per block g: `block_rows` if given, else about TARGET_BLOCK_KEYS keys per block, balanced so
+    that ceil(n / g) blocks need as little -1 padding as possible. Returns (g, number of blocks)."""
+    if num_extra == 0:
+        return 1, 0
+    if block_rows is None:
+        target = max(1, TARGET_BLOCK_KEYS // max(1, keys_per_row))
+        n_blocks = -(-num_extra // min(num_extra, target))
+        g = -(-num_extra // n_blocks)
+    else:
+        g = min(int(block_rows), num_extra)
+    return g, -(-num_extra // g)
 
 
-_fetch_row.accumulate = _accumulate_rows
+def _fetch_rows(g):
+    """Block j of every row b = the keys of source rows extra_rows[b, j*g:(j+1)*g] concatenated:
+    k, v [B, g*S, H, Dh], mask [B, g*S] (False for padding keys and unused (-1) rows)."""
+    def rows_of(aux, j, num_src):
+        rows = aux[0]
+        r = lax.dynamic_slice_in_dim(rows, j * g, g, axis=1)  # [B, g]
+        return r >= 0, jnp.clip(r, 0, num_src - 1)
+
+    def fetch(src, aux, j):
+        extra_k, extra_v = src
+        used, rc = rows_of(aux, j, extra_k.shape[0])
+        b, s = rc.shape[0], extra_k.shape[1]
+        mask = (used[:, :, None] & jnp.take(aux[1], rc, axis=0)).reshape(b, g * s)
+        kb = jnp.take(extra_k, rc, axis=0).reshape((b, g * s) + extra_k.shape[2:])
+        vb = jnp.take(extra_v, rc, axis=0).reshape((b, g * s) + extra_v.shape[2:])
+        return kb, vb, mask
+
+    def accumulate(dsrc, aux, j, dblock):
+        """Transpose of fetch: scatter-add the block's cotangents into the source rows (unused rows: 0)."""
+        used, rc = rows_of(aux, j, dsrc[0].shape[0])
+        out = []
+        for acc, gr in zip(dsrc, dblock):
+            gr = gr.reshape((rc.shape[0], g, acc.shape[1]) + acc.shape[2:])
+            gr = jnp.where(used[:, :, None, None, None], gr, 0.0)
+            out.append(acc.at[rc].add(gr.astype(acc.dtype)))
+        return tuple(out)
+
+    fetch.accumulate = accumulate
+    return fetch
 
 
 def _crossbatch_local(q, k, v, extra_k, extra_v, extra_rows, key_mask, segment_ids, *, scale,
-                      include_local):
+                      include_local, block_rows):
     q_pos = query_positions(q, k)
     seg_q, seg_k = segments(segment_ids, q_pos, k)
+    n = extra_rows.shape[1]
+    g, n_blocks = block_rows_for(n, extra_k.shape[1], block_rows)
+    if n_blocks * g > n:  # pad with unused rows (fully masked)
+        extra_rows = jnp.pad(extra_rows, ((0, 0), (0, n_blocks * g - n)), constant_values=-1)
     return blockwise_attention(q, k, v, q_pos, seg_q, seg_k, (extra_k, extra_v), (extra_rows, key_mask),
-                               fetch=_fetch_row, n_blocks=extra_rows.shape[1], scale=scale,
+                               fetch=_fetch_rows(g), n_blocks=n_blocks, scale=scale,
                                include_local=include_local)
 
 
 def crossbatch_attention(q, k, v, extra_k, extra_v, extra_rows, *, extra_key_mask=None, segment_ids=None,
                          scale=None, mesh=None, include_local=True, return_stats=False,
-                         data_axis="data", model_axis="model"):
+                         data_axis="data", model_axis="model", block_rows=None):
     """Joint-softmax attention over causal local keys and the keys of other rows of the batch.
 
     q, k, v: [B, T, H, Dh] (k/v may be longer than q: END alignment as in causal_attention).
@@ -55,8 +84,10 @@ def crossbatch_attention(q, k, v, extra_k, extra_v, extra_rows, *, extra_key_mas
     key of source rows extra_rows[b, j] (-1 = unused); extra_key_mask: bool [B, S] (False = padding key);
     segment_ids: int [B, T] (local attention only within equal ids).
     include_local=False: attend to extra keys only (a query without any visible key returns 0).
-    Computed with an online softmax over the n extra contexts (lax.scan) and a flash-style custom VJP:
-    forward and backward memory do not grow with n. Gradients flow into q, k, v, extra_k, extra_v.
+    Computed with an online softmax over blocks of g extra contexts (lax.scan; one block = the keys of g
+    rows, [B, H, T, g*S] scores) and a flash-style custom VJP: forward and backward memory grow with g,
+    not with n. block_rows=g (default: about 256 keys per block, g <= n; n not divisible by g is padded
+    with unused rows). Gradients flow into q, k, v, extra_k, extra_v.
     mesh: inputs sharded with batch over `data_axis` and heads over `model_axis`; the extra rows are
     fetched with an explicit all_gather over `data_axis` inside jax.shard_map (same result as unsharded).
     Returns [B, T, H, Dh] in q.dtype; with return_stats also {"mem_mass": float32 [B, T, H]} (the total
@@ -84,7 +115,10 @@ def crossbatch_attention(q, k, v, extra_k, extra_v, extra_rows, *, extra_key_mas
         extra_key_mask = jnp.ones(extra_k.shape[:2], bool)
     if segment_ids is None:
         segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
-    fn = functools.partial(_crossbatch_local, scale=scale, include_local=include_local)
+    if block_rows is not None and (not isinstance(block_rows, int) or isinstance(block_rows, bool)
+                                   or block_rows < 1):
+        raise ValueError(f"block_rows must be None or a positive int, got {block_rows!r}")
+    fn = functools.partial(_crossbatch_local, scale=scale, include_local=include_local, block_rows=block_rows)
     if mesh is None:
         o, _, mass = fn(q, k, v, extra_k, extra_v, extra_rows, extra_key_mask, segment_ids)
     else:

@@ -22,6 +22,20 @@ from fot.ops.attention import (F32, NEG, blockwise_attention, combine, no_blocks
 from fot.ops.topk import running_topk
 
 DEFAULT_CHUNK = 2048
+TOPK_CHUNK_MAX = 8192  # default top-k selection chunk grows up to this while a score block stays small
+TOPK_BLOCK_ELEMS = 2 ** 23  # (32 MiB float32 per [B,H,T,chunk] score block)
+
+
+def topk_chunk(chunk_size, b, h, t):
+    """Selection chunk for top-k: chunk_size if given; else the largest power-of-two multiple of
+    DEFAULT_CHUNK up to TOPK_CHUNK_MAX whose [B,H,T,chunk] float32 score block has <= TOPK_BLOCK_ELEMS
+    elements (larger chunks let the grouped-maxima prefilter of fot.ops.topk pay off)."""
+    if chunk_size is not None:
+        return chunk_size
+    chunk = DEFAULT_CHUNK
+    while chunk * 2 <= TOPK_CHUNK_MAX and b * h * t * chunk * 2 <= TOPK_BLOCK_ELEMS:
+        chunk *= 2
+    return chunk
 
 
 def _fetch_chunk(chunk):
@@ -85,7 +99,7 @@ def _select_topk(q, mem_k, mem_mask, top_k, scale, chunk):
     mk = lax.stop_gradient(mem_k)
 
     def score_fn(start, size):
-        kc = lax.dynamic_slice_in_dim(mk, start, size, axis=1)  # [B,C,H,D]
+        kc = lax.dynamic_slice_in_dim(mk, start, size, axis=1).astype(q.dtype)  # [B,C,H,D], cast per chunk
         mc = lax.dynamic_slice_in_dim(mem_mask, start, size, axis=1)
         s = jnp.einsum("bhtd,bchd->bhtc", qh, kc, preferred_element_type=F32) * scale
         return jnp.where(mc[:, None, None, :], s, NEG)
@@ -95,10 +109,11 @@ def _select_topk(q, mem_k, mem_mask, top_k, scale, chunk):
     return jnp.swapaxes(vals > NEG / 2, 1, 2), jnp.swapaxes(idx, 1, 2)
 
 
-def _gather_slots(x, idx):
-    """x [B,M,H,D], idx [B,T,H,K] -> x[b, idx[b,t,h,k], h] as [B,T,H,K,D] (no copy of the memory)."""
+def _gather_slots(x, idx, dtype):
+    """x [B,M,H,D], idx [B,T,H,K] -> x[b, idx[b,t,h,k], h] as [B,T,H,K,D] in `dtype` (no copy of the
+    memory; only the gathered slots are cast)."""
     b, _, h, _ = idx.shape
-    return x[jnp.arange(b)[:, None, None, None], idx, jnp.arange(h)[None, None, :, None]]
+    return x[jnp.arange(b)[:, None, None, None], idx, jnp.arange(h)[None, None, :, None]].astype(dtype)
 
 
 def _selected_part(q, sel_k, sel_v, valid, scale):
@@ -121,7 +136,8 @@ def _memory_unsharded(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, sc
         parts += _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk)
     elif mem_k.shape[1]:
         valid, idx = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk)
-        parts.append(_selected_part(q, _gather_slots(mem_k, idx), _gather_slots(mem_v, idx), valid, scale))
+        sel_k, sel_v = _gather_slots(mem_k, idx, q.dtype), _gather_slots(mem_v, idx, q.dtype)
+        parts.append(_selected_part(q, sel_k, sel_v, valid, scale))
     if not parts:
         z = jnp.zeros(q.shape[:3], F32)
         return jnp.zeros(q.shape, F32), z
@@ -150,9 +166,9 @@ def _memory_shard_body(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, s
     else:
         valid, idx = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk)
         vals = jnp.where(valid, jnp.einsum("bthd,bthkd->bthk", lax.stop_gradient(q),
-                                           lax.stop_gradient(_gather_slots(mem_k, idx)),
+                                           lax.stop_gradient(_gather_slots(mem_k, idx, q.dtype)),
                                            preferred_element_type=F32) * scale, NEG)
-        sel_k, sel_v = _gather_slots(mem_k, idx), _gather_slots(mem_v, idx)
+        sel_k, sel_v = _gather_slots(mem_k, idx, q.dtype), _gather_slots(mem_v, idx, q.dtype)
         # candidates of every shard (K each), then the exact top-k of their union
         vals = lax.all_gather(vals, model_axis, axis=3, tiled=True, to="invarying")
         sel_k = lax.all_gather(sel_k, model_axis, axis=3, tiled=True, to="invarying")
@@ -172,10 +188,13 @@ def memory_attention(q, k, v, mem_k, mem_v, *, mem_mask=None, top_k=None, segmen
 
     q [B,Tq,H,Dh]; k, v [B,Tk,H,Dh] (Tk >= Tq, queries aligned to the END of the keys); mem_k, mem_v
     [B,M,H,Dh] (fully visible, no causal mask); mem_mask bool [B,M] (valid slots); segment_ids int [B,Tk].
-    top_k=None: all valid memory keys (streamed in chunks of `chunk_size` with an online softmax).
-    top_k=K: per (b,t,h) the K valid memory keys with the largest <q, mem_k> (exact; fewer valid -> all
-    valid), found with a chunked running lax.top_k (no [B,T,H,M] tensor), then one softmax with the local
-    keys. Gradients reach q and the selected mem_k/mem_v (their scores are recomputed from gathered keys).
+    mem_k/mem_v may have another dtype than q (e.g. a bf16 memory with float32 queries): they are cast to
+    q.dtype one chunk (or one gathered selection) at a time, never as a whole; same result as casting first.
+    top_k=None: all valid memory keys (streamed in chunks of `chunk_size`, default 2048, with an online
+    softmax). top_k=K: per (b,t,h) the K valid memory keys with the largest <q, mem_k> (exact; fewer valid
+    -> all valid), found with a chunked running lax.top_k with the exact grouped-maxima prefilter of
+    fot.ops.topk (no [B,T,H,M] tensor; default chunk: `topk_chunk`, 2048..8192), then one softmax with the
+    local keys. Gradients reach q and the selected mem_k/mem_v (their scores are recomputed from gathered keys).
     include_local=False: memory keys only. mesh: see module docstring (memory length over `model_axis`,
     batch over `data_axis`; M and B must divide the axis sizes).
     Returns [B,Tq,H,Dh] in q.dtype; with return_stats also {"mem_mass": float32 [B,Tq,H]}.
@@ -188,9 +207,14 @@ def memory_attention(q, k, v, mem_k, mem_v, *, mem_mask=None, top_k=None, segmen
     _checks.check_key_mask("mem_mask", mem_mask, mem_k)
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r} (mem_k {mem_k.shape})")
-    chunk = DEFAULT_CHUNK if chunk_size is None else int(chunk_size)
-    if chunk < 1:
+    if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is not None:
+        chunk = int(chunk_size)
+    elif top_k is not None:
+        chunk = topk_chunk(None, q.shape[0], q.shape[2], q.shape[1])
+    else:
+        chunk = DEFAULT_CHUNK
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if mem_mask is None:
         mem_mask = jnp.ones(mem_k.shape[:2], bool)
