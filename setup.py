@@ -13,13 +13,16 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "sentencepiece>=0.2.0,<0.3",
     "matplotlib>=3.8",
+    # clu's TensorBoard writer needs TensorFlow's summary ops and tensorboard (TF 2.21 no longer
+    # brings it). `tensorflow`, not `tensorflow-cpu`: tensorflow-text (seqio) requires it.
+    "tensorflow>=2.21,<2.22",
+    "tensorboard>=2.21,<2.22",
 ]
 
 EXTRAS = {
     # seqio pipeline (issue: data); tensorflow, not tensorflow-cpu (tensorflow-text needs it).
     "data": [
         "seqio==0.0.20",
-        "tensorflow>=2.21,<2.22",
         "tensorflow-datasets>=4.9.10,<5",
     ],
     "test": [

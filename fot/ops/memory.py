@@ -17,8 +17,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from fot.ops import _checks
-from fot.ops.attention import (F32, NEG, blockwise_attention, combine, no_blocks, query_positions,
-                               segments, _vma)
+from fot.ops.attention import (F32, NEG, blockwise_attention, combine, full, no_blocks, query_positions,
+                               segments, _cotangent, _vma)
 from fot.ops.topk import running_topk
 
 DEFAULT_CHUNK = 2048
@@ -109,11 +109,39 @@ def _select_topk(q, mem_k, mem_mask, top_k, scale, chunk):
     return jnp.swapaxes(vals > NEG / 2, 1, 2), jnp.swapaxes(idx, 1, 2)
 
 
+def _take_slots(x, idx):
+    b, _, h, _ = idx.shape
+    return x[jnp.arange(b)[:, None, None, None], idx, jnp.arange(h)[None, None, :, None]]
+
+
+@jax.custom_vjp
+def _gather_cast(x, idx, like):
+    return _take_slots(x, idx).astype(like.dtype)
+
+
+def _gather_cast_fwd(x, idx, like):
+    return _gather_cast(x, idx, like), (x, idx, like)
+
+
+def _gather_cast_bwd(res, ct):
+    """Scatter-add of the slots' cotangents in float32, cast to x.dtype once (as if x had been cast to
+    float32 before the gather: no per-slot rounding to a low-precision x.dtype)."""
+    x, idx, like = res
+    b, _, h, _ = idx.shape
+    acc = full(x.shape, 0.0, _vma(x, idx, ct))
+    acc = acc.at[jnp.arange(b)[:, None, None, None], idx, jnp.arange(h)[None, None, :, None]].add(ct.astype(F32))
+    return _cotangent(acc, x), None, jnp.zeros_like(like)
+
+
+_gather_cast.defvjp(_gather_cast_fwd, _gather_cast_bwd)
+
+
 def _gather_slots(x, idx, dtype):
     """x [B,M,H,D], idx [B,T,H,K] -> x[b, idx[b,t,h,k], h] as [B,T,H,K,D] in `dtype` (no copy of the
-    memory; only the gathered slots are cast)."""
-    b, _, h, _ = idx.shape
-    return x[jnp.arange(b)[:, None, None, None], idx, jnp.arange(h)[None, None, :, None]].astype(dtype)
+    memory; only the gathered slots are cast; gradients accumulate in float32)."""
+    if x.dtype == dtype:
+        return _take_slots(x, idx)
+    return _gather_cast(x, idx, jnp.zeros((), dtype))
 
 
 def _selected_part(q, sel_k, sel_v, valid, scale):
