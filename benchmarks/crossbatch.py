@@ -1,10 +1,13 @@
 """Crossbatch memory layer: blockwise (fot.ops) vs dense materialised, n extra contexts, one run.
 
     python -m benchmarks.crossbatch [--batch 4] [--length 256] [--heads 8] [--head_dim 64]
-                                    [--extra 0,1,8,64] [--reps 5] [--no_train_step]
+                                    [--extra 0,1,8,64] [--reps 5] [--block_rows G] [--no_train_step]
 
 Prints a table and ratios measured in this run (time = minimum of --reps forward+backward calls after a
-warm-up, all cases timed round-robin so load bursts from other processes hit them alike; peak memory = XLA compiled memory_analysis() temp bytes of the jitted fwd+bwd). Extra rows cycle
+warm-up, all cases timed round-robin so load bursts from other processes hit them alike; peak memory = XLA
+compiled memory_analysis() temp bytes of the jitted fwd+bwd), then one "target met / NOT met" line per
+issue-2 target (layer memory n=max vs n=1 <= 1.5x; train-step time ratio within 10% of the FLOP ratio).
+--block_rows g sets the op's extra rows per online-softmax block (default: automatic). Extra rows cycle
 through the batch (row b uses rows b-1, b-2, ... mod B), so n may exceed B. FLOP ratio (n vs 0) counts
 the matmul FLOPs this implementation performs: every block (local and each extra context) is a full
 L x L block, so the layer's ratio is (n + 1) / 1. The full train step (fot.model Decoder, 37M-like

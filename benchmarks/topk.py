@@ -5,17 +5,18 @@
 
 Part 1 — exact maximum-inner-product top-k, dim 128, k = 32, 256 queries, memories of 64K/256K/1M
 keys, float32:
-  * ``fot.ops.topk_scores`` (chunked scan with a running lax.top_k merge),
-  * ``grouped`` (this file: the same scan, but each chunk is pre-filtered exactly by group maxima —
-    the top-k keys of a chunk lie in the k groups with the largest maxima — so lax.top_k only ever
-    sees ``C/g + k·g`` instead of ``C + k`` candidates; proposed kernel),
+  * ``fot.ops.topk_scores`` (chunked scan with a running lax.top_k merge; each chunk is pre-filtered
+    exactly by group maxima — the top-k keys of a chunk lie in the k groups with the largest maxima —
+    so lax.top_k only sees ``C/g + k·g`` instead of ``C + k`` candidates; automatic g, 32 at C=16K),
+  * the same op with the prefilter off (``group=0``: lax.top_k over every chunk),
   * full scores + ``jax.lax.top_k`` (materialises [256, M]),
   * FAISS ``IndexFlatIP`` with ``faiss.omp_set_num_threads`` set to the thread count XLA uses.
   Reported: queries/s, ratio to FAISS, extra memory (XLA ``memory_analysis().temp_size_in_bytes``,
   i.e. everything beyond inputs/outputs), and exactness against FAISS (max |Δscore|, index recall).
 
 Part 2 — streaming a long random-token document through the tiny memory model (fot.model.Decoder,
-window 256): tokens/s with exact top-k memory, dense memory, and no memory.
+window 256): tokens/s with exact top-k memory (fot.ops.memory_attention top_k: prefiltered running
+top-k), the same with the prefilter off and the old 2048-key selection chunk, dense memory, and no memory.
 """
 from __future__ import annotations
 
@@ -36,28 +37,6 @@ from fot.ops import topk_scores
 def xla_threads() -> int:
     """Threads the XLA CPU client uses for intra-op parallelism (its Eigen pool = usable cores)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-@functools.partial(jax.jit, static_argnames=("k", "chunk", "group"))
-def grouped_topk(queries, keys, k: int, chunk: int = 32768, group: int = 32):
-    """Exact top-k (scores, indices) of ``queries [N, D] @ keys[M, D].T`` — M divisible by ``chunk``,
-    ``chunk`` by ``group``, and ``chunk // group >= k``. Extra memory O(N · chunk)."""
-    n, m = queries.shape[0], keys.shape[0]
-    chunk = min(chunk, m)
-    nc = m // chunk
-
-    def body(best, c):
-        vals, idx = best
-        kb = lax.dynamic_slice_in_dim(keys, c * chunk, chunk, axis=0)
-        s = (queries @ kb.T).reshape(n, chunk // group, group)
-        _, gi = lax.top_k(s.max(-1), k)                               # k best groups (exact filter)
-        cand = jnp.take_along_axis(s, gi[..., None], axis=1).reshape(n, k * group)
-        cidx = (gi[..., None] * group + jnp.arange(group, dtype=jnp.int32)).reshape(n, k * group)
-        v, p = lax.top_k(jnp.concatenate([vals, cand], 1), k)
-        return (v, jnp.take_along_axis(jnp.concatenate([idx, cidx + c * chunk], 1), p, 1)), None
-
-    init = (jnp.full((n, k), -jnp.inf, jnp.float32), jnp.zeros((n, k), jnp.int32))
-    return lax.scan(body, init, jnp.arange(nc, dtype=jnp.int32))[0]
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -98,8 +77,8 @@ def retrieval(sizes, *, dim=128, k=32, num_queries=256, chunk=16384, repeats=2, 
         ops_fn = jax.jit(lambda a, b: topk_scores(a, b, k, chunk_size=chunk))
         cands = {
             "fot.ops.topk_scores": (ops_fn, (q, keys)),
-            "grouped (proposal)": (jax.jit(lambda a, b: grouped_topk(a, b, k=k, chunk=min(2 * chunk, m))),
-                                   (q, keys)),
+            "topk_scores group=0": (jax.jit(lambda a, b: topk_scores(a, b, k, chunk_size=chunk, group=0)),
+                                    (q, keys)),
             "full scores + top_k": (jax.jit(lambda a, b: full_topk(a, b, k=k)), (q, keys)),
         }
         row = {"keys": m, "faiss_qps": num_queries / t_faiss}
@@ -127,6 +106,8 @@ def _timed_faiss(index, q, k) -> float:
 
 def streaming(doc_len: int, *, window=256, top_k=32, seed=0):
     """tokens/s for one ``doc_len``-token document through the tiny model (memory holds the whole doc)."""
+    import fot.ops.memory as opsmem
+    import fot.ops.topk as opstopk
     from fot.inference.windowed import MemoryInference, WindowedConfig
     from fot.model import Decoder, ModelConfig
 
@@ -136,12 +117,18 @@ def streaming(doc_len: int, *, window=256, top_k=32, seed=0):
     tokens = np.random.default_rng(seed).integers(0, 256, (1, doc_len), dtype=np.int32)
     params = model.init(jax.random.PRNGKey(seed), jnp.asarray(tokens[:, :window]))["params"]
     out = {}
-    for name, kw in (("top-k (k=%d)" % top_k, dict(top_k=top_k)), ("dense", {}),
-                     ("no memory", dict(use_memory=False))):
+    variants = (("top-k (k=%d)" % top_k, dict(top_k=top_k), None),
+                ("top-k unfiltered", dict(top_k=top_k), "unfiltered"),
+                ("dense", {}, None), ("no memory", dict(use_memory=False), None))
+    for name, kw, mode in variants:
+        saved = (opsmem.TOPK_CHUNK_MAX, opstopk.auto_group)
+        if mode == "unfiltered":  # the previous op: 2048-key chunks, lax.top_k over every chunk
+            opsmem.TOPK_CHUNK_MAX, opstopk.auto_group = opsmem.DEFAULT_CHUNK, (lambda size, k: 0)
         runner = MemoryInference(model, params, WindowedConfig(window=window, capacity=doc_len,
                                                                mem_dtype="float32", **kw))
         warm = runner.init_memory(1, doc_len)
-        jax.block_until_ready(runner.step(warm, tokens[:, :window])[0])  # compile
+        jax.block_until_ready(runner.step(warm, tokens[:, :window])[0])  # compile (traces with the setting)
+        opsmem.TOPK_CHUNK_MAX, opstopk.auto_group = saved
         stores = runner.init_memory(1, doc_len)
         t0 = time.perf_counter()
         for s in range(0, doc_len, window):

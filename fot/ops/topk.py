@@ -16,7 +16,6 @@ from jax import lax
 
 NEG = -1e30
 DEFAULT_CHUNK = 8192
-DEFAULT_GROUP = 32
 
 
 def _iota(shape, base):

@@ -211,6 +211,9 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
         last = m
         if s % log_every == 0 or s == total_steps:
             log.progress(s, m)
+            data_metrics = _data_metrics(data)
+            if data_metrics:  # documents/tokens read, documents skipped as too short (seqio pipeline)
+                log.scalars(s, data_metrics)
 
     try:
         while step < total_steps:
@@ -256,6 +259,9 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
             results.update(r)
             results["curve"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()
                                  if k == "step" or k.startswith("eval_accuracy")} for c in curve]
+        data_metrics = _data_metrics(data)
+        if data_metrics:
+            results["data"] = data_metrics
         results["wall_seconds"] = round(time.perf_counter() - t_start, 2)
         ckpt.close()
         log.close()
@@ -265,3 +271,9 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
         ckpt.close()
         log.close()
         raise
+
+
+def _data_metrics(data) -> dict[str, float]:
+    """The iterator's own counters (``metrics()``: documents, tokens, skipped short documents), if any."""
+    fn = getattr(data, "metrics", None)
+    return {k: float(v) for k, v in fn().items()} if callable(fn) else {}

@@ -1,0 +1,102 @@
+"""Pure mapping table between fot's Flax param tree and Hugging Face LLaMA tensor names.
+
+fot's RoPE already uses HF's rotate-half layout, so no q/k row permutation is needed (unlike the
+EasyLM export of the reference, §5.2): every Dense kernel ``[in, out]`` is transposed to torch's
+``[out, in]``; embeddings and RMSNorm scales are copied as they are.
+
+One :class:`ParamMap` per tensor: fot path (tuple of keys), HF name, fot shape, HF shape and the two
+hook functions (numpy → numpy) that convert between them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+Hook = Callable[[np.ndarray], np.ndarray]
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x)
+
+
+def transpose(x: np.ndarray) -> np.ndarray:
+    """Flax Dense kernel ``[in, out]`` ↔ torch Linear weight ``[out, in]`` (its own inverse)."""
+    return np.ascontiguousarray(np.swapaxes(x, 0, 1))
+
+
+def _t_shape(shape):
+    return tuple(reversed(shape))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamMap:
+    fot_path: tuple[str, ...]
+    hf_name: str
+    fot_shape: tuple[int, ...]
+    to_hf: Hook
+    from_hf: Hook
+
+    @property
+    def hf_shape(self) -> tuple[int, ...]:
+        return _t_shape(self.fot_shape) if self.to_hf is transpose else tuple(self.fot_shape)
+
+
+# (fot sub-path, HF suffix, hook, shape key) — the table itself; shapes are resolved per config.
+GLOBAL_RULES = (
+    (("embed", "embedding"), "model.embed_tokens.weight", identity, ("V", "D")),
+    (("final_norm", "scale"), "model.norm.weight", identity, ("D",)),
+    (("lm_head", "kernel"), "lm_head.weight", transpose, ("D", "V")),
+)
+LAYER_RULES = (
+    (("attn_norm", "scale"), "input_layernorm.weight", identity, ("D",)),
+    (("attn", "q", "kernel"), "self_attn.q_proj.weight", transpose, ("D", "HD")),
+    (("attn", "k", "kernel"), "self_attn.k_proj.weight", transpose, ("D", "HD")),
+    (("attn", "v", "kernel"), "self_attn.v_proj.weight", transpose, ("D", "HD")),
+    (("attn", "o", "kernel"), "self_attn.o_proj.weight", transpose, ("HD", "D")),
+    (("mlp_norm", "scale"), "post_attention_layernorm.weight", identity, ("D",)),
+    (("mlp", "gate", "kernel"), "mlp.gate_proj.weight", transpose, ("D", "F")),
+    (("mlp", "up", "kernel"), "mlp.up_proj.weight", transpose, ("D", "F")),
+    (("mlp", "down", "kernel"), "mlp.down_proj.weight", transpose, ("F", "D")),
+)
+# fot params with no HF LLaMA equivalent (memory-layer extras of fot.model.attention).
+UNMAPPABLE = {"qk_scale": "ModelConfig.qk_norm=True (per-head QK temperature)",
+              "gate_bias": "ModelConfig.mem_gate=True (MT-style memory gate)"}
+
+
+def param_table(cfg) -> list[ParamMap]:
+    """Every tensor of a fot ``ModelConfig`` (qk_norm/mem_gate excluded), in HF order."""
+    dims = {"V": cfg.vocab_size, "D": cfg.d_model, "HD": cfg.num_heads * cfg.head_dim, "F": cfg.mlp_dim}
+    shape = lambda key: tuple(dims[k] for k in key)
+    out = []
+    for path, name, hook, key in GLOBAL_RULES[:2]:
+        out.append(ParamMap(path, name, shape(key), hook, hook))
+    for i in range(cfg.num_layers):
+        for path, suffix, hook, key in LAYER_RULES:
+            out.append(ParamMap((f"layers_{i}",) + path, f"model.layers.{i}.{suffix}", shape(key), hook, hook))
+    if not cfg.tie_embeddings:
+        path, name, hook, key = GLOBAL_RULES[2]
+        out.append(ParamMap(path, name, shape(key), hook, hook))
+    return out
+
+
+def flatten(tree, prefix=()) -> dict[tuple[str, ...], object]:
+    """Nested dict → {path tuple: leaf}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) or hasattr(v, "items"):
+            out.update(flatten(v, prefix + (str(k),)))
+        else:
+            out[prefix + (str(k),)] = v
+    return out
+
+
+def unflatten(flat: dict[tuple[str, ...], object]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out

@@ -1,0 +1,155 @@
+"""Minimal PyTorch re-implementation of LongLLaMA's inference (reference §3.2–3.3), for parity tests.
+
+Built on the weights of transformers' ``LlamaForCausalLM`` (embeddings, RMSNorms, projections, MLP,
+LM head); the window loop and the attention are written here in plain torch:
+
+* the input ``[B, T]`` is split as ``_handle_long_input``: ``prefix = max(T - last_context_length, 0)``
+  tokens in non-overlapping windows of ``W = max_position_embeddings`` (the last one may be
+  shorter), then the remaining tokens as the final window; logits of all windows are concatenated;
+* every window is run without a local cache: positions restart at 0, every layer attends causally
+  to the window only;
+* memory layers additionally attend to their memory: keys rotated "as if first" (RoPE at position
+  0), values; the memory logits ``q·k_mem/sqrt(Dh)`` are concatenated with the local logits (masked
+  entries clamped at ``max(finfo.min, -1e6)``) and go through ONE float32 softmax, multiplying
+  ``[V_local; V_mem]`` (memory cast to the compute dtype);
+* after the layer's attention the window's keys (as first) and values are appended to the memory
+  in ``mem_dtype`` (update after attention); the final window is not appended;
+* ``mem_positionals=False``: no RoPE anywhere in memory layers (queries, local and memory keys).
+
+No padding / attention_mask, no generation cache: prefill logits only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class TorchLongLlama:
+    """LongLLaMA inference over a ``LlamaForCausalLM`` (``[B, T]`` token ids → logits ``[B, T, V]``).
+
+    Args:
+      model: ``transformers.LlamaForCausalLM`` (any dtype; ``compute dtype`` = its parameters' dtype).
+      mem_layers: 0-based memory-layer indices. mem_positionals: RoPE in memory layers.
+      mem_dtype: storage dtype name of memory keys/values. window: ``max_position_embeddings``.
+      last_context_length: tokens of the final window. rope_theta: RoPE base.
+    """
+
+    def __init__(self, model, *, mem_layers, mem_positionals: bool = True, mem_dtype: str = "bfloat16",
+                 window: int, last_context_length: int = 1024, rope_theta: float = 10000.0):
+        cfg = model.config
+        self.model = model.eval()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if getattr(cfg, "num_key_value_heads", self.num_heads) != self.num_heads:
+            raise ValueError("TorchLongLlama supports multi-head attention only (num_key_value_heads == heads)")
+        self.mem_layers = tuple(int(i) for i in mem_layers)
+        bad = [i for i in self.mem_layers if not 0 <= i < cfg.num_hidden_layers]
+        if bad:
+            raise ValueError(f"mem_layers {list(mem_layers)} must be in [0, {cfg.num_hidden_layers})")
+        self.mem_positionals = bool(mem_positionals)
+        if mem_dtype not in _DTYPES:
+            raise ValueError(f"mem_dtype must be one of {sorted(_DTYPES)}, got {mem_dtype!r}")
+        self.mem_dtype = _DTYPES[mem_dtype]
+        self.window = int(window)
+        self.last_context_length = int(last_context_length)
+        self.inv_freq = 1.0 / (float(rope_theta) ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32)
+                                                      / self.head_dim))
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype=torch.float32, **overrides) -> "TorchLongLlama":
+        """Load an exported directory: weights through ``LlamaForCausalLM.from_pretrained`` (eager
+        attention), LongLLaMA fields (mem_layers, mem_positionals, mem_dtype, last_context_length,
+        max_position_embeddings, rope_theta) from its config.json; keyword overrides win."""
+        from transformers import LlamaForCausalLM
+
+        with open(os.path.join(path, "config.json")) as f:
+            conf = json.load(f)
+        model = LlamaForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        rope = conf.get("rope_parameters") or {}
+        kw = dict(mem_layers=conf.get("mem_layers", []), mem_positionals=conf.get("mem_positionals", True),
+                  mem_dtype=conf.get("mem_dtype", "bfloat16"), window=conf["max_position_embeddings"],
+                  last_context_length=conf.get("last_context_length", 1024),
+                  rope_theta=rope.get("rope_theta", conf.get("rope_theta", 10000.0)))
+        kw.update(overrides)
+        return cls(model, **kw)
+
+    # ---------------------------------------------------------------------------------------------
+    def _rope(self, x, positions):
+        """x [B, H, T, Dh]; positions long [T] → rotate-half RoPE, float32 tables."""
+        ang = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((ang, ang), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return x * cos + _rotate_half(x) * sin
+
+    def _attention(self, layer_idx, attn, x, memory):
+        """One attention block; x [B, T, D]. Returns (out [B, T, D], new memory entry or None)."""
+        b, t, _ = x.shape
+        h, dh = self.num_heads, self.head_dim
+        shape = lambda y: y.view(b, t, h, dh).transpose(1, 2)  # [B, H, T, Dh]
+        q, k, v = shape(attn.q_proj(x)), shape(attn.k_proj(x)), shape(attn.v_proj(x))
+        is_mem = layer_idx in self.mem_layers
+        use_rope = not is_mem or self.mem_positionals
+        pos = torch.arange(t)
+        if use_rope:
+            q_r, k_r = self._rope(q, pos), self._rope(k, pos)
+        else:
+            q_r, k_r = q, k
+        neg = max(torch.finfo(q.dtype).min, -1e6)
+        logits = torch.matmul(q_r, k_r.transpose(2, 3)) / math.sqrt(dh)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        logits = logits + torch.where(causal, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
+        logits = torch.clamp(logits, min=neg)
+        values = v
+        if is_mem and memory is not None:
+            mem_k, mem_v = memory
+            mem_logits = torch.matmul(q_r, mem_k.to(q.dtype).transpose(2, 3)) / math.sqrt(dh)
+            logits = torch.cat([logits, torch.clamp(mem_logits, min=neg)], dim=-1)
+            values = torch.cat([v, mem_v.to(v.dtype)], dim=-2)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, values).transpose(1, 2).reshape(b, t, h * dh)
+        update = None
+        if is_mem:
+            k_first = self._rope(k, torch.zeros(t, dtype=torch.long)) if self.mem_positionals else k
+            update = (k_first.to(self.mem_dtype), v.to(self.mem_dtype))
+        return attn.o_proj(out), update
+
+    def _window(self, tokens, memory, push: bool):
+        m = self.model.model
+        x = m.embed_tokens(tokens)
+        for i, layer in enumerate(m.layers):
+            a, upd = self._attention(i, layer.self_attn, layer.input_layernorm(x), memory.get(i))
+            x = x + a
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            if push and upd is not None:  # memory updated after the layer's attention
+                old = memory.get(i)
+                memory[i] = upd if old is None else (torch.cat([old[0], upd[0]], dim=2),
+                                                     torch.cat([old[1], upd[1]], dim=2))
+        return self.model.lm_head(m.norm(x)).to(torch.float32)
+
+    @torch.no_grad()
+    def forward(self, input_ids, last_context_length: int | None = None):
+        """input_ids long [B, T] → (logits float32 [B, T, V], memory {layer: (k, v) [B, H, M, Dh]})."""
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        t = input_ids.shape[1]
+        lcl = self.last_context_length if last_context_length is None else int(last_context_length)
+        prefix = max(t - lcl, 0)
+        memory: dict[int, tuple] = {}
+        outs = [self._window(input_ids[:, s:min(s + self.window, prefix)], memory, push=True)
+                for s in range(0, prefix, self.window)]
+        if prefix < t:
+            outs.append(self._window(input_ids[:, prefix:], memory, push=False))
+        return torch.cat(outs, dim=1), memory
+
+    __call__ = forward
