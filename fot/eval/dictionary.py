@@ -18,6 +18,7 @@ import numpy as np
 
 from fot.data.dictionary import DictionarySpec, generate_documents
 from fot.inference.windowed import MemoryInference, WindowedConfig
+from fot.eval.plotting import line_plot
 
 
 def _round_up(x: int, m: int) -> int:
@@ -113,20 +114,7 @@ def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_
 
 def plot(result: dict[str, Any], path: str) -> None:
     """Accuracy vs dictionary tokens in memory (log2 x), FoT vs no memory."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(result["sizes"], result["fot_accuracy"], "o-", label=f"FoT (top-k={result['top_k']})")
-    ax.plot(result["sizes"], result["no_memory_accuracy"], "s--", label="same model, no memory")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("dictionary tokens in memory")
-    ax.set_ylabel("answer-token accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(f"Dictionary lookup (window {result['window']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    line_plot(path, [(result["sizes"], result["fot_accuracy"], "o-", f"FoT (top-k={result['top_k']})"),
+                     (result["sizes"], result["no_memory_accuracy"], "s--", "same model, no memory")],
+              xlabel="dictionary tokens in memory", ylabel="answer-token accuracy", ylim=(0, 1.02),
+              title=f"Dictionary lookup (window {result['window']})")

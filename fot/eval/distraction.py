@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fot.eval.plotting import line_plot
+
 
 def _windows_from_docs(docs: Sequence[np.ndarray], window: int) -> list[np.ndarray]:
     """Per document, its full windows ``[n_w, window]`` (documents with < 2 windows dropped)."""
@@ -98,20 +100,8 @@ def evaluate(model, params, docs: Sequence[np.ndarray], *, window: int, ds: Sequ
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(result["d"], result["r_d"], "o-", label="model")
-    ax.plot(result["d"], result["one_over_d"], "k--", label="1/d (no focus)")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("d (contexts in memory: 1 positive + d-1 negatives)")
-    ax.set_ylabel("positive attention mass r_d")
-    ax.set_ylim(0, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(f"Distraction (memory layer {result['layer']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """Positive attention mass r_d vs d, against 1/d (a model that does not focus)."""
+    line_plot(path, [(result["d"], result["r_d"], "o-", "model"),
+                     (result["d"], result["one_over_d"], "k--", "1/d (no focus)")],
+              xlabel="d (contexts in memory: 1 positive + d-1 negatives)", ylabel="positive attention mass r_d",
+              ylim=(0, 1.05), title=f"Distraction (memory layer {result['layer']})")

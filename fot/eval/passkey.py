@@ -19,6 +19,7 @@ import numpy as np
 
 from fot.inference.generate import Generator
 from fot.inference.windowed import WindowedConfig
+from fot.eval.plotting import line_plot
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -144,18 +145,7 @@ def evaluate(model, params, *, context_lengths: Sequence[int], trials: int = 5, 
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(result["mean_prompt_tokens"], result["accuracy"], "o-")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("prompt tokens")
-    ax.set_ylabel(f"exact-match accuracy ({result['trials']} trials)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_title("Passkey retrieval")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """Exact-match accuracy vs prompt length."""
+    line_plot(path, [(result["mean_prompt_tokens"], result["accuracy"], "o-", None)],
+              xlabel="prompt tokens", ylabel=f"exact-match accuracy ({result['trials']} trials)",
+              ylim=(-0.02, 1.02), title="Passkey retrieval")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fot.inference.windowed import MemoryInference, WindowedConfig
+from fot.eval.plotting import line_plot
 
 
 def load_tokens_file(path: str, doc_separator: int | None = None, min_doc_len: int = 2) -> list[np.ndarray]:
@@ -160,21 +161,9 @@ def evaluate(model, params, docs: Sequence[np.ndarray], *, window: int, sizes: S
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Perplexity vs memory size, single-doc and multi-doc."""
     xs = [max(s, 1) for s in result["sizes"]]
-    for mode in ("single_doc", "multi_doc"):
-        if mode in result:
-            ax.plot(xs, result[mode]["perplexity"], "o-", label=mode.replace("_", "-"))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("memory tokens (0 plotted at 1 = no memory)")
-    ax.set_ylabel("perplexity")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(f"Perplexity vs memory (window {result['window']}, top-k {result['top_k']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    line_plot(path, [(xs, result[mode]["perplexity"], "o-", mode.replace("_", "-"))
+                     for mode in ("single_doc", "multi_doc") if mode in result],
+              xlabel="memory tokens (0 plotted at 1 = no memory)", ylabel="perplexity",
+              title=f"Perplexity vs memory (window {result['window']}, top-k {result['top_k']})")
