@@ -26,7 +26,7 @@ install-test: $(VENV)/.installed-test
 
 # Train the embedded default (dictionary lookup through the memory layer) on CPU and print results.
 run: $(VENV)/.installed
-	rm -rf $(WORKDIR)
+	rm -rf $(WORKDIR) && mkdir -p $(dir $(WORKDIR))
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m fot.train --gin_file=gin/quickstart.gin --workdir=$(WORKDIR)
 
 # The whole suite (slow tests included); CI calls this.

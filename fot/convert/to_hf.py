@@ -67,6 +67,9 @@ def check_exportable(cfg) -> list[str]:
     if cfg.mem_layers and cfg.mem_positional == "none":
         warnings.append("mem_positional='none': memory layers use no RoPE; exact in LongLLaMA code "
                         "(mem_positionals=false) but NOT in vanilla LlamaForCausalLM, which rotates every layer")
+    if float(cfg.rope_theta) != 10000.0:
+        warnings.append(f"rope_theta={cfg.rope_theta}: needs a LongLLaMA code version that reads rope_theta "
+                        "(early versions hard-code RoPE base 10000); transformers reads it")
     return warnings
 
 

@@ -16,7 +16,10 @@ LM head); the window loop and the attention are written here in plain torch:
   in ``mem_dtype`` (update after attention); the final window is not appended;
 * ``mem_positionals=False``: no RoPE anywhere in memory layers (queries, local and memory keys).
 
-No padding / attention_mask, no generation cache: prefill logits only.
+Generation (``decode`` / greedy ``generate``) follows §3.4: one token at a time into a local
+cache of un-rotated keys (positions relative to the cache start); when ``cached + 1 > window`` the
+whole cache is flushed before attention (memory layers: into memory, as first; others: dropped).
+No padding / attention_mask.
 """
 from __future__ import annotations
 
@@ -91,54 +94,68 @@ class TorchLongLlama:
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         return x * cos + _rotate_half(x) * sin
 
-    def _attention(self, layer_idx, attn, x, memory):
-        """One attention block; x [B, T, D]. Returns (out [B, T, D], new memory entry or None)."""
+    def _attention(self, layer_idx, attn, x, memory, cache):
+        """One attention block; x [B, T, D]; cache (k_raw, v) [B, H, C, Dh] of earlier local tokens or None.
+
+        Returns (out [B, T, D], memory-view (k, v) of the new tokens in mem_dtype (memory layers) or
+        None, raw local (k, v) of the new tokens for the cache)."""
         b, t, _ = x.shape
         h, dh = self.num_heads, self.head_dim
-        shape = lambda y: y.view(b, t, h, dh).transpose(1, 2)  # [B, H, T, Dh]
+        shape = lambda y: y.view(b, t, h, dh).transpose(1, 2)  # noqa: E731  [B, H, T, Dh]
         q, k, v = shape(attn.q_proj(x)), shape(attn.k_proj(x)), shape(attn.v_proj(x))
+        k_all, v_all = (k, v) if cache is None else (torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2))
+        c = k_all.shape[2] - t
         is_mem = layer_idx in self.mem_layers
-        use_rope = not is_mem or self.mem_positionals
-        pos = torch.arange(t)
-        if use_rope:
-            q_r, k_r = self._rope(q, pos), self._rope(k, pos)
+        if not is_mem or self.mem_positionals:  # positions relative to the local context's first token
+            q_r, k_r = self._rope(q, torch.arange(c, c + t)), self._rope(k_all, torch.arange(c + t))
         else:
-            q_r, k_r = q, k
+            q_r, k_r = q, k_all
         neg = max(torch.finfo(q.dtype).min, -1e6)
         logits = torch.matmul(q_r, k_r.transpose(2, 3)) / math.sqrt(dh)
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        causal = torch.ones(t, c + t, dtype=torch.bool).tril(diagonal=c)
         logits = logits + torch.where(causal, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
         logits = torch.clamp(logits, min=neg)
-        values = v
+        values = v_all
         if is_mem and memory is not None:
             mem_k, mem_v = memory
             mem_logits = torch.matmul(q_r, mem_k.to(q.dtype).transpose(2, 3)) / math.sqrt(dh)
             logits = torch.cat([logits, torch.clamp(mem_logits, min=neg)], dim=-1)
-            values = torch.cat([v, mem_v.to(v.dtype)], dim=-2)
+            values = torch.cat([v_all, mem_v.to(v.dtype)], dim=-2)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, values).transpose(1, 2).reshape(b, t, h * dh)
-        update = None
-        if is_mem:
-            k_first = self._rope(k, torch.zeros(t, dtype=torch.long)) if self.mem_positionals else k
-            update = (k_first.to(self.mem_dtype), v.to(self.mem_dtype))
-        return attn.o_proj(out), update
+        return attn.o_proj(out), (self._mem_view(k, v) if is_mem else None), (k, v)
 
-    def _window(self, tokens, memory, push: bool):
+    def _mem_view(self, k_raw, v):
+        """Keys "rotated as if first" (RoPE at position 0) unless mem_positionals=False; mem_dtype."""
+        if self.mem_positionals:
+            k_raw = self._rope(k_raw, torch.zeros(k_raw.shape[2], dtype=torch.long))
+        return k_raw.to(self.mem_dtype), v.to(self.mem_dtype)
+
+    @staticmethod
+    def _append(memory, i, kv):
+        old = memory.get(i)
+        memory[i] = kv if old is None else (torch.cat([old[0], kv[0]], 2), torch.cat([old[1], kv[1]], 2))
+
+    def _window(self, tokens, memory, push: bool, cache=None):
+        """Run ``tokens [B, t]``; returns (logits [B, t, V] float32, {layer: raw local (k, v)})."""
         m = self.model.model
         x = m.embed_tokens(tokens)
+        local = {}
         for i, layer in enumerate(m.layers):
-            a, upd = self._attention(i, layer.self_attn, layer.input_layernorm(x), memory.get(i))
+            a, upd, kv = self._attention(i, layer.self_attn, layer.input_layernorm(x), memory.get(i),
+                                         None if cache is None else cache[i])
             x = x + a
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+            local[i] = kv
             if push and upd is not None:  # memory updated after the layer's attention
-                old = memory.get(i)
-                memory[i] = upd if old is None else (torch.cat([old[0], upd[0]], dim=2),
-                                                     torch.cat([old[1], upd[1]], dim=2))
-        return self.model.lm_head(m.norm(x)).to(torch.float32)
+                self._append(memory, i, upd)
+        return self.model.lm_head(m.norm(x)).to(torch.float32), local
 
     @torch.no_grad()
-    def forward(self, input_ids, last_context_length: int | None = None):
-        """input_ids long [B, T] → (logits float32 [B, T, V], memory {layer: (k, v) [B, H, M, Dh]})."""
+    def forward(self, input_ids, last_context_length: int | None = None, return_state: bool = False):
+        """input_ids long [B, T] → (logits float32 [B, T, V], memory {layer: (k, v) [B, H, M, Dh]}).
+
+        ``return_state``: also return the generation state (memory, local cache of the final window)."""
         input_ids = torch.as_tensor(input_ids, dtype=torch.long)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -146,10 +163,42 @@ class TorchLongLlama:
         lcl = self.last_context_length if last_context_length is None else int(last_context_length)
         prefix = max(t - lcl, 0)
         memory: dict[int, tuple] = {}
-        outs = [self._window(input_ids[:, s:min(s + self.window, prefix)], memory, push=True)
+        outs = [self._window(input_ids[:, s:min(s + self.window, prefix)], memory, push=True)[0]
                 for s in range(0, prefix, self.window)]
+        cache = None
         if prefix < t:
-            outs.append(self._window(input_ids[:, prefix:], memory, push=False))
-        return torch.cat(outs, dim=1), memory
+            logits, cache = self._window(input_ids[:, prefix:], memory, push=False)
+            outs.append(logits)
+        logits = torch.cat(outs, dim=1)
+        if return_state:
+            return logits, memory, {"memory": memory, "cache": cache}
+        return logits, memory
 
     __call__ = forward
+
+    @torch.no_grad()
+    def decode(self, state, token):
+        """Feed ``token`` long [B] after ``forward(..., return_state=True)``; returns next-token logits
+        [B, V]. When the local cache already holds ``window`` tokens it is flushed first, as in
+        LongLLaMA (§3.4): memory layers move it into memory (as first), other layers drop it."""
+        memory, cache = state["memory"], state["cache"]
+        if cache is not None and cache[0][0].shape[2] + 1 > self.window:
+            for i in self.mem_layers:
+                self._append(memory, i, self._mem_view(*cache[i]))
+            cache = None
+        tok = torch.as_tensor(token, dtype=torch.long).view(-1, 1)
+        logits, kv = self._window(tok, memory, push=False, cache=cache)
+        state["cache"] = kv if cache is None else {
+            i: (torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)) for i, (k, v) in kv.items()}
+        return logits[:, -1]
+
+    def generate(self, input_ids, max_new_tokens: int):
+        """Greedy generation: int64 [B, max_new_tokens]."""
+        logits, _, state = self.forward(input_ids, return_state=True)
+        nxt, out = logits[:, -1], []
+        for step in range(int(max_new_tokens)):
+            tok = nxt.argmax(-1)
+            out.append(tok)
+            if step + 1 < max_new_tokens:
+                nxt = self.decode(state, tok)
+        return torch.stack(out, dim=1)
