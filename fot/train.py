@@ -12,6 +12,7 @@ stderr); 3 = training diverged (NaN/inf loss; the last checkpoint is the last go
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -89,6 +90,25 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+@contextlib.contextmanager
+def _working_dir_off_sys_path():
+    """Parse gin with the working directory off ``sys.path``.
+
+    gin's package-path reader reads an include such as ``'runs/dictionary.gin'`` as file
+    ``dictionary.gin`` of Python package ``runs``; a plain directory of that name in the working
+    directory (a run directory ``runs/``, say) is then found as a namespace package without an
+    origin, and gin crashes with a TypeError. Every configurable is imported before parsing, so
+    nothing needs the working directory on the path meanwhile.
+    """
+    cwd = os.getcwd()
+    saved = list(sys.path)
+    sys.path[:] = [p for p in saved if os.path.abspath(p or ".") != cwd]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def parse_gin(gin_files, gin_bindings, search_paths) -> None:
     """Parse and finalize gin files and bindings; one-line error and exit 2 on any problem."""
     import gin
@@ -104,7 +124,8 @@ def parse_gin(gin_files, gin_bindings, search_paths) -> None:
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.FATAL)  # gin's resource reader logs an error for every search-path miss
     try:
-        gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
+        with _working_dir_off_sys_path():
+            gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
     except (OSError, IOError) as e:
         _fail(f"gin file not found: {e}")
     except Exception as e:  # gin raises ValueError/KeyError/SyntaxError subclasses for bad bindings

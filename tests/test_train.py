@@ -179,3 +179,19 @@ def test_state_shardings_on_a_data_model_mesh(name):
     batch = next(DictionaryLookupIterator(8, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=1))
     state, metrics = step(state, put_batch(batch, NamedSharding(mesh, PartitionSpec("data"))), plan_rows(8, 2, 2))
     assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+
+
+def test_gin_includes_work_beside_a_runs_directory(tmp_path):
+    """A `runs/` folder in the working directory (where run directories usually go) must not shadow
+    gin's `include 'runs/...'` (gin's package-path reader would find it as a namespace package)."""
+    (tmp_path / "runs").mkdir()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fot.train", f"--gin_file={REPO}/gin/quickstart.gin",
+         f"--gin_search_paths={REPO}/gin", "--gin_bindings=TOTAL_STEPS = 2", "--gin_bindings=train.eval_every = 0",
+         "--gin_bindings=train.eval_data = None", "--workdir=runs/q"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results["step"] == 2
+    assert (tmp_path / "runs" / "q" / "config.gin").is_file()
