@@ -7,7 +7,7 @@ Prints a table and ratios measured in this run (time = minimum of --reps forward
 warm-up, all cases timed round-robin so load bursts from other processes hit them alike; peak memory = XLA
 compiled memory_analysis() temp bytes of the jitted fwd+bwd), then one "target met / NOT met" line per
 issue-2 target (layer memory n=max vs n=1 <= 1.5x; train-step time ratio within 10% of the FLOP ratio).
---block_rows g sets the op's extra rows per online-softmax block (default: automatic). Extra rows cycle
+--block_rows g sets the op's extra rows per online-softmax block (default: the op's default, 1). Extra rows cycle
 through the batch (row b uses rows b-1, b-2, ... mod B), so n may exceed B. FLOP ratio (n vs 0) counts
 the matmul FLOPs this implementation performs: every block (local and each extra context) is a full
 L x L block, so the layer's ratio is (n + 1) / 1. The full train step (fot.model Decoder, 37M-like
@@ -128,7 +128,7 @@ def main(argv=None):
     ap.add_argument("--dense_run_limit_gib", type=float, default=4.0,
                     help="compile but do not run the dense variant when its temp memory exceeds this")
     ap.add_argument("--block_rows", type=int, default=None,
-                    help="extra rows per online-softmax block of the layer (default: the op's automatic choice)")
+                    help="extra rows per online-softmax block of the layer (default: the op's default, 1)")
     ap.add_argument("--no_train_step", action="store_true")
     a = ap.parse_args(argv)
     ns = [int(x) for x in a.extra.split(",")]

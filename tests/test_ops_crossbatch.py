@@ -167,10 +167,10 @@ def _temp_bytes(n, b=4, t=32, h=2, d=16, block_rows=None):
 
 
 def test_memory_does_not_grow_with_n():
-    m1, m16 = _temp_bytes(1, block_rows=1), _temp_bytes(16, block_rows=1)
+    m1, m16 = _temp_bytes(1), _temp_bytes(16)
     assert m16 <= 1.5 * m1, (m1, m16)
-    # automatic grouping (t=32 keys per row -> 8 rows per block): memory grows with g, not with n
-    m8, m64 = _temp_bytes(8), _temp_bytes(64)
+    # 8 rows per block: memory grows with g, not with n
+    m8, m64 = _temp_bytes(8, block_rows=8), _temp_bytes(64, block_rows=8)
     assert m64 <= 1.5 * m8, (m8, m64)
 
 

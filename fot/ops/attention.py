@@ -7,7 +7,8 @@ Backward: a custom VJP that saves only inputs, output and log-sum-exp and recomp
 (flash-attention backward), so neither forward nor backward memory grows with the number of blocks.
 Gradients of the fetched blocks reach `src` through `fetch.accumulate(dsrc, aux, j, (dk_j, dv_j))` when the
 fetch function defines it (in-place scatter-add into the float32 cotangent carry), else through jax.vjp of
-`fetch`.
+`fetch`. Fetched blocks are cast to q.dtype one block at a time, so `src` may have another dtype (e.g. a
+bf16 memory with float32 queries) without a full-size converted copy; the result equals casting first.
 
 All scores, softmax statistics and accumulators are float32.
 """
@@ -85,19 +86,14 @@ def _accumulate(state, s, mask, vh, is_extra):
 
 
 def _block_grads(qh, kh, vh, mask, lse, doh, delta, dlse, scale):
-    """Flash-attention backward for one key block (head-major), computed on the TRANSPOSED scores
-    [B,H,S,T] so that every matmul contracts over a last dim or a small operand's dim (a contraction over
-    the large score block's non-minor dim costs XLA:CPU a transpose of the block: ~2x slower dots).
-    mask broadcastable to [B,H,T,S]. Returns dq^T [B,H,D,T], dk, dv [B,H,S,D], all float32."""
-    mask_t = jnp.swapaxes(mask, -1, -2)
-    s_t = jnp.einsum("bhsd,bhtd->bhst", kh, qh, preferred_element_type=F32) * scale
-    p_t = jnp.where(mask_t, jnp.exp(s_t - lse[:, :, None, :]), 0.0)
-    dv = jnp.einsum("bhst,bhtd->bhsd", p_t, doh)
-    dp_t = jnp.einsum("bhsd,bhtd->bhst", vh.astype(F32), doh)
-    ds_t = p_t * (dp_t - (delta - dlse)[:, :, None, :])
-    dq_t = jnp.einsum("bhsd,bhst->bhdt", kh.astype(F32), ds_t) * scale
-    dk = jnp.einsum("bhst,bhtd->bhsd", ds_t, qh.astype(F32)) * scale
-    return dq_t, dk, dv
+    """Flash-attention backward for one key block (head-major): dq [B,H,T,D], dk, dv [B,H,S,D] float32."""
+    p = jnp.where(mask, jnp.exp(_scores_h(qh, kh, scale) - lse[..., None]), 0.0)
+    dv = jnp.einsum("bhts,bhtd->bhsd", p, doh)
+    dp = jnp.einsum("bhtd,bhsd->bhts", doh, vh.astype(F32))
+    ds = p * (dp - delta[..., None] + dlse[..., None])
+    dq = jnp.einsum("bhts,bhsd->bhtd", ds, kh.astype(F32)) * scale
+    dk = jnp.einsum("bhts,bhtd->bhsd", ds, qh.astype(F32)) * scale
+    return dq, dk, dv
 
 
 def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_blocks, scale,
@@ -149,17 +145,17 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_bloc
         qh = _t(q)
         delta = jnp.sum(doh * oh, axis=-1)
         vma = _vma(q, k, v, q_pos, seg_q, seg_k, src, aux, do, dlse, oh, lse)
-        dq_t = full(qh.shape[:2] + qh.shape[3:] + qh.shape[2:3], 0.0, vma)  # dq^T [B,H,D,T]
+        dq = full(qh.shape, 0.0, vma)
         dk = full(k.shape, 0.0, vma)
         dv = full(v.shape, 0.0, vma)
         if include_local:
-            dq_t, dkh, dvh = _block_grads(qh, _t(k), _t(v), _local_mask_h(q_pos, seg_q, seg_k), lse, doh,
-                                          delta, dlse, scale)
+            dq, dkh, dvh = _block_grads(qh, _t(k), _t(v), _local_mask_h(q_pos, seg_q, seg_k), lse, doh, delta,
+                                        dlse, scale)
             dk, dv = _t(dkh), _t(dvh)
         dsrc = jax.tree.map(lambda x: full(x.shape, 0.0, vma), src)
         if n_blocks:
             def body(carry, j):
-                dq_t, dsrc = carry
+                dq, dsrc = carry
                 kb, vb, mb = fetch(src, aux, j)
                 dqj, dkb, dvb = _block_grads(qh, _t(kb.astype(qh.dtype)), _t(vb.astype(qh.dtype)),
                                              mb[:, None, None, :], lse, doh, delta, dlse, scale)
@@ -170,12 +166,11 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_bloc
                     _, pullback = jax.vjp(lambda s_: fetch(s_, aux, j)[:2], src)
                     (dsj,) = pullback((dkb.astype(kb.dtype), dvb.astype(vb.dtype)))
                     dsrc = jax.tree.map(lambda a, b: a + b.astype(F32), dsrc, dsj)
-                return (dq_t + dqj, dsrc), None
-            (dq_t, dsrc), _ = lax.scan(body, (dq_t, dsrc), jnp.arange(n_blocks))
+                return (dq + dqj, dsrc), None
+            (dq, dsrc), _ = lax.scan(body, (dq, dsrc), jnp.arange(n_blocks))
         dsrc = jax.tree.map(_cotangent, dsrc, src)
         none_aux = tuple(None for _ in aux)
-        dq = jnp.transpose(dq_t, (0, 3, 1, 2))  # [B,H,D,T] -> [B,T,H,D]
-        return (_cotangent(dq, q), _cotangent(dk, k), _cotangent(dv, v), None, None, None, dsrc, none_aux)
+        return (_cotangent(_t(dq), q), _cotangent(dk, k), _cotangent(dv, v), None, None, None, dsrc, none_aux)
 
     attend.defvjp(attend_fwd, attend_bwd)
     return attend(q, k, v, q_pos, seg_q, seg_k, src, aux)
