@@ -58,6 +58,17 @@ def check_key_mask(name, mask, src):
         raise ValueError(f"{name} must have shape {ss[:2]} ([B, S] of the keys {ss}), got {ms}")
 
 
+def check_joint_inputs(q, k, v, segment_ids, name_k, xk, name_v, xv, name_mask, mask):
+    """The local q/k/v (Tk >= Tq), their segment ids, and one extra/memory key source with its mask."""
+    check_qkv(q, k, v)
+    check_segments(segment_ids, k)
+    if shape_of(k)[1] < shape_of(q)[1]:
+        raise ValueError(f"k must have at least as many keys as q has queries, got q {shape_of(q)}, "
+                         f"k {shape_of(k)}")
+    check_source(name_k, xk, name_v, xv, q)
+    check_key_mask(name_mask, mask, xk)
+
+
 def concrete_or_none(x):
     """numpy value of x if it is concrete (not traced), else None."""
     if isinstance(x, jax.core.Tracer):

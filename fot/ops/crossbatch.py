@@ -86,12 +86,8 @@ def crossbatch_attention(q, k, v, extra_k, extra_v, extra_rows, *, extra_key_mas
     Returns [B, T, H, Dh] in q.dtype; with return_stats also {"mem_mass": float32 [B, T, H]} (the total
     probability on extra keys; no gradient).
     """
-    _checks.check_qkv(q, k, v)
-    _checks.check_segments(segment_ids, k)
-    if k.shape[1] < q.shape[1]:
-        raise ValueError(f"k must have at least as many keys as q has queries, got q {q.shape}, k {k.shape}")
-    _checks.check_source("extra_k", extra_k, "extra_v", extra_v, q)
-    _checks.check_key_mask("extra_key_mask", extra_key_mask, extra_k)
+    _checks.check_joint_inputs(q, k, v, segment_ids, "extra_k", extra_k, "extra_v", extra_v,
+                               "extra_key_mask", extra_key_mask)
     _checks.check_rank("extra_rows", extra_rows, 2)
     if tuple(extra_rows.shape)[0] != q.shape[0]:
         raise ValueError(f"extra_rows must be [B, n] with B = {q.shape[0]} (q {q.shape}), got "

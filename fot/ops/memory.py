@@ -227,12 +227,7 @@ def memory_attention(q, k, v, mem_k, mem_v, *, mem_mask=None, top_k=None, segmen
     batch over `data_axis`; M and B must divide the axis sizes).
     Returns [B,Tq,H,Dh] in q.dtype; with return_stats also {"mem_mass": float32 [B,Tq,H]}.
     """
-    _checks.check_qkv(q, k, v)
-    _checks.check_segments(segment_ids, k)
-    if k.shape[1] < q.shape[1]:
-        raise ValueError(f"k must have at least as many keys as q has queries, got q {q.shape}, k {k.shape}")
-    _checks.check_source("mem_k", mem_k, "mem_v", mem_v, q)
-    _checks.check_key_mask("mem_mask", mem_mask, mem_k)
+    _checks.check_joint_inputs(q, k, v, segment_ids, "mem_k", mem_k, "mem_v", mem_v, "mem_mask", mem_mask)
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r} (mem_k {mem_k.shape})")
     if chunk_size is not None and int(chunk_size) < 1:
