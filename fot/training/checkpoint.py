@@ -81,7 +81,11 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Any, int]:
     Restores the ``state`` item without a target (host arrays), so no model or optimizer is needed.
     Returns (params, step).
     """
-    mngr = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS,
+    # Handlers for every item, so that orbax reads the metadata without warning about the items it
+    # does not restore here (the data cursor and the curriculum).
+    handlers = {name: ocp.StandardCheckpointHandler() if name == "state" else ocp.JsonCheckpointHandler()
+                for name in ITEMS}
+    mngr = ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers,
                                  options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     try:
         step = mngr.latest_step() if step is None else step
