@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fot.data.pipeline import make_global_batch
 from fot.ops import crossbatch_plan
 from fot.parallel import DATA_AXIS
 from fot.training.state import TrainState
@@ -139,9 +140,9 @@ def make_eval_step(model, *, mesh: Mesh | None = None, param_shardings=None,
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding | None) -> dict[str, Any]:
-    """Host numpy batch → global jax arrays sharded over the data axis."""
-    out = {}
-    for k in BATCH_KEYS:
-        x = np.asarray(batch[k])
-        out[k] = jnp.asarray(x) if sharding is None else jax.make_array_from_process_local_data(sharding, x)
-    return out
+    """Host numpy batch (``BATCH_KEYS``) → global jax arrays sharded over the data axis
+    (``fot.data.pipeline.make_global_batch``), or plain device arrays without a sharding."""
+    batch = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
+    if sharding is None:
+        return {k: jnp.asarray(x) for k, x in batch.items()}
+    return make_global_batch(batch, sharding)
