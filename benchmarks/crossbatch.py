@@ -2,18 +2,26 @@
 
     python -m benchmarks.crossbatch [--batch 4] [--length 256] [--heads 8] [--head_dim 64]
                                     [--extra 0,1,8,64] [--reps 5] [--block_rows G] [--no_train_step]
+                                    [--model bench|paper_37m] [--dtype float32|bfloat16]
 
 Prints a table and ratios measured in this run (time = minimum of --reps forward+backward calls after a
 warm-up, all cases timed round-robin so load bursts from other processes hit them alike; peak memory = XLA
 compiled memory_analysis() temp bytes of the jitted fwd+bwd), then one "target met / NOT met" line per
 issue-2 target (layer memory n=max vs n=1 <= 1.5x; train-step time ratio within 10% of the FLOP ratio).
---block_rows g sets the op's extra rows per online-softmax block (default: the op's default, 1). Extra rows cycle
+--block_rows g sets the op's extra rows per online-softmax block (default: the op's platform default,
+fot.ops.crossbatch.block_rows_for: 1 on CPU, 1024 // L on accelerators). Extra rows cycle
 through the batch (row b uses rows b-1, b-2, ... mod B), so n may exceed B. FLOP ratio (n vs 0) counts
 the matmul FLOPs this implementation performs: every block (local and each extra context) is a full
-L x L block, so the layer's ratio is (n + 1) / 1. The full train step (fot.model Decoder, 37M-like
-widths with fewer layers and a small vocabulary so it runs on CPU) is included when fot.model imports;
-its FLOP ratio = (XLA cost_analysis FLOPs of the n=0 step + 14*B*H*L*L*Dh*n per memory layer) / n=0 FLOPs
-(XLA's cost analysis counts a while-loop body once, so the extra contexts are added analytically).
+L x L block, so the layer's ratio is (n + 1) / 1. The full train step (fot.model Decoder; --model bench:
+37M widths with 4 layers and a 2048 vocabulary so it runs quickly on CPU; --model paper_37m: the paper's
+37M model of gin/size/paper_37m.gin, 12 layers, memory layer 8, 32k vocabulary) is included when fot.model
+imports; --block_rows applies to its memory layer too, --dtype sets the model's compute dtype.
+Its FLOP ratio counts matmul FLOPs analytically (step_flops: the MFU-style count, 3 x forward for weight
+matmuls, 14*B*H*L*L*Dh per attention block), the same on every backend: XLA's cost_analysis counts a
+while-loop body once and, on GPU, omits cuBLAS calls, so it cannot be compared across n or platforms (it
+is still printed, on CPU it agrees with step_flops at n=0 to about 1%).
+On CPU the XLA flag of fot.runtime.tune_cpu_xla is applied (as in fot's entry points) unless
+FOT_KEEP_XLA_DEFAULTS=1.
 """
 from __future__ import annotations
 
@@ -26,11 +34,16 @@ import time
 if "JAX_PLATFORMS" not in os.environ:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
+from fot.runtime import tune_cpu_xla  # noqa: E402  (before JAX initialises a backend)
+
+tune_cpu_xla()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fot.ops import crossbatch_attention  # noqa: E402
+from fot.ops.crossbatch import block_rows_for  # noqa: E402
 
 
 def cyclic_rows(b, n):
@@ -83,12 +96,31 @@ def layer_case(impl, b, t, h, d, n, run_limit_bytes, block_rows=None):
             "flops": 14.0 * b * h * t * t * d * (n + 1)}, run  # fwd 4 + bwd 10 matmul FLOPs per L x L block
 
 
-def train_step_case(n, b, t):
+STEP_MODELS = {  # name -> (ModelConfig kwargs, description)
+    "bench": (dict(vocab_size=2048, d_model=512, num_layers=4, num_heads=8, head_dim=64, mlp_dim=1376,
+                   mem_layers=(2,)), "d_model 512, 4 layers, 8 heads x 64, mem layer 2, vocab 2048"),
+    "paper_37m": (dict(vocab_size=32000, d_model=512, num_layers=12, num_heads=8, head_dim=64, mlp_dim=1376,
+                       mem_layers=(8,)), "paper 37M: d_model 512, 12 layers, 8 heads x 64, mem layer 8, "
+                                         "vocab 32000"),
+}
+
+
+def step_flops(cfg, b, t, n):
+    """Matmul FLOPs of one train step (forward + backward) of `cfg` on [b, t] tokens with n extra contexts:
+    weight matmuls 3 x 2 x tokens x (per-layer QKV/O + SwiGLU weights, LM head), attention 14*B*H*T*T*Dh per
+    T x T block (forward 2 matmuls, flash backward 5), 1 + n blocks in a memory layer, 1 elsewhere."""
+    hd = cfg.num_heads * cfg.head_dim
+    weights = cfg.num_layers * (4 * cfg.d_model * hd + 3 * cfg.d_model * cfg.mlp_dim) + cfg.d_model * cfg.vocab_size
+    blocks = cfg.num_layers + n * len(cfg.mem_layers)
+    return 6.0 * b * t * weights + 14.0 * b * hd * t * t * blocks
+
+
+def train_step_case(n, b, t, model_name="bench", block_rows=None, dtype="float32"):
     import optax
     from fot.model import Decoder, ModelConfig
 
-    cfg = ModelConfig(vocab_size=2048, d_model=512, num_layers=4, num_heads=8, head_dim=64, mlp_dim=1376,
-                      mem_layers=(2,), mem_positional="none", qk_norm=True)
+    cfg = ModelConfig(**STEP_MODELS[model_name][0], mem_positional="none", qk_norm=True,
+                      crossbatch_block_rows=block_rows, dtype=dtype)
     model = Decoder(cfg)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(b, t)), jnp.int32)
@@ -100,7 +132,8 @@ def train_step_case(n, b, t):
     def step(params, opt_state, tokens, rows):
         def loss_fn(p):
             logits = model.apply({"params": p}, tokens, extra_rows=rows)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32),
+                                                                 tokens[:, 1:])
             return ce.mean()
         loss, g = jax.value_and_grad(loss_fn)(params)
         upd, opt_state = opt.update(g, opt_state, params)
@@ -113,8 +146,7 @@ def train_step_case(n, b, t):
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {"n": n, "temp_bytes": int(temp), "sec": float("nan"),
-            "xla_flops": float(cost.get("flops", float("nan"))),
-            "extra_flops": 14.0 * b * cfg.num_heads * t * t * cfg.head_dim * n * len(cfg.mem_layers)}, (fn, args)
+            "xla_flops": float(cost.get("flops", float("nan"))), "flops": step_flops(cfg, b, t, n)}, (fn, args)
 
 
 def main(argv=None):
@@ -128,12 +160,16 @@ def main(argv=None):
     ap.add_argument("--dense_run_limit_gib", type=float, default=4.0,
                     help="compile but do not run the dense variant when its temp memory exceeds this")
     ap.add_argument("--block_rows", type=int, default=None,
-                    help="extra rows per online-softmax block of the layer (default: the op's default, 1)")
+                    help="extra rows per online-softmax block (default: the op's platform default)")
     ap.add_argument("--no_train_step", action="store_true")
+    ap.add_argument("--model", choices=sorted(STEP_MODELS), default="bench", help="train-step model")
+    ap.add_argument("--dtype", default="float32", help="train-step compute dtype (params stay float32)")
     a = ap.parse_args(argv)
     ns = [int(x) for x in a.extra.split(",")]
     b, t, h, d = a.batch, a.length, a.heads, a.head_dim
-    print(f"# crossbatch memory layer fwd+bwd: B={b} L={t} H={h} Dh={d} devices={jax.devices()[0].platform}")
+    g = block_rows_for(max(ns), a.block_rows, t)[0]
+    print(f"# crossbatch memory layer fwd+bwd: B={b} L={t} H={h} Dh={d} devices={jax.devices()[0].platform} "
+          f"block_rows={g} ({'set' if a.block_rows else 'platform default'})")
     res, runs = {}, {}
     for impl in ("blockwise", "dense"):
         for n in ns:
@@ -172,19 +208,21 @@ def main(argv=None):
         except Exception as e:  # pragma: no cover - reported, not hidden
             print(f"# full train step skipped: fot.model not importable ({e!r})")
         else:
-            print("# full train step (Decoder: d_model 512, 4 layers, 8 heads x 64, mem layer 2, vocab 2048, "
-                  f"adamw), B={b} L={t}")
-            cases = [train_step_case(n, b, t) for n in ns]
+            print(f"# full train step (Decoder: {STEP_MODELS[a.model][1]}; adamw; compute {a.dtype}; "
+                  f"block_rows {g}), B={b} L={t}")
+            cases = [train_step_case(n, b, t, a.model, a.block_rows, a.dtype) for n in ns]
             tr_res = [c[0] for c in cases]
             secs = _time_interleaved({i: c[1] for i, c in enumerate(cases)}, a.reps)
             for i, r in enumerate(tr_res):
                 r["sec"] = secs[i]
-            f0 = tr_res[0]["xla_flops"]
+            f0 = tr_res[0]["flops"]
+            print(f"# step FLOPs at n={ns[0]}: {f0 / 1e9:.2f} G (matmul count), XLA cost_analysis "
+                  f"{tr_res[0]['xla_flops'] / 1e9:.2f} G")
             print(f"{'n':>4} {'time_s':>9} {'t/t0':>7} {'flop/f0':>8} {'t-ratio/flop-ratio':>19} {'temp_MiB':>9}")
             summary["train_step"] = []
             for r in tr_res:
                 tr = r["sec"] / tr_res[0]["sec"]
-                fr = (f0 + r["extra_flops"]) / f0
+                fr = r["flops"] / f0
                 print(f"{r['n']:>4} {r['sec']:>9.4f} {tr:>7.2f} {fr:>8.2f} {tr / fr:>19.3f} "
                       f"{r['temp_bytes'] / 2**20:>9.1f}")
                 summary["train_step"].append(dict(r, time_ratio=tr, flop_ratio=fr))
@@ -194,7 +232,8 @@ def main(argv=None):
                                    f"({tr / fr:.3f}x; target within 10%): {'target met' if ok else 'target NOT met'}")
     for line in targets:
         print(line)
-    print(json.dumps({"benchmark": "crossbatch", "batch": b, "length": t, "heads": h, "head_dim": d,
+    print(json.dumps({"benchmark": "crossbatch", "model": a.model, "dtype": a.dtype,
+                      "block_rows": g, "platform": jax.devices()[0].platform, "batch": b, "length": t, "heads": h, "head_dim": d,
                       **summary}, default=float))
 
 

@@ -23,7 +23,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from fot.inference.generate import Generator, generate, sample  # noqa: F401  (public API)
 from fot.inference.windowed import WindowedConfig  # noqa: F401
@@ -96,7 +96,7 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    from fot.runtime import run_app
+
     _define_flags()
-    if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in sys.argv[1:]):
-        sys.argv.insert(1, "--verbosity=-1")
-    app.run(main)
+    run_app(main)

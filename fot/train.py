@@ -16,7 +16,7 @@ import contextlib
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 _REPO_GIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
@@ -166,11 +166,9 @@ def main(argv) -> None:
 
 
 def run() -> None:
-    # orbax/clu log every save at INFO through absl; keep the console to the progress lines unless
-    # the user asks for verbosity explicitly.
-    if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in sys.argv[1:]):
-        sys.argv.insert(1, "--verbosity=-1")
-    app.run(main)
+    from fot.runtime import run_app
+
+    run_app(main)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ def test_params_tree(rng):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(mem_positional="none", qk_norm=True, mem_layers=(0, 1)),
-                                dict(tie_embeddings=True, mem_layers=(0, 1))])
+                                dict(tie_embeddings=True, mem_layers=(0, 1)),
+                                dict(crossbatch_block_rows=2, mem_layers=(0, 1))])
 def test_forward_and_grad_match_reference(rng, kw):
     cfg = make_cfg(**kw)
     params, tokens = init(cfg, rng)
@@ -324,6 +325,7 @@ def test_config_resolution():
     assert ModelConfig(10, 64, 4, 4, 8, head_dim=8).replace(num_heads=2).head_dim == 8
     assert ModelConfig(10, 64, 4, 4, 8, remat=[2]).remat_layer(2) and not cfg.remat_layer(2)
     for bad in (dict(head_dim=7), dict(d_model=30), dict(remat=[4]), dict(dtype="float33"),
-                dict(remat_policy="nope"), dict(mem_layers=(1, 1)), dict(mem_layers=(-1,))):
+                dict(remat_policy="nope"), dict(mem_layers=(1, 1)), dict(mem_layers=(-1,)),
+                dict(crossbatch_block_rows=0), dict(crossbatch_block_rows=2.0)):
         with pytest.raises(ValueError):
             ModelConfig(**{**dict(vocab_size=10, d_model=64, num_layers=4, num_heads=4, mlp_dim=8), **bad})

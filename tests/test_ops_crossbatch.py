@@ -88,6 +88,19 @@ def test_grouped_blocks_match_dense(rng, block_rows):
         np.testing.assert_allclose(a, c, atol=3e-5, err_msg=name)
 
 
+def test_default_block_rows_per_platform(monkeypatch):
+    """Default rows per block: 1 on CPU; on accelerators as many as fit 1024 keys; explicit values win."""
+    from fot.ops import crossbatch as cb
+    assert cb.block_rows_for(64, None, 256) == (1, 64)
+    assert cb.block_rows_for(0, None, 256) == (1, 0)
+    monkeypatch.setattr(cb.jax, "default_backend", lambda: "gpu")
+    assert cb.block_rows_for(64, None, 256) == (4, 16)
+    assert cb.block_rows_for(3, None, 256) == (3, 1)  # capped at n
+    assert cb.block_rows_for(7, None, 300) == (3, 3)  # 1024 // 300 = 3 rows; 7 rows -> 3 blocks (padded)
+    assert cb.block_rows_for(8, None, 4096) == (1, 8)
+    assert cb.block_rows_for(8, 2, 256) == (2, 4)
+
+
 def test_plan_rows_and_no_extra_equals_causal(rng):
     q, k, v, ek, ev, _, km, seg = make_inputs(rng, 4, 5, 2, 8, 0)
     rows = crossbatch_plan(4, 2)

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
 TASKS = ("dictionary", "passkey", "perplexity", "distraction")
 
@@ -133,6 +133,6 @@ def main(argv) -> None:
 
 
 def entry() -> None:
-    if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in sys.argv[1:]):
-        sys.argv.insert(1, "--verbosity=-1")
-    app.run(main)
+    from fot.runtime import run_app
+
+    run_app(main)

@@ -105,12 +105,14 @@ class Attention(nn.Module):
             if gate is None:
                 res = ops.crossbatch_attention(q_loc, k_loc, v, k_mem, v, extra_rows,
                                                extra_key_mask=extra_key_mask, segment_ids=segment_ids,
-                                               scale=scale, mesh=self.mesh, return_stats=self.collect_stats)
+                                               scale=scale, mesh=self.mesh, return_stats=self.collect_stats,
+                                               block_rows=cfg.crossbatch_block_rows)
                 out, stats = res if self.collect_stats else (res, None)
             else:
                 mem_only = ops.crossbatch_attention(q_loc, k_loc, v, k_mem, v, extra_rows,
                                                     extra_key_mask=extra_key_mask, segment_ids=segment_ids,
-                                                    scale=scale, mesh=self.mesh, include_local=False)
+                                                    scale=scale, mesh=self.mesh, include_local=False,
+                                                    block_rows=cfg.crossbatch_block_rows)
                 local = ops.causal_attention(q_loc, k_loc, v, segment_ids=segment_ids, scale=scale)
                 mask = jnp.ones(x.shape[:2], bool) if extra_key_mask is None else extra_key_mask
                 rows_ok = jnp.take(mask.any(-1), jnp.clip(extra_rows, 0, b - 1), axis=0) & (extra_rows >= 0)

@@ -33,6 +33,10 @@ class ModelConfig:
       remat: ``False``/``True`` (every layer) or a sequence of layer indices to rematerialise.
       remat_policy: name in ``jax.checkpoint_policies`` used by remat.
       init_std: std of the Normal init of every Dense/Embed kernel.
+      crossbatch_block_rows: extra contexts per online-softmax block of crossbatch attention in memory
+        layers (``fot.ops.crossbatch_attention(block_rows=...)``; ``None`` = the op's default: 1 on CPU,
+        1024 // context length on accelerators). Exact for
+        any value; only speed and memory (which grows with it, not with the number of extra contexts) change.
     """
 
     vocab_size: int
@@ -54,6 +58,7 @@ class ModelConfig:
     remat_policy: str = "nothing_saveable"
     init_std: float = 0.02
     qk_scale_init: float | None = None
+    crossbatch_block_rows: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
@@ -92,6 +97,9 @@ class ModelConfig:
                 jnp.dtype(getattr(self, name))
             except TypeError as e:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype name") from e
+        g = self.crossbatch_block_rows
+        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
+            raise ValueError(f"ModelConfig.crossbatch_block_rows must be None or a positive int, got {g!r}")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("rope_theta, norm_eps and init_std must be > 0, got "
                              f"{self.rope_theta}, {self.norm_eps}, {self.init_std}")

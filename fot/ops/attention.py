@@ -5,6 +5,8 @@ are fetched one at a time by a `fetch(src, aux, j) -> (k_j [B,S,H,Dh], v_j [B,S,
 function. Forward: lax.scan over blocks keeping (running max, sum, memory sum, accumulator).
 Backward: a custom VJP that saves only inputs, output and log-sum-exp and recomputes each block's scores
 (flash-attention backward), so neither forward nor backward memory grows with the number of blocks.
+A fetch function with attribute `head_major = True` returns k_j, v_j as [B,H,S,Dh] (and takes head-major
+cotangents in `accumulate`), which saves two transposes per block and direction.
 Gradients of the fetched blocks reach `src` through `fetch.accumulate(dsrc, aux, j, (dk_j, dv_j))` when the
 fetch function defines it (in-place scatter-add into the float32 cotangent carry), else through jax.vjp of
 `fetch`. Fetched blocks are cast to q.dtype one block at a time, so `src` may have another dtype (e.g. a
@@ -107,6 +109,7 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_bloc
     mem_mass carries no gradient.
     """
     aux = tuple(aux)
+    to_h = (lambda x: x) if getattr(fetch, "head_major", False) else _t  # fetch's layout <-> [B,H,S,D]
 
     def forward(q, k, v, q_pos, seg_q, seg_k, src, aux):
         qh = _t(q)
@@ -118,7 +121,7 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_bloc
             def body(state, j):
                 kb, vb, mb = fetch(src, aux, j)
                 kb, vb = kb.astype(qh.dtype), vb.astype(qh.dtype)  # per-block cast (src may be e.g. bf16)
-                return _accumulate(state, _scores_h(qh, _t(kb), scale), mb[:, None, None, :], _t(vb), True), None
+                return _accumulate(state, _scores_h(qh, to_h(kb), scale), mb[:, None, None, :], to_h(vb), True), None
             state, _ = lax.scan(body, state, jnp.arange(n_blocks))
         m, l, lm, acc = state
         safe = jnp.where(l > 0, l, 1.0)
@@ -157,9 +160,9 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_bloc
             def body(carry, j):
                 dq, dsrc = carry
                 kb, vb, mb = fetch(src, aux, j)
-                dqj, dkb, dvb = _block_grads(qh, _t(kb.astype(qh.dtype)), _t(vb.astype(qh.dtype)),
+                dqj, dkb, dvb = _block_grads(qh, to_h(kb.astype(qh.dtype)), to_h(vb.astype(qh.dtype)),
                                              mb[:, None, None, :], lse, doh, delta, dlse, scale)
-                dkb, dvb = _t(dkb), _t(dvb)
+                dkb, dvb = to_h(dkb), to_h(dvb)  # back to fetch's layout
                 if hasattr(fetch, "accumulate"):  # in-place scatter-add of the block's cotangents
                     dsrc = fetch.accumulate(dsrc, aux, j, (dkb, dvb))
                 else:  # generic: transpose of `fetch` (a full-size cotangent per block)

@@ -13,44 +13,62 @@ from fot.ops import _checks
 from fot.ops.attention import blockwise_attention, query_positions, segments
 
 
-def block_rows_for(num_extra, block_rows=None):
-    """(rows per block g, number of blocks): g = block_rows (capped at n), default 1. Grouping rows into
-    [B,H,T,g*S] blocks was measured NOT faster on CPU (B=4, L=256, H=8, Dh=64 and L=64, n=64: g=1 fastest,
-    the larger score blocks fall out of cache); it is exact and kept for accelerators."""
+ACCEL_KEYS_PER_BLOCK = 1024  # default extra keys per online-softmax block on GPU/TPU (see block_rows_for)
+
+
+def block_rows_for(num_extra, block_rows=None, seq_len=None):
+    """(rows per block g, number of blocks). g = block_rows (capped at n); default (None): 1 on CPU, and on
+    accelerators as many rows as fit ACCEL_KEYS_PER_BLOCK keys (g = 1024 // seq_len, at least 1), decided at
+    trace time from jax.default_backend(). Measured (BUILD_NOTES "FoT ops", B=4, L=256, H=8, Dh=64, n=64):
+    on CPU larger blocks are slower (score blocks fall out of cache); on an H100 g=1 runs each block as a
+    few small kernels and the 37M train step's time ratio was 1.18x its FLOP ratio, g=4 1.09x, while the
+    layer's memory at n=64 stayed 1.19-1.41x that of n=1."""
     if num_extra == 0:
         return 1, 0
-    g = 1 if block_rows is None else min(int(block_rows), num_extra)
+    if block_rows is not None:
+        g = int(block_rows)
+    elif seq_len is None or jax.default_backend() == "cpu":
+        g = 1
+    else:
+        g = max(1, ACCEL_KEYS_PER_BLOCK // int(seq_len))
+    g = min(g, num_extra)
     return g, -(-num_extra // g)
 
 
 def _fetch_rows(g):
-    """Block j of every row b = the keys of source rows extra_rows[b, j*g:(j+1)*g] concatenated:
-    k, v [B, g*S, H, Dh], mask [B, g*S] (False for padding keys and unused (-1) rows)."""
+    """Block j of every row b = the keys of source rows extra_rows[b, j*g:(j+1)*g] concatenated, head-major:
+    src = (extra_k, extra_v) as [B_src, H, S, Dh]; returns k, v [B, H, g*S, Dh], mask [B, g*S] (False for
+    padding keys and unused (-1) rows)."""
     def rows_of(aux, j, num_src):
         rows = aux[0]
         r = lax.dynamic_slice_in_dim(rows, j * g, g, axis=1)  # [B, g]
         return r >= 0, jnp.clip(r, 0, num_src - 1)
 
+    def gather(x, rc):  # [B_src, H, S, D] -> [B, H, g*S, D]
+        b, (_, h, s, d) = rc.shape[0], x.shape
+        xs = jnp.take(x, rc, axis=0)  # [B, g, H, S, D]
+        return (xs[:, 0] if g == 1 else jnp.swapaxes(xs, 1, 2)).reshape(b, h, g * s, d)
+
     def fetch(src, aux, j):
         extra_k, extra_v = src
         used, rc = rows_of(aux, j, extra_k.shape[0])
-        b, s = rc.shape[0], extra_k.shape[1]
-        mask = (used[:, :, None] & jnp.take(aux[1], rc, axis=0)).reshape(b, g * s)
-        kb = jnp.take(extra_k, rc, axis=0).reshape((b, g * s) + extra_k.shape[2:])
-        vb = jnp.take(extra_v, rc, axis=0).reshape((b, g * s) + extra_v.shape[2:])
-        return kb, vb, mask
+        mask = (used[:, :, None] & jnp.take(aux[1], rc, axis=0)).reshape(rc.shape[0], -1)
+        return gather(extra_k, rc), gather(extra_v, rc), mask
 
     def accumulate(dsrc, aux, j, dblock):
         """Transpose of fetch: scatter-add the block's cotangents into the source rows (unused rows: 0)."""
         used, rc = rows_of(aux, j, dsrc[0].shape[0])
         out = []
         for acc, gr in zip(dsrc, dblock):
-            gr = gr.reshape((rc.shape[0], g, acc.shape[1]) + acc.shape[2:])
+            _, h, s, d = acc.shape
+            gr = gr.reshape(rc.shape[0], h, g, s, d)
+            gr = gr[:, :, 0][:, None] if g == 1 else jnp.swapaxes(gr, 1, 2)  # [B, g, H, S, D]
             gr = jnp.where(used[:, :, None, None, None], gr, 0.0)
             out.append(acc.at[rc].add(gr.astype(acc.dtype)))
         return tuple(out)
 
     fetch.accumulate = accumulate
+    fetch.head_major = True
     return fetch
 
 
@@ -59,10 +77,11 @@ def _crossbatch_local(q, k, v, extra_k, extra_v, extra_rows, key_mask, segment_i
     q_pos = query_positions(q, k)
     seg_q, seg_k = segments(segment_ids, q_pos, k)
     n = extra_rows.shape[1]
-    g, n_blocks = block_rows_for(n, block_rows)
+    g, n_blocks = block_rows_for(n, block_rows, extra_k.shape[1])
     if n_blocks * g > n:  # pad with unused rows (fully masked)
         extra_rows = jnp.pad(extra_rows, ((0, 0), (0, n_blocks * g - n)), constant_values=-1)
-    return blockwise_attention(q, k, v, q_pos, seg_q, seg_k, (extra_k, extra_v), (extra_rows, key_mask),
+    src = (jnp.swapaxes(extra_k, 1, 2), jnp.swapaxes(extra_v, 1, 2))  # head-major once, not per block
+    return blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, (extra_rows, key_mask),
                                fetch=_fetch_rows(g), n_blocks=n_blocks, scale=scale,
                                include_local=include_local)
 
@@ -79,8 +98,8 @@ def crossbatch_attention(q, k, v, extra_k, extra_v, extra_rows, *, extra_key_mas
     include_local=False: attend to extra keys only (a query without any visible key returns 0).
     Computed with an online softmax over blocks of g extra contexts (lax.scan; one block = the keys of g
     rows, [B, H, T, g*S] scores) and a flash-style custom VJP: forward and backward memory grow with g,
-    not with n. block_rows=g (default 1, the fastest on CPU; n not divisible by g is padded with unused
-    rows). Gradients flow into q, k, v, extra_k, extra_v.
+    not with n. block_rows=g (default: 1 on CPU, 1024 // S on accelerators; see block_rows_for; n not divisible
+    by g is padded with unused rows; exact for every g). Gradients flow into q, k, v, extra_k, extra_v.
     mesh: inputs sharded with batch over `data_axis` and heads over `model_axis`; the extra rows are
     fetched with an explicit all_gather over `data_axis` inside jax.shard_map (same result as unsharded).
     Returns [B, T, H, Dh] in q.dtype; with return_stats also {"mem_mass": float32 [B, T, H]} (the total
