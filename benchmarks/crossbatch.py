@@ -2,7 +2,7 @@
 
     python -m benchmarks.crossbatch [--batch 4] [--length 256] [--heads 8] [--head_dim 64]
                                     [--extra 0,1,8,64] [--reps 5] [--block_rows G] [--no_train_step]
-                                    [--model bench|paper_37m] [--dtype float32|bfloat16]
+                                    [--model paper_37m|bench] [--dtype float32|bfloat16]
 
 Prints a table and ratios measured in this run (time = minimum of --reps forward+backward calls after a
 warm-up, all cases timed round-robin so load bursts from other processes hit them alike; peak memory = XLA
@@ -12,10 +12,10 @@ issue-2 target (layer memory n=max vs n=1 <= 1.5x; train-step time ratio within 
 fot.ops.crossbatch.block_rows_for: 1 on CPU, 1024 // L on accelerators). Extra rows cycle
 through the batch (row b uses rows b-1, b-2, ... mod B), so n may exceed B. FLOP ratio (n vs 0) counts
 the matmul FLOPs this implementation performs: every block (local and each extra context) is a full
-L x L block, so the layer's ratio is (n + 1) / 1. The full train step (fot.model Decoder; --model bench:
-37M widths with 4 layers and a 2048 vocabulary so it runs quickly on CPU; --model paper_37m: the paper's
-37M model of gin/size/paper_37m.gin, 12 layers, memory layer 8, 32k vocabulary) is included when fot.model
-imports; --block_rows applies to its memory layer too, --dtype sets the model's compute dtype.
+L x L block, so the layer's ratio is (n + 1) / 1. The full train step (fot.model Decoder; --model paper_37m, the
+default: the paper's 37M model of gin/size/paper_37m.gin, 12 layers, memory layer 8, 32k vocabulary;
+--model bench: 37M widths with 4 layers and a 2048 vocabulary, a quicker and harder case because the
+memory layer is a larger share of the step) is included when fot.model imports; --block_rows applies to its memory layer too, --dtype sets the model's compute dtype.
 Its FLOP ratio counts matmul FLOPs analytically (step_flops: the MFU-style count, 3 x forward for weight
 matmuls, 14*B*H*L*L*Dh per attention block), the same on every backend: XLA's cost_analysis counts a
 while-loop body once and, on GPU, omits cuBLAS calls, so it cannot be compared across n or platforms (it
@@ -96,13 +96,35 @@ def layer_case(impl, b, t, h, d, n, run_limit_bytes, block_rows=None):
             "flops": 14.0 * b * h * t * t * d * (n + 1)}, run  # fwd 4 + bwd 10 matmul FLOPs per L x L block
 
 
-STEP_MODELS = {  # name -> (ModelConfig kwargs, description)
+SIZE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin", "size")
+STEP_MODELS = {  # name -> (ModelConfig kwargs or gin size file, description)
+    "paper_37m": ("paper_37m.gin", "paper 37M (gin/size/paper_37m.gin): d_model 512, 12 layers, 8 heads x 64, "
+                                   "mem layer 8, vocab 32000"),
     "bench": (dict(vocab_size=2048, d_model=512, num_layers=4, num_heads=8, head_dim=64, mlp_dim=1376,
-                   mem_layers=(2,)), "d_model 512, 4 layers, 8 heads x 64, mem layer 2, vocab 2048"),
-    "paper_37m": (dict(vocab_size=32000, d_model=512, num_layers=12, num_heads=8, head_dim=64, mlp_dim=1376,
-                       mem_layers=(8,)), "paper 37M: d_model 512, 12 layers, 8 heads x 64, mem layer 8, "
-                                         "vocab 32000"),
+                   mem_layers=(2,), mem_positional="none", qk_norm=True),
+              "37M widths, 4 layers, mem layer 2, vocab 2048"),
 }
+
+
+def step_model_config(name, **overrides):
+    """ModelConfig of a STEP_MODELS entry (gin size files are parsed with gin, as fot.train does)."""
+    from fot.model import ModelConfig
+
+    spec = STEP_MODELS[name][0]
+    if isinstance(spec, dict):
+        return ModelConfig(**spec, **overrides)
+    import gin
+
+    with gin.unlock_config():
+        gin.clear_config()
+        try:
+            gin.external_configurable(ModelConfig, module="fot.model")
+        except ValueError:  # already registered
+            pass
+        gin.parse_config_file(os.path.join(SIZE_DIR, spec))
+        cfg = gin.get_configurable("fot.model.ModelConfig")()
+        gin.clear_config()
+    return cfg.replace(**overrides)
 
 
 def step_flops(cfg, b, t, n):
@@ -115,12 +137,11 @@ def step_flops(cfg, b, t, n):
     return 6.0 * b * t * weights + 14.0 * b * hd * t * t * blocks
 
 
-def train_step_case(n, b, t, model_name="bench", block_rows=None, dtype="float32"):
+def train_step_case(n, b, t, model_name="paper_37m", block_rows=None, dtype="float32"):
     import optax
-    from fot.model import Decoder, ModelConfig
+    from fot.model import Decoder
 
-    cfg = ModelConfig(**STEP_MODELS[model_name][0], mem_positional="none", qk_norm=True,
-                      crossbatch_block_rows=block_rows, dtype=dtype)
+    cfg = step_model_config(model_name, crossbatch_block_rows=block_rows, dtype=dtype)
     model = Decoder(cfg)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(b, t)), jnp.int32)
@@ -162,7 +183,7 @@ def main(argv=None):
     ap.add_argument("--block_rows", type=int, default=None,
                     help="extra rows per online-softmax block (default: the op's platform default)")
     ap.add_argument("--no_train_step", action="store_true")
-    ap.add_argument("--model", choices=sorted(STEP_MODELS), default="bench", help="train-step model")
+    ap.add_argument("--model", choices=sorted(STEP_MODELS), default="paper_37m", help="train-step model")
     ap.add_argument("--dtype", default="float32", help="train-step compute dtype (params stay float32)")
     a = ap.parse_args(argv)
     ns = [int(x) for x in a.extra.split(",")]
