@@ -20,8 +20,8 @@ Its FLOP ratio counts matmul FLOPs analytically (step_flops: the MFU-style count
 matmuls, 14*B*H*L*L*Dh per attention block), the same on every backend: XLA's cost_analysis counts a
 while-loop body once and, on GPU, omits cuBLAS calls, so it cannot be compared across n or platforms (it
 is still printed, on CPU it agrees with step_flops at n=0 to about 1%).
-On CPU the XLA flag of fot.runtime.tune_cpu_xla is applied (as in fot's entry points) unless
-FOT_KEEP_XLA_DEFAULTS=1.
+On CPU the XLA flag of fot.runtime.cpu_eigen_dots (attention dots on multi-threaded Eigen) is applied
+unless FOT_CPU_EIGEN_DOTS=0 (the CLIs apply it only with FOT_CPU_EIGEN_DOTS=1).
 """
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ import time
 if "JAX_PLATFORMS" not in os.environ:
     os.environ["JAX_PLATFORMS"] = "cpu"
 
-from fot.runtime import tune_cpu_xla  # noqa: E402  (before JAX initialises a backend)
+from fot.runtime import ENV, cpu_eigen_dots  # noqa: E402  (before JAX initialises a backend)
 
-tune_cpu_xla()
+cpu_eigen_dots(enable=os.environ.get(ENV, "1") != "0")  # on here unless FOT_CPU_EIGEN_DOTS=0
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

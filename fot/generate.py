@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import flags
+
+from fot.runtime import fail, run_app
 
 from fot.inference.generate import Generator, generate, sample  # noqa: F401  (public API)
 from fot.inference.windowed import WindowedConfig  # noqa: F401
@@ -47,9 +48,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("step", None, "Checkpoint step (default latest).")
 
 
-def _fail(msg: str) -> None:
-    print(f"fot.generate: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def _fail(message, code: int = 2) -> None:
+    fail("fot.generate", message, code)
 
 
 def main(argv) -> None:
@@ -96,7 +96,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    from fot.runtime import run_app
-
     _define_flags()
     run_app(main)

@@ -18,6 +18,8 @@ import sys
 
 from absl import flags
 
+from fot.runtime import fail, run_app
+
 _REPO_GIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
 FLAGS = flags.FLAGS
@@ -66,28 +68,37 @@ def _register_data_pipeline(gin) -> None:
         gin.external_configurable(getattr(pipeline, name), name=name, module="fot.data")
 
 
-def load_run(workdir: str, step: int | None = None):
-    """(ModelConfig, params, step) of a training run: parses ``workdir/config.gin`` (the operative
-    config) and restores the params of the checkpoint at ``step`` (default latest) as numpy arrays.
-    For evaluation / inference / export code. Clears the global gin config first."""
+def parse_run_config(workdir: str, gin_files=(), gin_bindings=(), search_paths=()) -> None:
+    """Parse a run's operative config (``workdir/config.gin``, written by fot.train) plus extra gin files and
+    bindings into gin's global config (cleared first; not finalized; unknown configurables skipped).
+    Raises gin's own errors (OSError for a missing file)."""
+    import gin
+
+    register_configurables()
+    for path in search_paths:
+        if path and os.path.isdir(path):
+            gin.add_config_file_search_path(path)
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([os.path.join(workdir, "config.gin"), *gin_files], list(gin_bindings),
+                                        skip_unknown=True, finalize_config=False)
+
+
+def load_run(workdir: str, step: int | None = None, gin_files=(), gin_bindings=(), search_paths=()):
+    """(ModelConfig, params, step) of a training run: parses its config (parse_run_config) and restores the
+    params of the checkpoint at ``step`` (default latest) as numpy arrays. For evaluation / inference /
+    export code; gin holds the run's config afterwards. ``fot.eval.restore.load_run`` adds CLI checks."""
     import gin
 
     from fot.training.checkpoint import load_params
 
-    register_configurables()
-    gin.clear_config()
-    gin.parse_config_file(os.path.join(workdir, "config.gin"), skip_unknown=True)
+    parse_run_config(workdir, gin_files, gin_bindings, search_paths)
     config = gin.get_configurable("fot.model.ModelConfig")()
     params, step = load_params(workdir, step)
     return config, params, step
 
 
-def _fail(message: str, code: int = 2) -> None:
-    import re
-
-    message = re.sub(r"\s+In call to configurable .*$", "", " ".join(str(message).split()))
-    print(f"fot.train: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+def _fail(message, code: int = 2) -> None:
+    fail("fot.train", message, code)
 
 
 @contextlib.contextmanager
@@ -166,8 +177,6 @@ def main(argv) -> None:
 
 
 def run() -> None:
-    from fot.runtime import run_app
-
     run_app(main)
 
 

@@ -1,31 +1,34 @@
-"""fot.runtime: the XLA:CPU flag added by the entry points, and when it is left alone."""
+"""fot.runtime: the opt-in XLA:CPU flag of the CLIs and benchmarks, and when it is left alone."""
 import subprocess
 import sys
 
-from fot.runtime import OPT_OUT, YNN_FLAG, tune_cpu_xla
+from fot.runtime import ENV, YNN_FLAG, cpu_eigen_dots
 
 
-def test_adds_flag_after_existing_flags():
+def test_off_by_default_and_on_with_env_or_enable():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    assert tune_cpu_xla(env)
+    assert not cpu_eigen_dots(env) and env == {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env[ENV] = "1"
+    assert cpu_eigen_dots(env)
     assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", YNN_FLAG]
-    assert not tune_cpu_xla(env)  # idempotent
+    assert not cpu_eigen_dots(env)  # idempotent
     assert env["XLA_FLAGS"].split().count(YNN_FLAG) == 1
     env = {"JAX_PLATFORMS": "cuda,cpu"}
-    assert tune_cpu_xla(env) and env["XLA_FLAGS"] == YNN_FLAG
+    assert cpu_eigen_dots(env, enable=True) and env["XLA_FLAGS"] == YNN_FLAG
 
 
 def test_leaves_user_choice_and_other_platforms_alone():
     user = "--xla_cpu_experimental_ynn_fusion_type=dot"
-    for env in ({"XLA_FLAGS": user}, {OPT_OUT: "1"}, {"JAX_PLATFORMS": "cuda"}, {"JAX_PLATFORMS": "tpu"}):
+    for env in ({"XLA_FLAGS": user, ENV: "1"}, {ENV: "0"}, {"JAX_PLATFORMS": "cuda", ENV: "1"},
+                {"JAX_PLATFORMS": "tpu", ENV: "1"}):
         before = dict(env)
-        assert not tune_cpu_xla(env)
+        assert not cpu_eigen_dots(env)
         assert env == before
 
 
 def test_flag_is_accepted_by_this_jaxlib_and_keeps_results():
-    """XLA aborts on unknown XLA_FLAGS: run a dot in a fresh process with the flag and compare it with
-    numpy (fresh random inputs)."""
+    """XLA aborts on unknown XLA_FLAGS: run a batched dot in a fresh process with the flag and compare it
+    with numpy (fresh random inputs)."""
     code = (
         "import numpy as np, jax, jax.numpy as jnp\n"
         "r = np.random.default_rng()\n"
@@ -34,6 +37,6 @@ def test_flag_is_accepted_by_this_jaxlib_and_keeps_results():
         "np.testing.assert_allclose(np.asarray(out), np.einsum('bhtd,bhsd->bhts', a, b), rtol=1e-4, atol=1e-4)\n"
         "print('ok')\n")
     env = {"JAX_PLATFORMS": "cpu", "PATH": ""}
-    assert tune_cpu_xla(env)
+    assert cpu_eigen_dots(env, enable=True)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]

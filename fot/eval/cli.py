@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import flags
+
+from fot.runtime import fail, run_app
 
 TASKS = ("dictionary", "passkey", "perplexity", "distraction")
 
@@ -41,9 +42,8 @@ flags.DEFINE_string("seqio_task", None, "perplexity/distraction: registered seqi
 flags.DEFINE_string("split", "validation", "Split of --seqio_task.")
 
 
-def _fail(msg: str) -> None:
-    print(f"fot.eval: error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
-    sys.exit(2)
+def _fail(message, code: int = 2) -> None:
+    fail("fot.eval", message, code)
 
 
 def _documents(gin, model, window: int):
@@ -133,6 +133,4 @@ def main(argv) -> None:
 
 
 def entry() -> None:
-    from fot.runtime import run_app
-
     run_app(main)

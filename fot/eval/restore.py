@@ -60,17 +60,11 @@ def load_run(workdir: str, step: int | None = None, gin_bindings=(), gin_files=(
     import gin
     import jax.numpy as jnp
 
-    from fot.training.checkpoint import load_params
     from fot import train as _train
-    _train.register_configurables()
-    for path in search_paths:
-        if path and os.path.isdir(path):
-            gin.add_config_file_search_path(path)
+    from fot.training.checkpoint import load_params
     _register_eval(gin)
-    gin.clear_config()
     try:
-        gin.parse_config_files_and_bindings([cfg_path, *gin_files], list(gin_bindings), skip_unknown=True,
-                                            finalize_config=False)
+        _train.parse_run_config(workdir, gin_files, gin_bindings, search_paths)
     except (OSError, IOError) as e:
         raise EvalError(f"gin file not found: {e}") from None
     except Exception as e:  # noqa: BLE001 - gin raises many exception types for bad bindings
