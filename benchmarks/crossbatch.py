@@ -115,15 +115,14 @@ def step_model_config(name, **overrides):
         return ModelConfig(**spec, **overrides)
     import gin
 
-    with gin.unlock_config():
-        gin.clear_config()
-        try:
-            gin.external_configurable(ModelConfig, module="fot.model")
-        except ValueError:  # already registered
-            pass
-        gin.parse_config_file(os.path.join(SIZE_DIR, spec))
-        cfg = gin.get_configurable("fot.model.ModelConfig")()
-        gin.clear_config()
+    gin.clear_config()
+    try:
+        gin.external_configurable(ModelConfig, module="fot.model")
+    except ValueError:  # already registered
+        pass
+    gin.parse_config_file(os.path.join(SIZE_DIR, spec))
+    cfg = gin.get_configurable("fot.model.ModelConfig")()
+    gin.clear_config()
     return cfg.replace(**overrides)
 
 
