@@ -31,19 +31,13 @@ import json
 import os
 import time
 
-if "JAX_PLATFORMS" not in os.environ:
-    os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from fot.runtime import ENV, cpu_eigen_dots  # noqa: E402  (before JAX initialises a backend)
-
-cpu_eigen_dots(enable=os.environ.get(ENV, "1") != "0")  # on here unless FOT_CPU_EIGEN_DOTS=0
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fot.ops import crossbatch_attention  # noqa: E402
-from fot.ops.crossbatch import block_rows_for  # noqa: E402
+from fot.ops import crossbatch_attention
+from fot.ops.crossbatch import block_rows_for
+from fot.runtime import ENV, cpu_eigen_dots
 
 
 def cyclic_rows(b, n):
@@ -169,7 +163,15 @@ def train_step_case(n, b, t, model_name="paper_37m", block_rows=None, dtype="flo
             "xla_flops": float(cost.get("flops", float("nan"))), "flops": step_flops(cfg, b, t, n)}, (fn, args)
 
 
+def _process_setup():
+    """Before JAX initialises a backend (importing this module does not): CPU unless JAX_PLATFORMS is set,
+    and XLA:CPU dots on multi-threaded Eigen unless FOT_CPU_EIGEN_DOTS=0 (fot.runtime.cpu_eigen_dots)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    cpu_eigen_dots(enable=os.environ.get(ENV, "1") != "0")
+
+
 def main(argv=None):
+    _process_setup()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--length", type=int, default=256)
