@@ -7,6 +7,7 @@ first device query or computation (``run_app`` does this for the CLIs).
 from __future__ import annotations
 
 import os
+import sys
 from typing import MutableMapping
 
 # XLA:CPU (jaxlib 0.10) routes dots to a YNNPACK fusion that runs the batched [B*H] attention matmuls of
@@ -45,8 +46,6 @@ def run_app(main) -> None:
     ``FOT_CPU_EIGEN_DOTS=1``) first and, unless the command line sets a verbosity, runs with
     ``--verbosity=-1`` (orbax and clu log every checkpoint save at INFO through absl; the tools print
     their own progress lines)."""
-    import sys
-
     from absl import app
 
     cpu_eigen_dots()
@@ -59,7 +58,6 @@ def fail(prog: str, message, code: int = 2) -> None:
     """Print ``prog: error: message`` on one line to stderr and exit with ``code`` (the CLIs' error path).
     Whitespace is collapsed and gin's trailing "In call to configurable ..." context is dropped."""
     import re
-    import sys
 
     message = re.sub(r"\s+In call to configurable .*$", "", " ".join(str(message).split()))
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)

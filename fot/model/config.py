@@ -8,6 +8,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from fot.ops.crossbatch import check_block_rows
+
 _POSITIONAL = ("as_first", "none")
 _REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                    "everything_saveable")
@@ -35,8 +37,8 @@ class ModelConfig:
       init_std: std of the Normal init of every Dense/Embed kernel.
       crossbatch_block_rows: extra contexts per online-softmax block of crossbatch attention in memory
         layers (``fot.ops.crossbatch_attention(block_rows=...)``; ``None`` = the op's default: 1 on CPU,
-        1024 // context length on accelerators). Exact for
-        any value; only speed and memory (which grows with it, not with the number of extra contexts) change.
+        1024 // context length on accelerators). Exact for any value; only speed and memory (which grows
+        with it, not with the number of extra contexts) change.
     """
 
     vocab_size: int
@@ -97,9 +99,7 @@ class ModelConfig:
                 jnp.dtype(getattr(self, name))
             except TypeError as e:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype name") from e
-        g = self.crossbatch_block_rows
-        if g is not None and (not isinstance(g, int) or isinstance(g, bool) or g < 1):
-            raise ValueError(f"ModelConfig.crossbatch_block_rows must be None or a positive int, got {g!r}")
+        check_block_rows(self.crossbatch_block_rows, "ModelConfig.crossbatch_block_rows")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("rope_theta, norm_eps and init_std must be > 0, got "
                              f"{self.rope_theta}, {self.norm_eps}, {self.init_std}")

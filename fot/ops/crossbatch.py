@@ -35,6 +35,12 @@ def block_rows_for(num_extra, block_rows=None, seq_len=None):
     return g, -(-num_extra // g)
 
 
+def check_block_rows(value, name="block_rows"):
+    """ValueError unless `value` (rows per online-softmax block) is None or a positive int."""
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"{name} must be None or a positive int, got {value!r}")
+
+
 def _fetch_rows(g):
     """Block j of every row b = the keys of source rows extra_rows[b, j*g:(j+1)*g] concatenated, head-major:
     src = (extra_k, extra_v) as [B_src, H, S, Dh]; returns k, v [B, H, g*S, Dh], mask [B, g*S] (False for
@@ -46,8 +52,7 @@ def _fetch_rows(g):
 
     def gather(x, rc):  # [B_src, H, S, D] -> [B, H, g*S, D]
         b, (_, h, s, d) = rc.shape[0], x.shape
-        xs = jnp.take(x, rc, axis=0)  # [B, g, H, S, D]
-        return (xs[:, 0] if g == 1 else jnp.swapaxes(xs, 1, 2)).reshape(b, h, g * s, d)
+        return jnp.swapaxes(jnp.take(x, rc, axis=0), 1, 2).reshape(b, h, g * s, d)  # via [B, g, H, S, D]
 
     def fetch(src, aux, j):
         extra_k, extra_v = src
@@ -61,8 +66,7 @@ def _fetch_rows(g):
         out = []
         for acc, gr in zip(dsrc, dblock):
             _, h, s, d = acc.shape
-            gr = gr.reshape(rc.shape[0], h, g, s, d)
-            gr = gr[:, :, 0][:, None] if g == 1 else jnp.swapaxes(gr, 1, 2)  # [B, g, H, S, D]
+            gr = jnp.swapaxes(gr.reshape(rc.shape[0], h, g, s, d), 1, 2)  # [B, g, H, S, D]
             gr = jnp.where(used[:, :, None, None, None], gr, 0.0)
             out.append(acc.at[rc].add(gr.astype(acc.dtype)))
         return tuple(out)
@@ -123,9 +127,7 @@ def crossbatch_attention(q, k, v, extra_k, extra_v, extra_rows, *, extra_key_mas
         extra_key_mask = jnp.ones(extra_k.shape[:2], bool)
     if segment_ids is None:
         segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
-    if block_rows is not None and (not isinstance(block_rows, int) or isinstance(block_rows, bool)
-                                   or block_rows < 1):
-        raise ValueError(f"block_rows must be None or a positive int, got {block_rows!r}")
+    check_block_rows(block_rows)
     fn = functools.partial(_crossbatch_local, scale=scale, include_local=include_local, block_rows=block_rows)
     if mesh is None:
         o, _, mass = fn(q, k, v, extra_k, extra_v, extra_rows, extra_key_mask, segment_ids)
