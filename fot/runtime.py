@@ -1,4 +1,5 @@
-"""Process-level settings for fot's command-line tools (train, eval, generate) and benchmarks.
+"""Process-level settings for fot's command-line tools (train, eval, generate, convert, vocab) and
+benchmarks: the exit codes every CLI uses, the one-line error printer, the absl app runner.
 
 Kept separate from library code: importing ``fot.ops`` / ``fot.model`` never changes global settings.
 ``XLA_FLAGS`` is read once, when JAX initialises a backend, so :func:`cpu_eigen_dots` must run before the
@@ -6,9 +7,29 @@ first device query or computation (``run_app`` does this for the CLIs).
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import MutableMapping
+
+# Exit codes of every fot command-line tool (README "Exit codes"). A scheduler may retry 4, 5 and 6;
+# 2 and 3 need a person (a different config or input; a lower learning rate or an earlier checkpoint).
+EXIT_OK = 0          # finished (training: total_steps or max_train_seconds reached)
+EXIT_INTERNAL = 1    # an unexpected error, i.e. a bug: Python prints the traceback
+EXIT_CONFIG = 2      # configuration or input error: one line on stderr names the flag, binding or file
+EXIT_DIVERGED = 3    # training diverged (NaN/inf loss, gradient or parameters); the last good checkpoint is kept
+EXIT_IO = 4          # I/O failure (disk full, quota, read-only or unreachable storage, damaged checkpoint)
+EXIT_PREEMPTED = 5   # stop signal (SIGTERM) received: a checkpoint was saved; run the same command to resume
+EXIT_BUSY = 6        # the workdir is locked by another live fot.train process
+
+EXIT_CODES = {EXIT_OK: "ok", EXIT_INTERNAL: "internal error (bug)", EXIT_CONFIG: "configuration / input error",
+              EXIT_DIVERGED: "training diverged", EXIT_IO: "I/O error", EXIT_PREEMPTED: "preempted (resumable)",
+              EXIT_BUSY: "workdir busy"}
+
+# errno values that mean "the path named does not exist / is not usable by this user" (the user's to fix: exit 2);
+# every other OSError is an I/O failure of the machine or storage (exit 4).
+_INPUT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES,
+                 errno.EPERM}
 
 # XLA:CPU (jaxlib 0.10) routes dots to a YNNPACK fusion that runs the batched [B*H] attention matmuls of
 # 37M-sized models (256x256x64 per slice) on about one core; with the fusion type list empty they go to
@@ -49,16 +70,94 @@ def run_app(main) -> None:
     from absl import app
 
     cpu_eigen_dots()
+    quiet_library_errors()
     if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in sys.argv[1:]):
         sys.argv.insert(1, "--verbosity=-1")
     app.run(main)
 
 
-def fail(prog: str, message, code: int = 2) -> None:
-    """Print ``prog: error: message`` on one line to stderr and exit with ``code`` (the CLIs' error path).
-    Whitespace is collapsed and gin's trailing "In call to configurable ..." context is dropped."""
+def quiet_library_errors(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Keep a failure at one line: drop orbax's and clu's absl log records (a failed async checkpoint or
+    TensorBoard write logs each failing thread's traceback; fot reports the failure itself, once), TF's
+    C++ warnings, and the "RuntimeError: Event
+    loop is closed" tracebacks tensorstore's C++ callbacks report (``sys.unraisablehook``) when they finish
+    after orbax closed its event loop. No-op with ``FOT_DEBUG=1``. Returns True when installed."""
+    import logging
+
+    env = os.environ if environ is None else environ
+    if env.get("FOT_DEBUG"):
+        return False
+    def closed_loop(exc_type, value) -> bool:
+        return exc_type is not None and issubclass(exc_type, RuntimeError) and str(value) == "Event loop is closed"
+
+    previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def hook(exc_type, value, tb):
+        if not closed_loop(exc_type, value):
+            previous_hook(exc_type, value, tb)
+
+    def unraisable(info):
+        if not closed_loop(info.exc_type, info.exc_value):
+            previous_unraisable(info)
+
+    sys.excepthook, sys.unraisablehook = hook, unraisable
+
+    class _NoOrbaxClu(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            path = record.pathname or ""
+            return f"{os.sep}orbax{os.sep}" not in path and f"{os.sep}clu{os.sep}" not in path
+
+    logging.getLogger("absl").addFilter(_NoOrbaxClu())
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ warnings (a failed events-file flush)
+    return True
+
+
+def one_line(message) -> str:
+    """``message`` on one line: whitespace collapsed, gin's trailing "In call to configurable ..." dropped."""
     import re
 
-    message = re.sub(r"\s+In call to configurable .*$", "", " ".join(str(message).split()))
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    return re.sub(r"\s+In call to configurable .*$", "", " ".join(str(message).split()))
+
+
+def fail(prog: str, message, code: int = EXIT_CONFIG) -> None:
+    """Print ``prog: error: message`` on one line to stderr and exit with ``code`` (the CLIs' error path)."""
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
     sys.exit(code)
+
+
+def os_error_code(e: OSError) -> int:
+    """EXIT_CONFIG for a path that does not exist / is not a file or directory as named, else EXIT_IO."""
+    return EXIT_CONFIG if getattr(e, "errno", None) in _INPUT_ERRNOS else EXIT_IO
+
+
+_ERRNO_TEXT = (("No space left on device", errno.ENOSPC), ("Disk quota exceeded", errno.EDQUOT),
+               ("Read-only file system", errno.EROFS), ("Input/output error", errno.EIO),
+               ("Permission denied", errno.EACCES))
+
+
+def errno_of(e: BaseException) -> int | None:
+    """The errno behind an exception: an OSError's own, the one tensorstore writes into orbax's errors
+    (``[os_error_code='28']``), or one recognised from the OS message inside a TensorFlow / clu error
+    ("No space left on device", ...). None when it is not an I/O failure."""
+    import re
+
+    if isinstance(e, OSError) and isinstance(e.errno, int):
+        return e.errno
+    text = str(e)
+    m = re.search(r"os_error_code='?(\d+)", text)
+    if m:
+        return int(m.group(1))
+    for phrase, code in _ERRNO_TEXT:
+        if phrase in text:
+            return code
+    return None
+
+
+def describe_os_error(e: OSError) -> str:
+    """``"No space left on device (ENOSPC): /path"`` for an OSError."""
+    code = getattr(e, "errno", None)
+    name = errno.errorcode.get(code, "") if isinstance(code, int) else ""
+    what = e.strerror or str(e)
+    path = f": {e.filename}" if getattr(e, "filename", None) else ""
+    return f"{what}{f' ({name})' if name and name not in what else ''}{path}"

@@ -40,3 +40,33 @@ def test_flag_is_accepted_by_this_jaxlib_and_keeps_results():
     assert cpu_eigen_dots(env, enable=True)
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_exit_codes_are_distinct_and_documented():
+    """Each EXIT_* constant is distinct, has a description, and appears in the README's exit-code table."""
+    import os
+    import re
+
+    from fot import runtime
+    codes = {k: v for k, v in vars(runtime).items() if k.startswith("EXIT_") and isinstance(v, int)}
+    assert len(set(codes.values())) == len(codes) and set(codes.values()) == set(runtime.EXIT_CODES)
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    table = {int(m.group(1)) for m in re.finditer(r"^\| (\d+) \|", readme, re.M)}
+    assert table == set(codes.values())
+
+
+def test_fail_prints_one_line_and_os_errors_are_classified(capsys):
+    import errno
+
+    import pytest
+
+    from fot.runtime import EXIT_CONFIG, EXIT_IO, describe_os_error, fail, os_error_code
+    with pytest.raises(SystemExit) as e:
+        fail("fot.x", "bad\n  value   In call to configurable 'train' (<function train at 0x1>)", EXIT_IO)
+    assert e.value.code == EXIT_IO
+    assert capsys.readouterr().err == "fot.x: error: bad value\n"
+    full = OSError(errno.ENOSPC, "No space left on device", "/tmp/x/ckpt")
+    assert os_error_code(full) == EXIT_IO
+    assert describe_os_error(full) == "No space left on device (ENOSPC): /tmp/x/ckpt"
+    assert os_error_code(FileNotFoundError(errno.ENOENT, "No such file or directory", "/nope")) == EXIT_CONFIG
+    assert os_error_code(OSError(errno.EIO, "Input/output error")) == EXIT_IO
