@@ -15,18 +15,26 @@ def check_rank(name, x, rank):
 
 
 def check_qkv(q, k, v, *, allow_longer_keys=True):
-    """q [B,Tq,H,Dh], k/v [B,Tk,H,Dh] with Tk >= Tq."""
+    """q [B,Tq,H,Dh], k/v [B,Tk,Hkv,Dh] with H a multiple of Hkv (grouped-query attention)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_rank(name, x, 4)
     qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
     if ks != vs:
         raise ValueError(f"k and v must have the same shape, got k {ks} and v {vs}")
-    if qs[0] != ks[0] or qs[2] != ks[2]:
-        raise ValueError(f"q and k must agree in batch and heads, got q {qs} and k {ks}")
+    if qs[0] != ks[0]:
+        raise ValueError(f"q and k must agree in batch size, got q {qs} and k {ks}")
+    check_kv_heads("k", ks, qs)
     if qs[3] != ks[3]:
         raise ValueError(f"head-dim mismatch: q {qs} vs k {ks}")
     if not allow_longer_keys and ks[1] != qs[1]:
         raise ValueError(f"q and k must have the same length, got q {qs} and k {ks}")
+
+
+def check_kv_heads(name, ks, qs):
+    """k heads Hkv >= 1 dividing the q heads H (H = Hkv: multi-head; Hkv = 1: multi-query)."""
+    if ks[2] < 1 or qs[2] % ks[2]:
+        raise ValueError(f"the {qs[2]} query heads of q {qs} must be a multiple of the {ks[2]} key/value heads "
+                         f"of {name} {ks} (grouped-query attention)")
 
 
 def check_segments(segment_ids, k):
@@ -37,15 +45,18 @@ def check_segments(segment_ids, k):
         raise ValueError(f"segment_ids must have shape [B, Tk] = {ks[:2]}, got {ss}")
 
 
-def check_source(name_k, xk, name_v, xv, q):
-    """Extra/memory keys [B', S, H, Dh] compatible with q [B, T, H, Dh]."""
+def check_source(name_k, xk, name_v, xv, q, k=None):
+    """Extra/memory keys [B', S, Hkv, Dh] compatible with q [B, T, H, Dh] (and with the local k's Hkv)."""
     check_rank(name_k, xk, 4)
     check_rank(name_v, xv, 4)
     xs, vs, qs = shape_of(xk), shape_of(xv), shape_of(q)
     if xs != vs:
         raise ValueError(f"{name_k} and {name_v} must have the same shape, got {xs} and {vs}")
-    if xs[0] != qs[0] or xs[2] != qs[2]:
-        raise ValueError(f"{name_k} must be [B, S, H, Dh] with B, H of q {qs}, got {xs}")
+    if xs[0] != qs[0]:
+        raise ValueError(f"{name_k} must be [B, S, Hkv, Dh] with the batch size of q {qs}, got {xs}")
+    check_kv_heads(name_k, xs, qs)
+    if k is not None and xs[2] != shape_of(k)[2]:
+        raise ValueError(f"{name_k} {xs} must have the key/value heads of k {shape_of(k)}")
     if xs[3] != qs[3]:
         raise ValueError(f"head-dim mismatch: {name_k} {xs} vs q {qs}")
 
@@ -65,7 +76,7 @@ def check_joint_inputs(q, k, v, segment_ids, name_k, xk, name_v, xv, name_mask, 
     if shape_of(k)[1] < shape_of(q)[1]:
         raise ValueError(f"k must have at least as many keys as q has queries, got q {shape_of(q)}, "
                          f"k {shape_of(k)}")
-    check_source(name_k, xk, name_v, xv, q)
+    check_source(name_k, xk, name_v, xv, q, k)
     check_key_mask(name_mask, mask, xk)
 
 

@@ -12,6 +12,12 @@ fetch function defines it (in-place scatter-add into the float32 cotangent carry
 `fetch`. Fetched blocks are cast to q.dtype one block at a time, so `src` may have another dtype (e.g. a
 bf16 memory with float32 queries) without a full-size converted copy; the result equals casting first.
 
+Grouped-query / multi-query attention: k, v (and the fetched blocks) may have fewer heads Hkv than q
+(H = G * Hkv, query head h uses kv head h // G, as transformers' ``repeat_kv``). The kernel folds the G
+query heads of a kv head into the query-length axis ([B,H,T,D] -> [B,Hkv,G*T,D], a reshape), so every
+matmul runs against the Hkv key/value heads as they are: repeated K/V are never materialised, and the
+key/value gradients are summed over the group by the same matmuls.
+
 All scores, softmax statistics and accumulators are float32.
 """
 from __future__ import annotations
@@ -68,6 +74,18 @@ def _local_mask_h(q_pos, seg_q, seg_k):
     return jnp.swapaxes(local_mask(q_pos, seg_q, seg_k), 1, 2)  # [B,1,T,Tk]
 
 
+def fold_groups(xh, g):
+    """[B,H,T,...] -> [B,H/g,g*T,...]: the g query heads sharing a kv head side by side along T."""
+    b, h, t = xh.shape[:3]
+    return xh.reshape((b, h // g, g * t) + xh.shape[3:])
+
+
+def unfold_groups(xh, g):
+    """Inverse of :func:`fold_groups`: [B,Hkv,g*T,...] -> [B,Hkv*g,T,...]."""
+    b, hk, gt = xh.shape[:3]
+    return xh.reshape((b, hk * g, gt // g) + xh.shape[3:])
+
+
 def _init_state(qh, vma):
     b, h, t, d = qh.shape
     z = full((b, h, t), 0.0, vma)
@@ -99,10 +117,12 @@ def _block_grads(qh, kh, vh, mask, lse, doh, delta, dlse, scale):
 
 
 def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_blocks, scale,
-                        include_local=True):
+                        include_local=True, groups=None):
     """Joint softmax over local causal keys and `n_blocks` fetched extra blocks.
 
-    q [B,T,H,D]; k, v [B,Tk,H,D]; q_pos int [B,T] (key position of each query); seg_q [B,T], seg_k [B,Tk];
+    q [B,T,H,D]; k, v [B,Tk,Hkv,D] (H = groups * Hkv; fetched blocks also have Hkv heads); q_pos int [B,T]
+    (key position of each query); seg_q [B,T], seg_k [B,Tk]; groups: query heads per kv head (default
+    H // Hkv of q and k; give it when k is a placeholder, include_local=False);
     src: pytree of differentiable arrays the blocks are fetched from; aux: tuple of integer/bool arrays.
     Returns (o float32 [B,T,H,D], lse float32 [B,T,H] (NEG if no visible key), mem_mass float32 [B,T,H]).
     `o` and `lse` are differentiable (lse's cotangent is handled, so partial results can be combined);
@@ -110,12 +130,19 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_bloc
     """
     aux = tuple(aux)
     to_h = (lambda x: x) if getattr(fetch, "head_major", False) else _t  # fetch's layout <-> [B,H,S,D]
+    g = int(groups) if groups is not None else q.shape[2] // k.shape[2]
+    if q.shape[2] % g or (include_local and k.shape[2] * g != q.shape[2]):
+        raise ValueError(f"{q.shape[2]} query heads cannot be grouped {g} per kv head (k {k.shape})")
+
+    def local_mask(q_pos, seg_q, seg_k):  # [B,1,g*T,Tk]: the mask of query t repeated for each group member
+        m = _local_mask_h(q_pos, seg_q, seg_k)
+        return m if g == 1 else jnp.tile(m, (1, 1, g, 1))
 
     def forward(q, k, v, q_pos, seg_q, seg_k, src, aux):
-        qh = _t(q)
+        qh = fold_groups(_t(q), g)  # [B,Hkv,G*T,D]
         state = _init_state(qh, _vma(q, k, v, q_pos, seg_q, seg_k, src, aux))
         if include_local:
-            state = _accumulate(state, _scores_h(qh, _t(k), scale), _local_mask_h(q_pos, seg_q, seg_k), _t(v),
+            state = _accumulate(state, _scores_h(qh, _t(k), scale), local_mask(q_pos, seg_q, seg_k), _t(v),
                                 False)
         if n_blocks:
             def body(state, j):
@@ -127,10 +154,10 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_bloc
         safe = jnp.where(l > 0, l, 1.0)
         oh = acc / safe[..., None]
         lse = jnp.where(l > 0, m + jnp.log(safe), NEG)
-        return oh, lse, lm / safe  # head-major
+        return oh, lse, lm / safe  # head-major, groups folded
 
     def public(oh, lse, mass):
-        return _t(oh), _t(lse), _t(mass)
+        return tuple(_t(unfold_groups(x, g)) for x in (oh, lse, mass))
 
     @jax.custom_vjp
     def attend(q, k, v, q_pos, seg_q, seg_k, src, aux):
@@ -143,16 +170,16 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_bloc
     def attend_bwd(res, cts):
         q, k, v, q_pos, seg_q, seg_k, src, aux, oh, lse = res
         do, dlse, _ = cts
-        doh = _t(do.astype(F32))
-        dlse = _t(dlse.astype(F32))
-        qh = _t(q)
+        doh = fold_groups(_t(do.astype(F32)), g)
+        dlse = fold_groups(_t(dlse.astype(F32)), g)
+        qh = fold_groups(_t(q), g)
         delta = jnp.sum(doh * oh, axis=-1)
         vma = _vma(q, k, v, q_pos, seg_q, seg_k, src, aux, do, dlse, oh, lse)
         dq = full(qh.shape, 0.0, vma)
         dk = full(k.shape, 0.0, vma)
         dv = full(v.shape, 0.0, vma)
         if include_local:
-            dq, dkh, dvh = _block_grads(qh, _t(k), _t(v), _local_mask_h(q_pos, seg_q, seg_k), lse, doh, delta,
+            dq, dkh, dvh = _block_grads(qh, _t(k), _t(v), local_mask(q_pos, seg_q, seg_k), lse, doh, delta,
                                         dlse, scale)
             dk, dv = _t(dkh), _t(dvh)
         dsrc = jax.tree.map(lambda x: full(x.shape, 0.0, vma), src)
@@ -173,7 +200,8 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_bloc
             (dq, dsrc), _ = lax.scan(body, (dq, dsrc), jnp.arange(n_blocks))
         dsrc = jax.tree.map(_cotangent, dsrc, src)
         none_aux = tuple(None for _ in aux)
-        return (_cotangent(_t(dq), q), _cotangent(dk, k), _cotangent(dv, v), None, None, None, dsrc, none_aux)
+        dq = _t(unfold_groups(dq, g))
+        return (_cotangent(dq, q), _cotangent(dk, k), _cotangent(dv, v), None, None, None, dsrc, none_aux)
 
     attend.defvjp(attend_fwd, attend_bwd)
     return attend(q, k, v, q_pos, seg_q, seg_k, src, aux)
@@ -236,7 +264,8 @@ def _default_scale(q, scale):
 def causal_attention(q, k, v, *, segment_ids=None, scale=None, q_offset=None, return_stats=False):
     """Causal local attention (non-memory layers).
 
-    q [B,Tq,H,Dh], k/v [B,Tk,H,Dh] with Tk >= Tq; query i sits at key position Tk - Tq + i (END alignment,
+    q [B,Tq,H,Dh], k/v [B,Tk,Hkv,Dh] with Tk >= Tq and H a multiple of Hkv (grouped-query attention: query
+    head h uses kv head h // (H / Hkv)); query i sits at key position Tk - Tq + i (END alignment,
     as with a KV cache) or q_offset + i (q_offset: int or int [B]). segment_ids int [B,Tk] (keys; queries
     use the ids at their own positions): attention only within equal ids. Softmax in float32.
     Returns [B,Tq,H,Dh] in q.dtype (and {"mem_mass": zeros [B,Tq,H]} with return_stats).

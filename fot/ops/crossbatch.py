@@ -95,8 +95,9 @@ def crossbatch_attention(q, k, v, extra_k, extra_v, extra_rows, *, extra_key_mas
                          data_axis="data", model_axis="model", block_rows=None):
     """Joint-softmax attention over causal local keys and the keys of other rows of the batch.
 
-    q, k, v: [B, T, H, Dh] (k/v may be longer than q: END alignment as in causal_attention).
-    extra_k, extra_v: [B, S, H, Dh] source rows; extra_rows: int [B, n], row b attends to every unmasked
+    q: [B, T, H, Dh]; k, v: [B, T', Hkv, Dh] (k/v may be longer than q: END alignment as in causal_attention;
+    Hkv divides H: grouped-query attention, query head h reads kv head h // (H / Hkv), without repeating K/V).
+    extra_k, extra_v: [B, S, Hkv, Dh] source rows; extra_rows: int [B, n], row b attends to every unmasked
     key of source rows extra_rows[b, j] (-1 = unused); extra_key_mask: bool [B, S] (False = padding key);
     segment_ids: int [B, T] (local attention only within equal ids).
     include_local=False: attend to extra keys only (a query without any visible key returns 0).
@@ -106,6 +107,9 @@ def crossbatch_attention(q, k, v, extra_k, extra_v, extra_rows, *, extra_key_mas
     by g is padded with unused rows; exact for every g). Gradients flow into q, k, v, extra_k, extra_v.
     mesh: inputs sharded with batch over `data_axis` and heads over `model_axis`; the extra rows are
     fetched with an explicit all_gather over `data_axis` inside jax.shard_map (same result as unsharded).
+    With fewer kv heads than model shards (e.g. multi-query), k/v/extra_k/extra_v are replicated over
+    `model_axis` and each shard reads the one kv head its query heads use (the model axis size must then
+    be a multiple of Hkv).
     Returns [B, T, H, Dh] in q.dtype; with return_stats also {"mem_mass": float32 [B, T, H]} (the total
     probability on extra keys; no gradient).
     """
@@ -145,8 +149,10 @@ def _crossbatch_sharded(fn, mesh, data_axis, model_axis, q, k, v, extra_k, extra
     _checks.check_divisible("q", q.shape[2], mesh, max_, "number of heads")
     act = P(dax, None, max_, None)
     row = P(dax, None)
+    kv, pick_kv = kv_head_sharding(mesh, max_, q.shape[2], k.shape[2], act)
 
     def body(q, k, v, extra_k, extra_v, extra_rows, key_mask, segment_ids):
+        k, v, extra_k, extra_v = pick_kv(k, v, extra_k, extra_v)
         if dax is not None:  # explicit collective: every data shard sees all source rows (global row ids)
             extra_k = lax.all_gather(extra_k, dax, axis=0, tiled=True)
             extra_v = lax.all_gather(extra_v, dax, axis=0, tiled=True)
@@ -154,7 +160,27 @@ def _crossbatch_sharded(fn, mesh, data_axis, model_axis, q, k, v, extra_k, extra
         o, _, mass = fn(q, k, v, extra_k, extra_v, extra_rows, key_mask, segment_ids)
         return o, mass
 
-    args = _checks.place(mesh, act, q, k, v, extra_k, extra_v) + _checks.place(
-        mesh, row, extra_rows, key_mask, segment_ids)
-    return jax.shard_map(body, mesh=mesh, in_specs=(act, act, act, act, act, row, row, row),
+    args = (_checks.place(mesh, act, q) + _checks.place(mesh, kv, k, v, extra_k, extra_v)
+            + _checks.place(mesh, row, extra_rows, key_mask, segment_ids))
+    return jax.shard_map(body, mesh=mesh, in_specs=(act, kv, kv, kv, kv, row, row, row),
                          out_specs=(act, P(dax, None, max_)))(*args)
+
+
+def kv_head_sharding(mesh, model_axis, num_heads, num_kv_heads, act):
+    """(PartitionSpec of [B, S, Hkv, Dh] key/value inputs, pick(*kvs) for inside shard_map) when the query
+    heads are split over `model_axis` (spec `act`). Hkv divisible by the axis size: kv heads split the same
+    way (contiguous query heads use contiguous kv heads) and pick is the identity. Otherwise the kv heads
+    are replicated and pick slices, on each shard, the single kv head that its query heads use."""
+    n = _checks.axis_size(mesh, model_axis)
+    if model_axis is None or num_kv_heads % n == 0:
+        return act, lambda *xs: xs
+    if n % num_kv_heads:
+        raise ValueError(f"k: {num_kv_heads} key/value heads can be neither split over nor replicated across "
+                         f"mesh axis '{model_axis}' ({n}): its size must divide or be a multiple of the kv heads")
+    shards_per_kv = n // num_kv_heads
+
+    def pick(*xs):
+        start = lax.axis_index(model_axis) // shards_per_kv
+        return tuple(lax.dynamic_slice_in_dim(x, start, 1, axis=2) for x in xs)
+
+    return P(act[0], None, None, None), pick

@@ -17,8 +17,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from fot.ops import _checks
-from fot.ops.attention import (F32, NEG, blockwise_attention, combine, full, no_blocks, query_positions,
-                               segments, _cotangent, _vma)
+from fot.ops.attention import (F32, NEG, blockwise_attention, combine, fold_groups, full, no_blocks,
+                               query_positions, segments, unfold_groups, _cotangent, _vma)
 from fot.ops.topk import running_topk
 
 DEFAULT_CHUNK = 2048
@@ -81,21 +81,24 @@ def _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk):
     n_full, rem = divmod(m, chunk)
     dummy_pos = jnp.zeros(q.shape[:2], jnp.int32)
     dummy_seg = jnp.zeros(q.shape[:2], jnp.int32)
+    g = q.shape[2] // mem_k.shape[2]  # query heads per memory kv head
     parts = []
     if n_full:
         parts.append(blockwise_attention(q, q, q, dummy_pos, dummy_seg, dummy_seg, (mem_k, mem_v),
                                          (mem_mask,), fetch=_fetch_chunk(chunk), n_blocks=n_full,
-                                         scale=scale, include_local=False))
+                                         scale=scale, include_local=False, groups=g))
     if rem:
         parts.append(blockwise_attention(q, q, q, dummy_pos, dummy_seg, dummy_seg, (mem_k, mem_v),
                                          (mem_mask,), fetch=_fetch_tail(n_full * chunk), n_blocks=1,
-                                         scale=scale, include_local=False))
+                                         scale=scale, include_local=False, groups=g))
     return parts
 
 
 def _select_topk(q, mem_k, mem_mask, top_k, scale, chunk):
-    """Exact top-k memory slots per (b, t, h) by <q, mem_k>: (valid bool, idx int32) [B,T,H,K]."""
-    qh = jnp.swapaxes(lax.stop_gradient(q), 1, 2)  # [B,H,T,D]
+    """Exact top-k memory slots per (b, t, h) by <q, mem_k>: (valid bool, idx int32) [B,T,H,K].
+    mem_k [B,M,Hkv,D]: the G = H / Hkv query heads of a kv head are scored together (folded into T)."""
+    g = q.shape[2] // mem_k.shape[2]
+    qh = fold_groups(jnp.swapaxes(lax.stop_gradient(q), 1, 2), g)  # [B,Hkv,G*T,D]
     mk = lax.stop_gradient(mem_k)
 
     def score_fn(start, size):
@@ -104,14 +107,19 @@ def _select_topk(q, mem_k, mem_mask, top_k, scale, chunk):
         s = jnp.einsum("bhtd,bchd->bhtc", qh, kc, preferred_element_type=F32) * scale
         return jnp.where(mc[:, None, None, :], s, NEG)
 
-    b, t, h = q.shape[:3]
-    vals, idx = running_topk(score_fn, mem_k.shape[1], top_k, chunk, (b, h, t), vma=_vma(q, mem_k, mem_mask))
+    vals, idx = running_topk(score_fn, mem_k.shape[1], top_k, chunk, qh.shape[:3], vma=_vma(q, mem_k, mem_mask))
+    vals, idx = unfold_groups(vals, g), unfold_groups(idx, g)  # [B,H,T,K]
     return jnp.swapaxes(vals > NEG / 2, 1, 2), jnp.swapaxes(idx, 1, 2)
 
 
-def _take_slots(x, idx):
+def _slot_index(x, idx):
+    """Index arrays selecting x[b, idx[b,t,h,k], h // G] for x [B,M,Hkv,D], idx [B,T,H,K] (G = H / Hkv)."""
     b, _, h, _ = idx.shape
-    return x[jnp.arange(b)[:, None, None, None], idx, jnp.arange(h)[None, None, :, None]]
+    return jnp.arange(b)[:, None, None, None], idx, (jnp.arange(h) // (h // x.shape[2]))[None, None, :, None]
+
+
+def _take_slots(x, idx):
+    return x[_slot_index(x, idx)]
 
 
 @jax.custom_vjp
@@ -127,9 +135,8 @@ def _gather_cast_bwd(res, ct):
     """Scatter-add of the slots' cotangents in float32, cast to x.dtype once (as if x had been cast to
     float32 before the gather: no per-slot rounding to a low-precision x.dtype)."""
     x, idx, like = res
-    b, _, h, _ = idx.shape
     acc = full(x.shape, 0.0, _vma(x, idx, ct))
-    acc = acc.at[jnp.arange(b)[:, None, None, None], idx, jnp.arange(h)[None, None, :, None]].add(ct.astype(F32))
+    acc = acc.at[_slot_index(x, idx)].add(ct.astype(F32))
     return _cotangent(acc, x), None, jnp.zeros_like(like)
 
 
@@ -137,7 +144,7 @@ _gather_cast.defvjp(_gather_cast_fwd, _gather_cast_bwd)
 
 
 def _gather_slots(x, idx, dtype):
-    """x [B,M,H,D], idx [B,T,H,K] -> x[b, idx[b,t,h,k], h] as [B,T,H,K,D] in `dtype` (no copy of the
+    """x [B,M,Hkv,D], idx [B,T,H,K] -> x[b, idx[b,t,h,k], h // G] as [B,T,H,K,D] in `dtype` (no copy of the
     memory; only the gathered slots are cast; gradients accumulate in float32)."""
     if x.dtype == dtype:
         return _take_slots(x, idx)
@@ -214,8 +221,9 @@ def memory_attention(q, k, v, mem_k, mem_v, *, mem_mask=None, top_k=None, segmen
                      model_axis="model"):
     """Joint softmax over causal local keys and external memory keys.
 
-    q [B,Tq,H,Dh]; k, v [B,Tk,H,Dh] (Tk >= Tq, queries aligned to the END of the keys); mem_k, mem_v
-    [B,M,H,Dh] (fully visible, no causal mask); mem_mask bool [B,M] (valid slots); segment_ids int [B,Tk].
+    q [B,Tq,H,Dh]; k, v [B,Tk,Hkv,Dh] (Tk >= Tq, queries aligned to the END of the keys); mem_k, mem_v
+    [B,M,Hkv,Dh] (fully visible, no causal mask); Hkv divides H (grouped-query attention: query head h reads
+    kv head h // (H / Hkv); K/V are never repeated, top-k is chosen per query head); mem_mask bool [B,M] (valid slots); segment_ids int [B,Tk].
     mem_k/mem_v may have another dtype than q (e.g. a bf16 memory with float32 queries): they are cast to
     q.dtype one chunk (or one gathered selection) at a time, never as a whole; same result as casting first.
     top_k=None: all valid memory keys (streamed in chunks of `chunk_size`, default 2048, with an online
