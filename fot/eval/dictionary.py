@@ -67,7 +67,7 @@ def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_
     base_runner = MemoryInference(model, params, WindowedConfig(window=window, use_memory=False), mesh=mesh)
     mcfg = model.config
     limit = max_dictionary_tokens(key_len, value_len, vocab_size)
-    bytes_per_token = 2 * mcfg.num_heads * mcfg.head_dim * jnp.dtype(mem_dtype).itemsize * len(mcfg.mem_layers)
+    bytes_per_token = 2 * mcfg.num_kv_heads * mcfg.head_dim * jnp.dtype(mem_dtype).itemsize * len(mcfg.mem_layers)
     out_sizes, fot_acc, base_acc, answers, skipped = [], [], [], [], []
     rng = np.random.default_rng(seed)
     for size in sizes:

@@ -77,7 +77,7 @@ def evaluate(model, params, docs: Sequence[np.ndarray], *, window: int, ds: Sequ
         return aux["mem_mass"][layer]
 
     pk, pv = kv(pos)
-    b, h, dh = num_samples, mcfg.num_heads, mcfg.head_dim
+    b, h, dh = num_samples, mcfg.num_kv_heads, mcfg.head_dim
     if max_d > 1:
         nk, nv = kv(neg.reshape(-1, window))
         nk = nk.reshape(b, (max_d - 1) * window, h, dh)

@@ -136,7 +136,7 @@ class MemoryInference:
     # ---------------------------------------------------------------------------------------------
     def init_memory(self, batch_size: int, capacity: int) -> dict[int, fmem.MemoryStore]:
         """Empty stores ``{layer: MemoryStore}`` of ``capacity`` slots for every memory layer."""
-        return fmem.stores_for_model(batch_size, capacity, self.mem_layers, self.mcfg.num_heads,
+        return fmem.stores_for_model(batch_size, capacity, self.mem_layers, self.mcfg.num_kv_heads,
                                      self.mcfg.head_dim, dtype=self.config.mem_dtype, mesh=self.mesh,
                                      shard_length=self.config.shard_memory_length)
 

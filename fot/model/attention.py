@@ -1,7 +1,10 @@
 """Multi-head attention (no biases) with the FoT memory-layer variants.
 
-Layout ``[batch, length, heads, head_dim]``. Params: ``q, k, v`` kernels ``[D, H*Dh]``, ``o`` kernel
-``[H*Dh, D]``; memory layers with ``qk_norm`` add ``qk_scale`` [H]; with ``mem_gate`` ``gate_bias`` [H].
+Layout ``[batch, length, heads, head_dim]``. Params: ``q`` kernel ``[D, H*Dh]``, ``k, v`` kernels
+``[D, Hkv*Dh]`` (``Hkv = cfg.num_kv_heads``: grouped-query / multi-query attention; the ops group the queries
+over the kv heads without repeating them), ``o`` kernel ``[H*Dh, D]``; memory layers with ``qk_norm`` add
+``qk_scale`` [H]; with ``mem_gate`` ``gate_bias`` [H]. Keys/values (caches, crossbatch extra keys, the
+inference memory) have Hkv heads.
 
 Key encodings (what the caches hold):
 * local keys (``aux["kv"]``, the generation cache): exactly what the layer's local attention consumes —
@@ -25,6 +28,7 @@ from fot.model.layers import dense
 from fot.parallel import with_logical_constraint
 
 _HEADS = ("batch", "length", "heads", "head_dim")
+_KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
 
 
 def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -53,22 +57,23 @@ class Attention(nn.Module):
     def __call__(self, x, positions, segment_ids=None, extra_rows=None, extra_key_mask=None,
                  memory=None, cache=None, cache_segment_ids=None):
         """x [B,T,D]; positions int [B,T]; segment_ids int [B,T] or None; extra_rows int [B,n];
-        extra_key_mask bool [B,T]; memory (mem_k, mem_v, mem_mask) [B,M,H,Dh]x2,[B,M];
-        cache (k, v) [B,C,H,Dh]; cache_segment_ids int [B,C+T] (keys' ids with a cache).
+        extra_key_mask bool [B,T]; memory (mem_k, mem_v, mem_mask) [B,M,Hkv,Dh]x2,[B,M];
+        cache (k, v) [B,C,Hkv,Dh]; cache_segment_ids int [B,C+T] (keys' ids with a cache).
 
-        Returns (out [B,T,D], aux) with aux["kv"] = (k_local, v) [B,T,H,Dh], and for memory layers
+        Returns (out [B,T,D], aux) with aux["kv"] = (k_local, v) [B,T,Hkv,Dh], and for memory layers
         aux["mem_kv"] = (k_memory_view, v); aux["mem_mass"] [B,T,H] when collected.
         """
         cfg = self.cfg
         b, t, _ = x.shape
-        h, dh = cfg.num_heads, cfg.head_dim
+        h, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = cfg.compute_dtype
 
-        def proj(name):
-            y = dense(h * dh, ("embed", "heads"), cfg, name)(x).reshape(b, t, h, dh)
-            return self._constrain(y)
+        def proj(name, heads, names):
+            y = dense(heads * dh, ("embed", names[2]), cfg, name)(x).reshape(b, t, heads, dh)
+            return with_logical_constraint(y, names, self.mesh)
 
-        q, k, v = proj("q"), proj("k"), proj("v")
+        q = proj("q", h, _HEADS)
+        k, v = proj("k", hkv, _KV_HEADS), proj("v", hkv, _KV_HEADS)
         scale = None
         if self.is_memory and cfg.qk_norm:
             temp = self.param("qk_scale", nn.with_logical_partitioning(

@@ -22,6 +22,9 @@ class ModelConfig:
     Attributes:
       vocab_size, d_model, num_layers, num_heads, mlp_dim: the usual sizes.
       head_dim: per-head width; ``None`` resolves to ``d_model // num_heads`` at construction.
+      num_kv_heads: key/value heads (grouped-query attention, HF ``num_key_value_heads``); must divide
+        ``num_heads``: query head h reads kv head ``h // (num_heads // num_kv_heads)``; 1 = multi-query.
+        ``None`` resolves to ``num_heads`` (multi-head) at construction.
       mem_layers: 0-based indices of memory layers, each in ``[0, num_layers)``.
       mem_positional: ``"as_first"`` (LongLLaMA: local RoPE, memory keys at position 0) or
         ``"none"`` (paper's small models: no RoPE in memory layers).
@@ -47,6 +50,7 @@ class ModelConfig:
     num_heads: int
     mlp_dim: int
     head_dim: int | None = None
+    num_kv_heads: int | None = None
     mem_layers: Sequence[int] = ()
     mem_positional: str = "as_first"
     qk_norm: bool = False
@@ -76,6 +80,11 @@ class ModelConfig:
         if head_dim < 2 or head_dim % 2:
             raise ValueError(f"head_dim must be an even int >= 2 (RoPE rotate-half), got {head_dim}")
         object.__setattr__(self, "head_dim", int(head_dim))
+        kv = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+        if not isinstance(kv, int) or isinstance(kv, bool) or kv < 1 or self.num_heads % kv:
+            raise ValueError(f"ModelConfig.num_kv_heads={self.num_kv_heads!r} must be a positive int dividing "
+                             f"num_heads={self.num_heads}")
+        object.__setattr__(self, "num_kv_heads", int(kv))
         mem = tuple(int(i) for i in self.mem_layers)
         bad = [i for i in mem if not 0 <= i < self.num_layers]
         if bad or len(set(mem)) != len(mem):
@@ -114,6 +123,11 @@ class ModelConfig:
         return jnp.dtype(self.param_dtype)
 
     @property
+    def kv_groups(self) -> int:
+        """Query heads per key/value head (1 = multi-head attention)."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
     def qk_scale_default(self) -> float:
         return float(self.qk_scale_init) if self.qk_scale_init is not None else math.sqrt(self.head_dim)
 
@@ -128,9 +142,11 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         """``dataclasses.replace``; when d_model/num_heads change and head_dim equals d_model // num_heads
-        (the implicit default), head_dim is re-derived."""
+        (the implicit default), head_dim is re-derived; likewise num_kv_heads when it equals num_heads."""
         if ("d_model" in changes or "num_heads" in changes) and "head_dim" not in changes:
             d, h = changes.get("d_model", self.d_model), changes.get("num_heads", self.num_heads)
             if self.head_dim == self.d_model // self.num_heads:
                 changes["head_dim"] = None if d % h == 0 else self.head_dim
+        if "num_heads" in changes and "num_kv_heads" not in changes and self.num_kv_heads == self.num_heads:
+            changes["num_kv_heads"] = None
         return dataclasses.replace(self, **changes)

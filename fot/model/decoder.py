@@ -78,7 +78,7 @@ class Decoder(nn.Module):
                 ck, cv = kv
                 if c is None:
                     c = ck.shape[1] if ck.ndim == 4 else -1
-                want = (b, c, cfg.num_heads, cfg.head_dim)
+                want = (b, c, cfg.num_kv_heads, cfg.head_dim)
                 if tuple(ck.shape) != want or tuple(cv.shape) != want:
                     raise ValueError(f"cache[{i}] k/v have shapes {tuple(ck.shape)}/{tuple(cv.shape)}, "
                                      f"expected {want} (same cache length in every layer)")
@@ -112,7 +112,7 @@ class Decoder(nn.Module):
                     raise ValueError(f"memory[{i}] must be (mem_k, mem_v, mem_mask)")
                 mk, mv, mm = entry
                 m = mk.shape[1] if mk.ndim == 4 else -1
-                want = (b, m, cfg.num_heads, cfg.head_dim)
+                want = (b, m, cfg.num_kv_heads, cfg.head_dim)
                 if tuple(mk.shape) != want or tuple(mv.shape) != want or tuple(mm.shape) != (b, m):
                     raise ValueError(f"memory[{i}] shapes {tuple(mk.shape)}, {tuple(mv.shape)}, {tuple(mm.shape)}; "
                                      f"expected {want}, {want}, {(b, m)}")
@@ -135,9 +135,10 @@ class Decoder(nn.Module):
             first). A [B,T] array with a cache gives the cached keys the id of each row's first token.
           extra_rows: int [B,n] training crossbatch rows for memory layers (-1 = unused).
           extra_key_mask: bool [B,T]; default ``segment_ids > 0`` with segment_ids, else all True.
-          memory: {layer: (mem_k, mem_v, mem_mask)} [B,M,H,Dh],[B,M,H,Dh],[B,M] bool (memory layers only).
+          memory: {layer: (mem_k, mem_v, mem_mask)} [B,M,Hkv,Dh],[B,M,Hkv,Dh],[B,M] bool (memory layers only;
+            Hkv = config.num_kv_heads).
           top_k: exact top-k over memory (None = dense).
-          cache: {layer: (k, v)} for every layer, [B,C,H,Dh], keys as in ``aux["kv"]``.
+          cache: {layer: (k, v)} for every layer, [B,C,Hkv,Dh], keys as in ``aux["kv"]``.
           return_kv: return ``(logits, aux)``.
           mesh: forwarded to fot.ops and used for activation sharding constraints.
           collect_mem_mass: also return ``aux["mem_mass"] = {layer: [B,T,H]}`` for memory layers that

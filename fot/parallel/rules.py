@@ -10,8 +10,9 @@ batch          activation batch                            data
 length         activation sequence                         None
 act_embed      activation model width                      None
 embed          param model width (in/out of Dense, Embed)  None  (``fsdp=True``: data)
-heads          q/k/v out, o in (H*Dh), per-head params,    model
+heads          q out, o in (H*Dh), per-head params,        model
                activation heads axis
+kv_heads       k/v out (Hkv*Dh), k/v activation heads     model
 head_dim       activation head dim                         None
 mlp            SwiGLU hidden (params and activations)      model
 vocab          embedding rows, LM head out, logits         model
@@ -44,6 +45,7 @@ def axis_rules(fsdp: bool = False, shard_memory_length: bool = False) -> tuple[t
         ("act_embed", None),
         ("embed", DATA_AXIS if fsdp else None),
         ("heads", MODEL_AXIS),
+        ("kv_heads", MODEL_AXIS),
         ("head_dim", None),
         ("mlp", MODEL_AXIS),
         ("vocab", MODEL_AXIS),
