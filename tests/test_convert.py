@@ -51,7 +51,8 @@ def test_export_matches_transformers(tmp_path, rng, kw):
     params = random_params(cfg, rng)
     out = tmp_path / "hf"
     summary = to_hf.export(params, cfg, str(out), max_position_embeddings=16, last_context_length=8)
-    assert set(summary["files"]) == {"model.safetensors", "config.json", "config_longllama.json"}
+    assert set(summary["files"]) == {"model.safetensors", "config.json", "config_longllama.json",
+                                     "configuration_fot.py", "modeling_fot.py", "attention_fot.py"}
     tokens = rng.integers(0, cfg.vocab_size, (2, 13)).astype(np.int32)
     want = np.asarray(Decoder(cfg).apply({"params": params}, jnp.asarray(tokens)))
     got = hf_logits(str(out), tokens)
@@ -101,14 +102,32 @@ def test_longllama_inference_matches_hf_within_one_window(tmp_path, rng):
 
 
 # -------------------------------------------------------------------------------------------------
-def test_unexportable_configs(tmp_path, rng):
-    for kw, word in ((dict(mem_layers=(1,), qk_norm=True), "qk_norm"),
-                     (dict(mem_layers=(1,), mem_gate=True), "mem_gate")):
+def test_non_llama_configs_export_as_fot(tmp_path, rng):
+    """QK-norm / gated memory layers export with model_type 'fot' (nothing loads them as LLaMA), no
+    LongLLaMA config, their extra tensors; load_hf brings back the same config and params."""
+    for kw, tensor in ((dict(mem_layers=(1,), qk_norm=True, qk_scale_init=7.0), "qk_scale"),
+                       (dict(mem_layers=(1,), mem_gate=True), "gate_bias")):
         cfg = tiny_cfg(**kw)
         params = random_params(cfg, rng)
-        with pytest.raises(ValueError, match=word):
-            to_hf.export(params, cfg, str(tmp_path / word), max_position_embeddings=16)
-        assert not (tmp_path / word).exists()
+        out = tmp_path / tensor
+        summary = to_hf.export(params, cfg, str(out), max_position_embeddings=16)
+        assert "config_longllama.json" not in summary["files"] and "modeling_fot.py" in summary["files"]
+        assert any("trust_remote_code" in w for w in summary["warnings"])
+        conf = json.loads((out / "config.json").read_text())
+        assert conf["model_type"] == "fot" and conf["architectures"] == ["FotForCausalLM"]
+        assert conf["qk_norm"] == cfg.qk_norm and conf["mem_gate"] == cfg.mem_gate
+        cfg2, back = from_hf.load_hf(str(out))
+        assert cfg2 == cfg
+        np.testing.assert_array_equal(back["layers_1"]["attn"][tensor], params["layers_1"]["attn"][tensor])
+        with pytest.raises(ValueError, match="LongLLaMA"):
+            to_hf.hf_config(cfg, max_position_embeddings=16, longllama=True)
+    with pytest.raises(ValueError, match="mem_top_k is not supported"):
+        to_hf.hf_config(tiny_cfg(mem_layers=(1,), mem_gate=True), max_position_embeddings=16, mem_top_k=4)
+    with pytest.raises(ValueError, match="mem_capacity"):
+        to_hf.hf_config(tiny_cfg(mem_layers=(1,)), max_position_embeddings=16, mem_capacity=0)
+
+
+def test_unexportable_configs(tmp_path, rng):
     cfg = tiny_cfg()
     with pytest.raises(ValueError, match="divisible"):
         to_hf.check_exportable(tiny_cfg(d_model=30, num_heads=4, head_dim=8))

@@ -5,7 +5,8 @@ The inverse of :mod:`fot.convert.to_hf`: ``load_hf(dir) -> (ModelConfig, params)
 (float32 numpy leaves). Reads ``model.safetensors`` or the shards listed in
 ``model.safetensors.index.json``. Every tensor is checked against the shape the config implies; a
 missing, unexpected or mis-shaped tensor raises ValueError naming it. LongLLaMA fields
-(``mem_layers``, ``mem_positionals``) become ``ModelConfig.mem_layers`` / ``mem_positional``.
+(``mem_layers``, ``mem_positionals``) become ``ModelConfig.mem_layers`` / ``mem_positional``; FoT exports'
+``qk_norm`` / ``mem_gate`` (tensors ``self_attn.qk_scale`` / ``self_attn.gate_bias``) come back as they were.
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ def config_from_hf(conf: dict):
                        head_dim=int(conf.get("head_dim") or hidden // heads),
                        mem_layers=tuple(int(i) for i in conf.get("mem_layers") or ()),
                        mem_positional=positional, rope_theta=float(theta),
+                       qk_norm=bool(conf.get("qk_norm", False)), mem_gate=bool(conf.get("mem_gate", False)),
+                       qk_scale_init=fot_block.get("qk_scale_init"),
                        norm_eps=float(conf.get("rms_norm_eps", 1e-6)),
                        tie_embeddings=bool(conf.get("tie_word_embeddings", False)),
                        init_std=float(conf.get("initializer_range", 0.02)))

@@ -60,14 +60,18 @@ LAYER_RULES = (
     (("mlp", "up", "kernel"), "mlp.up_proj.weight", transpose, ("D", "F")),
     (("mlp", "down", "kernel"), "mlp.down_proj.weight", transpose, ("F", "D")),
 )
-# fot params with no HF LLaMA equivalent (memory-layer extras of fot.model.attention).
-UNMAPPABLE = {"qk_scale": "ModelConfig.qk_norm=True (per-head QK temperature)",
-              "gate_bias": "ModelConfig.mem_gate=True (MT-style memory gate)"}
+# Memory-layer extras of fot.model.attention, with no LLaMA equivalent (read by the exported remote
+# code, fot.convert.hf_remote): (config flag, fot sub-path, HF suffix, hook, shape key).
+MEMORY_RULES = (
+    ("qk_norm", ("attn", "qk_scale"), "self_attn.qk_scale", identity, ("H",)),
+    ("mem_gate", ("attn", "gate_bias"), "self_attn.gate_bias", identity, ("H",)),
+)
 
 
 def param_table(cfg) -> list[ParamMap]:
-    """Every tensor of a fot ``ModelConfig`` (qk_norm/mem_gate excluded), in HF order."""
-    dims = {"V": cfg.vocab_size, "D": cfg.d_model, "HD": cfg.num_heads * cfg.head_dim, "F": cfg.mlp_dim}
+    """Every tensor of a fot ``ModelConfig``, in HF order (memory-layer extras after each layer's own)."""
+    dims = {"V": cfg.vocab_size, "D": cfg.d_model, "HD": cfg.num_heads * cfg.head_dim, "F": cfg.mlp_dim,
+            "H": cfg.num_heads}
     shape = lambda key: tuple(dims[k] for k in key)
     out = []
     for path, name, hook, key in GLOBAL_RULES[:2]:
@@ -75,6 +79,9 @@ def param_table(cfg) -> list[ParamMap]:
     for i in range(cfg.num_layers):
         for path, suffix, hook, key in LAYER_RULES:
             out.append(ParamMap((f"layers_{i}",) + path, f"model.layers.{i}.{suffix}", shape(key), hook, hook))
+        for flag, path, suffix, hook, key in MEMORY_RULES:
+            if getattr(cfg, flag) and cfg.is_memory_layer(i):
+                out.append(ParamMap((f"layers_{i}",) + path, f"model.layers.{i}.{suffix}", shape(key), hook, hook))
     if not cfg.tie_embeddings:
         path, name, hook, key = GLOBAL_RULES[2]
         out.append(ParamMap(path, name, shape(key), hook, hook))

@@ -1,24 +1,32 @@
-"""Export fot params + ModelConfig to a Hugging Face LLaMA directory (safetensors + config.json).
+"""Export fot params + ModelConfig to a Hugging Face directory (safetensors + config.json + FoT remote code).
 
 Written files (atomically: a temporary sibling directory renamed into place):
 * ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
-  when larger than ``max_shard_bytes``), tensors named as HF ``LlamaForCausalLM``;
-* ``config.json``: a vanilla LLaMA config (``model_type="llama"``, ``LlamaForCausalLM``) that also
-  carries LongLLaMA's fields (``mem_layers``, ``mem_positionals``, ``mem_dtype``,
-  ``last_context_length``, ...) and a ``fot`` block — ``transformers`` loads it as plain LLaMA, and
-  LongLLaMA's ``LongLlamaForCausalLM.from_pretrained`` reads the memory fields from the same file;
-* ``config_longllama.json``: the same with ``model_type="longllama"``, ``LongLlamaForCausalLM`` and an
-  ``auto_map`` to LongLLaMA's remote-code files — rename it to ``config.json`` next to
-  ``configuration_longllama.py``/``modeling_longllama.py`` for ``trust_remote_code`` loading.
+  when larger than ``max_shard_bytes``), tensors named as HF ``LlamaForCausalLM`` (memory layers with
+  QK-norm / the gate add ``self_attn.qk_scale`` / ``self_attn.gate_bias``, see ``fot.convert.mapping``);
+* ``configuration_fot.py``, ``modeling_fot.py``, ``attention_fot.py`` (``fot.convert.hf_remote``) and an
+  ``auto_map`` in config.json: ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
+  runs fot's windowed memory inference in PyTorch (dense or top-k memory, QK-norm, gate, FIFO
+  capacity, generation across window flushes) with torch + transformers only;
+* ``config.json``: a LLaMA config that also carries LongLLaMA's fields (``mem_layers``,
+  ``mem_positionals``, ``mem_dtype``, ``last_context_length``, ...), the FoT inference fields
+  (``mem_top_k``, ``mem_capacity``, ``qk_norm``, ``mem_gate``, ``longllama_split``) and a ``fot`` block.
+  A LLaMA-compatible model (no QK-norm, no gate) keeps ``model_type="llama"`` / ``LlamaForCausalLM``:
+  ``transformers`` loads it as plain LLaMA without ``trust_remote_code`` (exact within one window) and
+  LongLLaMA's ``LongLlamaForCausalLM.from_pretrained`` reads the memory fields from the same file.
+  Other models get ``model_type="fot"`` / ``FotForCausalLM`` so that nothing loads them as LLaMA;
+* ``config_longllama.json`` (LLaMA-compatible models only): ``model_type="longllama"``,
+  ``LongLlamaForCausalLM`` and an ``auto_map`` to LongLLaMA's remote-code files — rename it to
+  ``config.json`` next to ``configuration_longllama.py``/``modeling_longllama.py`` for LongLLaMA's code;
+* tokenizer files when given (``fot.convert.tokenizer``).
 
-Only models with an HF/LongLLaMA equivalent are exported: ``qk_norm`` and ``mem_gate`` models raise
-ValueError. ``mem_positional="none"`` maps to LongLLaMA ``mem_positionals=false`` (no RoPE in memory
-layers); vanilla ``LlamaForCausalLM`` rotates every layer, so such a model is exact only in LongLLaMA
-code (a warning is returned and written to the config's ``note``).
+``mem_positional="none"`` maps to LongLLaMA ``mem_positionals=false`` (no RoPE in memory layers); vanilla
+``LlamaForCausalLM`` rotates every layer, so such a model is exact only in FoT/LongLLaMA code (a
+warning is returned and written to the config's ``note``).
 
 CLI: ``python -m fot.convert.to_hf --workdir=W --out=DIR [--step=N] [--dtype=float32|bfloat16|float16]
-[--max_position_embeddings=L] [--last_context_length=N] [--mem_dtype=bfloat16] [--overwrite]``
-prints one JSON line.
+[--max_position_embeddings=L] [--last_context_length=N] [--mem_dtype=bfloat16] [--mem_top_k=K]
+[--mem_capacity=N] [--spm_path=M.model] [--overwrite]`` prints one JSON line.
 """
 from __future__ import annotations
 
@@ -30,7 +38,8 @@ import tempfile
 
 import numpy as np
 
-from fot.convert.mapping import UNMAPPABLE, flatten, param_table
+from fot.convert import hf_remote
+from fot.convert.mapping import flatten, param_table
 
 DTYPES = ("float32", "bfloat16", "float16")
 # fot's SentencePiece convention (fot.data.vocab): 0 PAD / 1 EOS / 2 UNK / 3 BOS.
@@ -49,35 +58,50 @@ def _np_dtype(name: str):
     return np.dtype(name)
 
 
+def llama_compatible(cfg) -> bool:
+    """True when transformers' LlamaForCausalLM / LongLLaMA code compute this model (no QK-norm, no gate)."""
+    return not (cfg.qk_norm and cfg.mem_layers) and not (cfg.mem_gate and cfg.mem_layers)
+
+
 def check_exportable(cfg) -> list[str]:
-    """Raise ValueError for configs without an HF equivalent; return warnings for lossy-in-vanilla ones."""
-    if cfg.qk_norm:
-        raise ValueError("cannot export a model with ModelConfig.qk_norm=True: HF LLaMA / LongLLaMA have no "
-                         "QK normalisation or per-head temperature (params attn/qk_scale)")
-    if cfg.mem_gate:
-        raise ValueError("cannot export a model with ModelConfig.mem_gate=True: HF LLaMA / LongLLaMA have no "
-                         "memory gate (params attn/gate_bias)")
+    """Raise ValueError for configs HF cannot describe; return warnings for lossy-in-vanilla ones."""
     if cfg.d_model % cfg.num_heads:
         raise ValueError(f"cannot export: HF LlamaConfig requires hidden_size={cfg.d_model} divisible by "
                          f"num_attention_heads={cfg.num_heads}")
     warnings = []
+    if not llama_compatible(cfg):
+        warnings.append("memory layers with " + " and ".join(
+            n for n, on in (("QK-norm", cfg.qk_norm), ("the memory gate", cfg.mem_gate)) if on)
+            + ": not a LLaMA model (model_type='fot'); load it with AutoModelForCausalLM.from_pretrained("
+            "DIR, trust_remote_code=True)")
     if cfg.num_heads * cfg.head_dim != cfg.d_model:
         warnings.append(f"head_dim={cfg.head_dim} != d_model/num_heads: loadable by transformers (head_dim "
                         "field) but not by LongLLaMA's code, which derives head_dim = hidden/heads")
-    if cfg.mem_layers and cfg.mem_positional == "none":
-        warnings.append("mem_positional='none': memory layers use no RoPE; exact in LongLLaMA code "
+    if cfg.mem_layers and cfg.mem_positional == "none" and llama_compatible(cfg):
+        warnings.append("mem_positional='none': memory layers use no RoPE; exact in FoT/LongLLaMA code "
                         "(mem_positionals=false) but NOT in vanilla LlamaForCausalLM, which rotates every layer")
-    if float(cfg.rope_theta) != 10000.0:
+    if float(cfg.rope_theta) != 10000.0 and llama_compatible(cfg):
         warnings.append(f"rope_theta={cfg.rope_theta}: needs a LongLLaMA code version that reads rope_theta "
                         "(early versions hard-code RoPE base 10000); transformers reads it")
     return warnings
 
 
+def _check_fot_inference(mem_top_k, mem_capacity, cfg):
+    for name, v in (("mem_top_k", mem_top_k), ("mem_capacity", mem_capacity)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+    if mem_top_k is not None and cfg.mem_gate:
+        raise ValueError("mem_top_k is not supported with ModelConfig.mem_gate=True (the gated memory path "
+                         "is dense)")
+
+
 def hf_config(cfg, *, max_position_embeddings: int, last_context_length: int | None = None,
               mem_dtype: str = "bfloat16", dtype: str = "float32", token_ids: dict | None = None,
-              longllama: bool = False, extra: dict | None = None) -> dict:
+              longllama: bool = False, extra: dict | None = None, mem_top_k: int | None = None,
+              mem_capacity: int | None = None) -> dict:
     """config.json contents for ``cfg`` (see module docstring). ``longllama=True``: the
-    ``config_longllama.json`` variant."""
+    ``config_longllama.json`` variant. ``mem_top_k`` / ``mem_capacity``: the FoT remote code's
+    default memory attention (None = dense) and FIFO capacity (None = unbounded)."""
     warnings = check_exportable(cfg)
     w = int(max_position_embeddings)
     if w < 1:
@@ -88,29 +112,39 @@ def hf_config(cfg, *, max_position_embeddings: int, last_context_length: int | N
     _np_dtype(dtype)
     if mem_dtype not in DTYPES:
         raise ValueError(f"mem_dtype must be one of {DTYPES}, got {mem_dtype!r}")
+    _check_fot_inference(mem_top_k, mem_capacity, cfg)
+    llama = llama_compatible(cfg)
+    if longllama and not llama:
+        raise ValueError("no LongLLaMA config for a model with QK-norm or the memory gate")
+    arch, model_type = (("LongLlamaForCausalLM", "longllama") if longllama else
+                        ("LlamaForCausalLM", "llama") if llama else ("FotForCausalLM", "fot"))
     theta = float(cfg.rope_theta)
     conf = {
-        "architectures": ["LongLlamaForCausalLM" if longllama else "LlamaForCausalLM"],
-        "model_type": "longllama" if longllama else "llama",
+        "architectures": [arch], "model_type": model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "rms_norm_eps": float(cfg.norm_eps), "rope_theta": theta,
         "max_position_embeddings": w, "initializer_range": float(cfg.init_std),
         "tie_word_embeddings": bool(cfg.tie_embeddings), "attention_bias": False, "mlp_bias": False,
-        "torch_dtype": dtype, "use_cache": True, **(token_ids or FOT_TOKEN_IDS),
+        "torch_dtype": dtype, "use_cache": True, **(FOT_TOKEN_IDS if token_ids is None else token_ids),
         # LongLLaMA (configuration_longllama.LongLlamaConfig) fields:
         "mem_layers": list(cfg.mem_layers), "mem_positionals": cfg.mem_positional == "as_first",
         "mem_dtype": mem_dtype, "last_context_length": lcl, "mem_attention_grouping": None,
         "torch_attention": False, "gradient_checkpoint_every_ith": 1,
-        "fot": {"mem_positional": cfg.mem_positional, "window": w, **(extra or {})},
-        "note": ("Exported by fot.convert.to_hf. max_position_embeddings is LongLLaMA's window; memory "
-                 "layers need LongLLaMA's inference code (or fot.convert.torch_longllama) beyond one "
-                 "window." + "".join(" WARNING: " + m + "." for m in warnings)),
+        # FoT remote code (fot.convert.hf_remote.configuration_fot.FotConfig) fields:
+        "mem_top_k": mem_top_k, "mem_capacity": mem_capacity, "qk_norm": bool(cfg.qk_norm),
+        "mem_gate": bool(cfg.mem_gate), "longllama_split": False,
+        "fot": {"mem_positional": cfg.mem_positional, "window": w, "qk_scale_init": cfg.qk_scale_init,
+                **(extra or {})},
+        "note": ("Exported by fot.convert.to_hf. max_position_embeddings is the window; beyond one window "
+                 "memory layers need FoT's remote code (AutoModelForCausalLM.from_pretrained(DIR, "
+                 "trust_remote_code=True)) or LongLLaMA's." + "".join(" WARNING: " + m + "." for m in warnings)),
     }
     if longllama:
         conf["auto_map"] = dict(LONGLLAMA_AUTO_MAP)
     else:
+        conf["auto_map"] = dict(hf_remote.AUTO_MAP)
         conf["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
     return conf
 
@@ -140,8 +174,8 @@ def to_hf_tensors(params, cfg, dtype: str = "float32") -> dict[str, np.ndarray]:
         seen.add(m.fot_path)
     extra = sorted("/".join(p) for p in flat if p not in seen)
     if extra:
-        why = {k: v for k, v in UNMAPPABLE.items() if any(p.endswith(k) for p in extra)}
-        raise ValueError(f"fot params without an HF equivalent: {extra}" + (f" ({why})" if why else ""))
+        raise ValueError(f"fot params that this ModelConfig does not have (wrong config for these params?): "
+                         f"{extra}")
     return out
 
 
@@ -171,15 +205,21 @@ def _prepare_out(out_dir: str, overwrite: bool) -> str:
 
 def export(params, cfg, out_dir: str, *, max_position_embeddings: int, last_context_length: int | None = None,
            mem_dtype: str = "bfloat16", dtype: str = "float32", overwrite: bool = False,
-           max_shard_bytes: int = 5 * 2**30, token_ids: dict | None = None, extra: dict | None = None) -> dict:
-    """Write ``out_dir`` (see module docstring). Returns a summary dict (files, tensors, bytes, warnings)."""
+           max_shard_bytes: int = 5 * 2**30, token_ids: dict | None = None, extra: dict | None = None,
+           mem_top_k: int | None = None, mem_capacity: int | None = None,
+           tokenizer_files: dict[str, bytes] | None = None) -> dict:
+    """Write ``out_dir`` (see module docstring). Returns a summary dict (files, tensors, bytes, warnings).
+
+    ``tokenizer_files``: {file name: bytes} written beside the weights (``fot.convert.tokenizer``)."""
     from safetensors.numpy import save_file
 
     out_dir = _prepare_out(out_dir, overwrite)
     kw = dict(max_position_embeddings=max_position_embeddings, last_context_length=last_context_length,
-              mem_dtype=mem_dtype, dtype=dtype, token_ids=token_ids, extra=extra)
-    conf = hf_config(cfg, **kw)
-    conf_ll = hf_config(cfg, longllama=True, **kw)
+              mem_dtype=mem_dtype, dtype=dtype, token_ids=token_ids, extra=extra, mem_top_k=mem_top_k,
+              mem_capacity=mem_capacity)
+    configs = {"config.json": hf_config(cfg, **kw)}
+    if llama_compatible(cfg):
+        configs["config_longllama.json"] = hf_config(cfg, longllama=True, **kw)
     tensors = to_hf_tensors(params, cfg, dtype)
     shards = _shards(tensors, int(max_shard_bytes))
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
@@ -198,9 +238,16 @@ def export(params, cfg, out_dir: str, *, max_position_embeddings: int, last_cont
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
             files.append("model.safetensors.index.json")
-        for name, c in (("config.json", conf), ("config_longllama.json", conf_ll)):
+        for name, c in configs.items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(c, f, indent=2)
+            files.append(name)
+        for name in hf_remote.FILES:
+            shutil.copyfile(os.path.join(hf_remote.DIR, name), os.path.join(tmp, name))
+            files.append(name)
+        for name, data in (tokenizer_files or {}).items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
             files.append(name)
         umask = os.umask(0)
         os.umask(umask)
