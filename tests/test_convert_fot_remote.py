@@ -28,7 +28,7 @@ W = 8  # window (max_position_embeddings); inputs span >= 5 windows
 CONFIGS = {
     # the quickstart's memory layer: QK-norm with its temperature, no positional encoding in memory
     "qknorm_none": dict(mem_layers=(1,), qk_norm=True, mem_positional="none", qk_scale_init=6.0),
-    "gated": dict(mem_layers=(1,), mem_gate=True),
+    "gated": dict(mem_layers=(1,), mem_gate=True, mem_positional="none"),  # none without QK-norm
     "as_first": dict(mem_layers=(1, 2)),
 }
 
@@ -170,7 +170,8 @@ def test_greedy_generate_matches_fot(tmp_path, rng, name, top_k):
     cfg = tiny_cfg(**CONFIGS[name])
     params = _params(cfg, rng)
     model = _load(_export(tmp_path, "hf", cfg, params, mem_top_k=top_k))
-    prompt = rng.integers(4, cfg.vocab_size, (2, 4 * W + 5))
+    prompt = rng.integers(0, cfg.vocab_size, (2, 4 * W + 5))
+    prompt[:, 3] = 0  # pad ids are ordinary tokens (no attention mask is derived from them)
     t = prompt.shape[1]
     with torch.no_grad():
         got = model.generate(torch.as_tensor(prompt), max_new_tokens=64, do_sample=False)[:, t:].numpy()
@@ -242,6 +243,8 @@ def test_bad_inputs(tmp_path, rng):
         model(torch.full((1, 3), cfg.vocab_size))
     with pytest.raises(ValueError, match="attention_mask has zeros"):
         model(ok, attention_mask=torch.cat([torch.zeros(1, 2), torch.ones(1, 8)], 1).long())
+    with pytest.raises(ValueError, match="attention_mask has zeros"):
+        model.generate(ok, attention_mask=(ok != ok[0, 0]).long(), max_new_tokens=3)
     with pytest.raises(ValueError, match="num_beams"):
         model.generate(ok, max_new_tokens=3, num_beams=2)
     with pytest.raises(ValueError, match="input_ids must be"):
@@ -260,8 +263,112 @@ def test_loads_without_jax_or_fot(tmp_path, rng):
         f"m = transformers.AutoModelForCausalLM.from_pretrained({path!r}, trust_remote_code=True)\n"
         "out = m(torch.arange(40).view(1, 40) % 50)\n"
         "print('OK', type(m).__name__, tuple(out.logits.shape), int(out.fot_state.memory_size()[0]))\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), env=env,
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"OK FotForCausalLM (1, 40, {cfg.vocab_size}) 32" in res.stdout
+
+
+# -------------------------------------------------------------------------------------------------
+def test_sentencepiece_tokenizer_export(tmp_path, rng):
+    """tokenizer.model + tokenizer_config.json: AutoTokenizer encodes exactly as the SentencePiece model
+    (fot's seqio vocabulary) with BOS first, and decodes back."""
+    import sentencepiece as spm
+
+    from fot.convert import tokenizer
+    from fot.data.vocab import train_vocabulary
+
+    text = tmp_path / "corpus.txt"
+    words = ["alpha", "beta", "gamma", "delta", "  indented", "\ttab", "x = 1\n", "def f(y):\n", "ünï", "42"]
+    text.write_text("".join(words[i] + (" " if i % 3 else "\n") for i in rng.integers(0, len(words), 4000)))
+    model_path = train_vocabulary(str(text), 300, str(tmp_path / "spm"))
+    cfg = tiny_cfg(vocab_size=300, mem_layers=(1,))
+    path = _export(tmp_path, "hf", cfg, _params(cfg, rng), tokenizer_files=tokenizer.spm_files(model_path))
+    tok = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    sp = spm.SentencePieceProcessor(model_file=model_path)
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id, tok.bos_token_id) == (0, 1, 2, 3)
+    for s in ("alpha beta", "  indented\n\ttab x = 1", "def f(y):\n    ünï 42 €", " leading  double  spaces "):
+        ids = tok(s)["input_ids"]
+        assert ids == [3] + sp.encode(s), s
+        assert tok.decode(ids, skip_special_tokens=True) == s
+    with pytest.raises(ValueError, match="pieces > model vocab_size"):
+        tokenizer.spm_files(model_path, vocab_size=299)
+
+
+def test_cli_exports_dictionary_id_table(tmp_path, rng, capsys):
+    """A dictionary-lookup run exports its id table (AutoTokenizer decodes examples), no EOS (generate
+    must not stop at <k>, id 1), its training window and the FoT inference flags."""
+    from fot.training.checkpoint import Checkpointer
+
+    cfg = tiny_cfg(vocab_size=24, **CONFIGS["qknorm_none"])
+    wd = tmp_path / "run"
+    wd.mkdir()
+    lines = [f"ModelConfig.{k} = {v!r}" for k, v in dict(
+        vocab_size=24, d_model=32, num_layers=3, num_heads=4, mlp_dim=48, rope_theta=500.0, norm_eps=1e-5,
+        mem_layers=(1,), qk_norm=True, mem_positional="none", qk_scale_init=6.0).items()]
+    lines += ["train.train_data = @train_data/DictionaryLookupIterator()",
+              "train_data/DictionaryLookupIterator.seq_len = 8", "train_data/DictionaryLookupIterator.vocab_size = 24"]
+    (wd / "config.gin").write_text("\n".join(lines) + "\n")
+    ck = Checkpointer(str(wd), async_save=False)
+    ck.save(3, {"step": np.int32(3), "params": _params(cfg, rng)}, {}, {})
+    ck.close()
+    out = tmp_path / "hf"
+    assert to_hf.main([f"--workdir={wd}", f"--out={out}", "--mem_top_k=4", "--mem_dtype=float32"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["tokenizer"] == "dictionary id table" and "id_table.json" in line["files"]
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["max_position_embeddings"] == 8 and conf["mem_top_k"] == 4 and conf["eos_token_id"] is None
+    tok = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    assert tok.decode([1, 5, 9, 2, 12, 7]) == "<k> s5 s9 <v> s12 s7"
+    assert tok("<q> s5 s9 <v>")["input_ids"] == [3, 5, 9, 2]
+    model = _load(str(out))
+    assert model.config.mem_top_k == 4 and model.generation_config.eos_token_id is None
+    assert to_hf.main([f"--workdir={wd}", f"--out={tmp_path / 'x'}", "--mem_top_k=0"]) == 2
+    assert "mem_top_k must be None or an int >= 1" in capsys.readouterr().err
+
+
+def test_readme_pytorch_example_runs(tmp_path, rng):
+    """README "Use a fot model from PyTorch": the Python block runs as written (torch + transformers
+    only) on an export shaped like the make-run model (dictionary id table, window 32, top-k 32)."""
+    from fot.convert import tokenizer
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## Use a fot model from PyTorch"):]
+    code = section[section.index("```python\n") + 10:]
+    code = code[:code.index("```")]
+    assert 8 <= len(code.strip().splitlines()) <= 13
+    cfg = tiny_cfg(vocab_size=64, **CONFIGS["qknorm_none"])
+    out = tmp_path / "runs" / "quickstart_hf"
+    to_hf.export(_params(cfg, rng), cfg, str(out), max_position_embeddings=32, mem_top_k=32,
+                 token_ids=dict(tokenizer.ID_TABLE_TOKEN_IDS),
+                 tokenizer_files=tokenizer.id_table_files(tokenizer.dictionary_id_table(64), pad_token="<pad>"))
+    prelude = "import sys\nfor m in ('jax', 'jaxlib', 'flax', 'fot'): sys.modules[m] = None\n"
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=str(tmp_path),
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 2 and "| expected: s" in lines[0] and len(lines[1].split()) == 2, res.stdout
+
+
+def test_log_parametrised_temperature(tmp_path, rng):
+    """qk_scale_param="log" (tensor self_attn.qk_log_scale = log temperature) gives the logits of the
+    same temperature stored linearly (self_attn.qk_scale)."""
+    from safetensors.numpy import load_file, save_file
+
+    cfg = tiny_cfg(**CONFIGS["qknorm_none"])
+    path = _export(tmp_path, "hf", cfg, _params(cfg, rng))
+    tokens = rng.integers(0, cfg.vocab_size, (1, 3 * W + 1))
+    want = _torch_logits(_load(path), tokens)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    name = "model.layers.1.self_attn.qk_scale"
+    tensors[name.replace("qk_scale", "qk_log_scale")] = np.log(tensors.pop(name))
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    conf = json.loads(open(os.path.join(path, "config.json")).read())
+    assert conf["qk_scale_param"] == "linear"
+    conf["qk_scale_param"] = "log"
+    open(os.path.join(path, "config.json"), "w").write(json.dumps(conf))
+    model = _load(path)
+    assert not hasattr(model.model.layers[1].self_attn, "qk_scale")
+    np.testing.assert_allclose(_torch_logits(model, tokens), want, atol=1e-5, rtol=0)

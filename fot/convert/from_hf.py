@@ -42,6 +42,7 @@ def config_from_hf(conf: dict):
     hidden = int(conf["hidden_size"])
     fot_block = conf.get("fot") or {}
     positional = fot_block.get("mem_positional") or ("as_first" if conf.get("mem_positionals", True) else "none")
+    log_scale = {"qk_scale_param": "log"} if conf.get("qk_scale_param", "linear") == "log" else {}
     return ModelConfig(vocab_size=int(conf["vocab_size"]), d_model=hidden,
                        num_layers=int(conf["num_hidden_layers"]), num_heads=heads,
                        mlp_dim=int(conf["intermediate_size"]),
@@ -52,7 +53,7 @@ def config_from_hf(conf: dict):
                        qk_scale_init=fot_block.get("qk_scale_init"),
                        norm_eps=float(conf.get("rms_norm_eps", 1e-6)),
                        tie_embeddings=bool(conf.get("tie_word_embeddings", False)),
-                       init_std=float(conf.get("initializer_range", 0.02)))
+                       init_std=float(conf.get("initializer_range", 0.02)), **log_scale)
 
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:

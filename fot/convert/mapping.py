@@ -61,11 +61,16 @@ LAYER_RULES = (
     (("mlp", "down", "kernel"), "mlp.down_proj.weight", transpose, ("F", "D")),
 )
 # Memory-layer extras of fot.model.attention, with no LLaMA equivalent (read by the exported remote
-# code, fot.convert.hf_remote): (config flag, fot sub-path, HF suffix, hook, shape key).
+# code, fot.convert.hf_remote), named as in fot: (config flag, param name, hook, shape key).
 MEMORY_RULES = (
-    ("qk_norm", ("attn", "qk_scale"), "self_attn.qk_scale", identity, ("H",)),
-    ("mem_gate", ("attn", "gate_bias"), "self_attn.gate_bias", identity, ("H",)),
+    ("qk_norm", "qk_scale", identity, ("H",)),  # "qk_log_scale" with ModelConfig.qk_scale_param="log"
+    ("mem_gate", "gate_bias", identity, ("H",)),
 )
+
+
+def qk_scale_param(cfg) -> str:
+    """How the QK-norm temperature is stored ("linear": qk_scale, "log": qk_log_scale)."""
+    return getattr(cfg, "qk_scale_param", "linear")
 
 
 def param_table(cfg) -> list[ParamMap]:
@@ -79,9 +84,12 @@ def param_table(cfg) -> list[ParamMap]:
     for i in range(cfg.num_layers):
         for path, suffix, hook, key in LAYER_RULES:
             out.append(ParamMap((f"layers_{i}",) + path, f"model.layers.{i}.{suffix}", shape(key), hook, hook))
-        for flag, path, suffix, hook, key in MEMORY_RULES:
+        for flag, name, hook, key in MEMORY_RULES:
             if getattr(cfg, flag) and cfg.is_memory_layer(i):
-                out.append(ParamMap((f"layers_{i}",) + path, f"model.layers.{i}.{suffix}", shape(key), hook, hook))
+                if name == "qk_scale" and qk_scale_param(cfg) == "log":
+                    name = "qk_log_scale"
+                out.append(ParamMap((f"layers_{i}", "attn", name), f"model.layers.{i}.self_attn.{name}",
+                                    shape(key), hook, hook))
     if not cfg.tie_embeddings:
         path, name, hook, key = GLOBAL_RULES[2]
         out.append(ParamMap(path, name, shape(key), hook, hook))

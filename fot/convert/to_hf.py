@@ -39,7 +39,7 @@ import tempfile
 import numpy as np
 
 from fot.convert import hf_remote
-from fot.convert.mapping import flatten, param_table
+from fot.convert.mapping import flatten, param_table, qk_scale_param
 
 DTYPES = ("float32", "bfloat16", "float16")
 # fot's SentencePiece convention (fot.data.vocab): 0 PAD / 1 EOS / 2 UNK / 3 BOS.
@@ -134,6 +134,7 @@ def hf_config(cfg, *, max_position_embeddings: int, last_context_length: int | N
         "torch_attention": False, "gradient_checkpoint_every_ith": 1,
         # FoT remote code (fot.convert.hf_remote.configuration_fot.FotConfig) fields:
         "mem_top_k": mem_top_k, "mem_capacity": mem_capacity, "qk_norm": bool(cfg.qk_norm),
+        "qk_scale_param": qk_scale_param(cfg),
         "mem_gate": bool(cfg.mem_gate), "longllama_split": False,
         "fot": {"mem_positional": cfg.mem_positional, "window": w, "qk_scale_init": cfg.qk_scale_init,
                 **(extra or {})},
@@ -280,6 +281,21 @@ def _training_window(workdir: str):
         return None
 
 
+def _run_tokenizer(args, cfg):
+    """(files, config token ids, description) of the tokenizer to export (see fot.convert.tokenizer)."""
+    from fot.convert import tokenizer
+    if args.no_tokenizer:
+        return None, None, "none (--no_tokenizer)"
+    if args.spm_path:
+        files = tokenizer.spm_files(args.spm_path, vocab_size=cfg.vocab_size)
+        return files, dict(tokenizer.SPM_TOKEN_IDS), f"SentencePiece model {args.spm_path}"
+    import gin
+    try:
+        return tokenizer.from_run(gin, cfg.vocab_size)
+    except Exception as e:  # noqa: BLE001 - detection is best effort; the weights still export
+        return None, None, f"none: the run's vocabulary could not be read ({type(e).__name__}: {e}); pass --spm_path"
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -293,6 +309,13 @@ def main(argv=None) -> int:
     p.add_argument("--last_context_length", type=int, default=None,
                    help="default min(1024, window // 2) (LongLLaMA: 1024)")
     p.add_argument("--mem_dtype", default="bfloat16", choices=DTYPES)
+    p.add_argument("--mem_top_k", type=int, default=None,
+                   help="FoT remote code: exact top-k memory attention (default dense)")
+    p.add_argument("--mem_capacity", type=int, default=None,
+                   help="FoT remote code: memory slots per memory layer, FIFO (default unbounded)")
+    p.add_argument("--spm_path", default=None,
+                   help="SentencePiece model to export as the tokenizer (default: the run's own vocabulary)")
+    p.add_argument("--no_tokenizer", action="store_true", help="export no tokenizer")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -313,10 +336,13 @@ def main(argv=None) -> int:
         window = args.max_position_embeddings or _training_window(workdir)
         if window is None:
             raise ValueError("--max_position_embeddings not given and the run's seq_len is unknown")
+        tok_files, token_ids, tok_note = _run_tokenizer(args, cfg)
         summary = export(params, cfg, args.out, max_position_embeddings=int(window),
                          last_context_length=args.last_context_length, mem_dtype=args.mem_dtype,
-                         dtype=args.dtype, overwrite=args.overwrite,
+                         dtype=args.dtype, overwrite=args.overwrite, mem_top_k=args.mem_top_k,
+                         mem_capacity=args.mem_capacity, tokenizer_files=tok_files, token_ids=token_ids,
                          extra={"source_workdir": workdir, "step": int(step)})
+        summary["tokenizer"] = tok_note
     except ValueError as e:
         print(f"fot.convert.to_hf: error: {e}", file=sys.stderr, flush=True)
         return 2

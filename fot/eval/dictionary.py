@@ -47,6 +47,21 @@ def _align_definitions(docs, n: int, window: int, record: int):
     return {**docs, "tokens": tokens, "segment": segment}
 
 
+def documents(rng: np.random.Generator, n: int, *, window: int, key_len: int, value_len: int, vocab_size: int,
+              num_docs: int, aligned: bool = True) -> dict[str, np.ndarray] | None:
+    """The ``num_docs`` documents :func:`evaluate` scores for ``n`` definition tokens (a multiple of
+    ``window``) followed by one window of queries (``fot.data.dictionary.generate_documents`` arrays,
+    [num_docs, n + window + 1]); None when ``n`` holds no definition or more than the unique keys."""
+    record = key_len + value_len + 2
+    n_def = (n // window) * (window // record) if aligned else n // record
+    if n_def > max_dictionary_tokens(key_len, value_len, vocab_size) // record or n_def < 1:
+        return None
+    spec = DictionarySpec(key_len=key_len, value_len=value_len, vocab_size=vocab_size,
+                          doc_len=n + window, query_len=window, num_definitions=n_def)
+    docs = generate_documents(rng, num_docs, spec)
+    return _align_definitions(docs, n, window, record) if aligned else docs
+
+
 def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_size: int,
              sizes: Sequence[int], num_docs: int = 16, top_k: int | None = 32, seed: int = 0,
              mem_dtype: str = "float32", memory_budget_bytes: int = 1 << 30, aligned: bool = True,
@@ -74,17 +89,11 @@ def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_
         n = _round_up(int(size), window)
         if n < 1:
             raise ValueError(f"memory sizes must be >= 1, got {size}")
-        record = key_len + value_len + 2
-        per_window = window // record
-        n_def = (n // window) * per_window if aligned else n // record
-        if n_def > limit // record or n_def < 1:
+        docs = documents(rng, n, window=window, key_len=key_len, value_len=value_len, vocab_size=vocab_size,
+                         num_docs=num_docs, aligned=aligned)
+        if docs is None:
             skipped.append(int(size))
             continue
-        spec = DictionarySpec(key_len=key_len, value_len=value_len, vocab_size=vocab_size,
-                              doc_len=n + window, query_len=window, num_definitions=n_def)
-        docs = generate_documents(rng, num_docs, spec)
-        if aligned:
-            docs = _align_definitions(docs, n, window, record)
         inputs, targets = docs["tokens"][:, :-1], docs["tokens"][:, 1:]
         answer = docs["answer"][:, 1:]
         keep = docs["segment"][:, :-1] > 0

@@ -36,10 +36,10 @@ def l2_normalize(x, eps=1e-6):
     return xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + eps)
 
 
-def qk_temperature(qk_scale):
-    """Per-head multiplier of the normalised queries from the exported ``self_attn.qk_scale`` [H]
-    (fot's param ``attn/qk_scale``, used as it is)."""
-    return qk_scale.float()
+def qk_temperature(param, parametrisation="linear"):
+    """Per-head multiplier [H] of the normalised queries from the exported parameter: the temperature
+    itself (``"linear"``, tensor ``qk_scale``) or its logarithm (``"log"``, tensor ``qk_log_scale``)."""
+    return param.float().exp() if parametrisation == "log" else param.float()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ beyond LLaMA's (the LongLLaMA ones keep LongLLaMA's names and meaning):
 * ``mem_dtype``: storage dtype of the memory ("float32", "bfloat16", "float16").
 * ``mem_capacity``: memory slots per memory layer (FIFO eviction beyond); None = unbounded.
 * ``qk_norm``: memory layers L2-normalise queries and keys per head and multiply queries by the
-  per-head temperature (tensor ``self_attn.qk_scale``); logits are not divided by sqrt(head_dim).
+  per-head temperature; logits are not divided by sqrt(head_dim). ``qk_scale_param`` says how the
+  temperature is stored: ``"linear"`` (tensor ``self_attn.qk_scale`` = temperature) or ``"log"``
+  (tensor ``self_attn.qk_log_scale`` = its logarithm), as fot's ``ModelConfig.qk_scale_param``.
 * ``mem_gate``: memory layers mix ``g * memory-only + (1 - g) * local-only`` attention with
   ``g = sigmoid(self_attn.gate_bias[h])`` (``g = 0`` while the memory is empty); dense memory only.
 * ``longllama_split``: False (default) = consecutive windows of ``max_position_embeddings`` tokens (fot's
@@ -25,6 +27,7 @@ beyond LLaMA's (the LongLLaMA ones keep LongLLaMA's names and meaning):
 from transformers import PretrainedConfig
 
 MEM_DTYPES = ("float32", "bfloat16", "float16")
+QK_SCALE_PARAMS = ("linear", "log")
 
 
 class FotConfig(PretrainedConfig):
@@ -35,7 +38,8 @@ class FotConfig(PretrainedConfig):
                  num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
                  max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=10000.0,
                  mem_layers=(), mem_positionals=True, mem_dtype="bfloat16", last_context_length=1024,
-                 mem_top_k=None, mem_capacity=None, qk_norm=False, mem_gate=False, longllama_split=False,
+                 mem_top_k=None, mem_capacity=None, qk_norm=False, qk_scale_param="linear", mem_gate=False,
+                 longllama_split=False,
                  tie_word_embeddings=False, use_cache=True, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -57,6 +61,7 @@ class FotConfig(PretrainedConfig):
         self.mem_top_k = mem_top_k
         self.mem_capacity = mem_capacity
         self.qk_norm = bool(qk_norm)
+        self.qk_scale_param = qk_scale_param
         self.mem_gate = bool(mem_gate)
         self.longllama_split = bool(longllama_split)
         self.use_cache = use_cache
@@ -88,6 +93,8 @@ class FotConfig(PretrainedConfig):
             raise ValueError(f"mem_top_k must be None (dense memory attention) or an int >= 1, got {k!r}")
         if k is not None and self.mem_gate:
             raise ValueError("mem_top_k is not supported with mem_gate=True (the gated memory path is dense)")
+        if self.qk_scale_param not in QK_SCALE_PARAMS:
+            raise ValueError(f"qk_scale_param must be one of {QK_SCALE_PARAMS}, got {self.qk_scale_param!r}")
         if self.mem_dtype not in MEM_DTYPES:
             raise ValueError(f"mem_dtype must be one of {MEM_DTYPES}, got {self.mem_dtype!r}")
         c = self.mem_capacity

@@ -20,6 +20,7 @@ returned as ``outputs.fot_state`` and continues the same token stream when passe
 instead (the last ``last_context_length`` tokens form the final window). No padding (an
 ``attention_mask`` with zeros is refused); no beam search.
 """
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -92,8 +93,10 @@ class FotAttention(nn.Module):
         self.qk_norm = self.is_memory and config.qk_norm
         self.gated = self.is_memory and config.mem_gate
         self.use_rope = not self.is_memory or config.mem_positionals
-        if self.qk_norm:
-            self.qk_scale = nn.Parameter(torch.full((self.heads,), float(self.head_dim) ** 0.5))
+        if self.qk_norm:  # param named as fot's: qk_scale (temperature) or qk_log_scale (its log)
+            self.qk_param = "qk_log_scale" if config.qk_scale_param == "log" else "qk_scale"
+            init = float(self.head_dim) ** 0.5
+            self.register_parameter(self.qk_param, nn.Parameter(torch.full((self.heads,), init)))
         if self.gated:
             self.gate_bias = nn.Parameter(torch.zeros(self.heads))
 
@@ -107,7 +110,7 @@ class FotAttention(nn.Module):
         v = self.v_proj(x).view(b, t, n, dh).transpose(1, 2)
         scale = dh ** -0.5
         if self.qk_norm:
-            temp = qk_temperature(self.qk_scale)[None, :, None, None]
+            temp = qk_temperature(getattr(self, self.qk_param), self.config.qk_scale_param)[None, :, None, None]
             q = (l2_normalize(q) * temp).to(dt)
             k = l2_normalize(k).to(dt)
             scale = 1.0
@@ -156,7 +159,9 @@ class FotPreTrainedModel(PreTrainedModel):
             module.weight.data.fill_(1.0)
         elif isinstance(module, FotAttention):
             if module.qk_norm:
-                module.qk_scale.data.fill_(float(module.head_dim) ** 0.5)
+                init = float(module.head_dim) ** 0.5
+                getattr(module, module.qk_param).data.fill_(
+                    math.log(init) if module.config.qk_scale_param == "log" else init)
             if module.gated:
                 module.gate_bias.data.zero_()
 
@@ -246,17 +251,19 @@ class FotForCausalLM(FotPreTrainedModel, GenerationMixin):
             raise ValueError("attention_mask has zeros: FoT memory inference takes no padding; pass rows of "
                              "equal length (or one row at a time)")
 
-    def forward(self, input_ids=None, attention_mask=None, fot_state=None, labels=None, use_cache=None,
-                return_dict=None, logits_to_keep=0, **kwargs):
+    def forward(self, input_ids=None, fot_state=None, labels=None, use_cache=None, return_dict=None,
+                logits_to_keep=0, **kwargs):
         """input_ids long [B, T] → FotCausalLMOutput(loss, logits float32 [B, T, V], fot_state).
 
         ``fot_state``: a state returned by an earlier call (updated in place): ``input_ids`` then
         continue that stream. ``logits_to_keep=N > 0``: logits of the last N tokens only.
-        ``use_cache=False``: no state in the output.
+        ``use_cache=False``: no state in the output. An ``attention_mask`` keyword is accepted when it
+        is all ones (it is deliberately not a named parameter: generate() then does not derive one from
+        pad ids, which are ordinary tokens here, e.g. the dictionary task's layout padding).
         """
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("inputs_embeds is not supported: pass input_ids")
-        self._check_inputs(input_ids, attention_mask)
+        self._check_inputs(input_ids, kwargs.get("attention_mask"))
         state = fot_state if fot_state is not None else FotState(self.config.num_hidden_layers)
         hidden = self.model(input_ids, state)
         if logits_to_keep:
@@ -278,10 +285,11 @@ class FotForCausalLM(FotPreTrainedModel, GenerationMixin):
         return False
 
     def prepare_inputs_for_generation(self, input_ids, fot_state=None, attention_mask=None, **kwargs):
+        if attention_mask is not None and fot_state is None:  # a mask the caller passed (checked once)
+            self._check_inputs(input_ids, attention_mask)
         if fot_state is not None and fot_state.seen:
             input_ids = input_ids[:, fot_state.seen:]
-        return {"input_ids": input_ids, "fot_state": fot_state, "attention_mask": attention_mask,
-                "use_cache": True, "logits_to_keep": 1}
+        return {"input_ids": input_ids, "fot_state": fot_state, "use_cache": True, "logits_to_keep": 1}
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
