@@ -1,7 +1,9 @@
-"""Transformers remote code for FoT models (``configuration_fot.py``, ``modeling_fot.py``,
-``attention_fot.py``): ``fot.convert.to_hf`` copies these files beside the exported weights, where
-``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads them. They import only
-torch and transformers (never fot or JAX); this package is their home in the source tree.
+"""Transformers remote code for FoT models: ``fot.convert.to_hf`` copies ``configuration_fot.py``,
+``modeling_fot.py`` and ``attention_fot.py`` (``FILES``) beside the exported weights, where
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads them, and
+``tokenization_fot.py`` with an exported tokenizer (``fot.convert.tokenizer``). They import only torch,
+transformers (and sentencepiece for a SentencePiece tokenizer), never fot or JAX; this package is
+their home in the source tree.
 """
 import os
 
