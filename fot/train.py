@@ -7,12 +7,19 @@ curricula, ``train``) with ``gin.external_configurable``. The operative config i
 ``DIR/config.gin``; checkpoints go to ``DIR/checkpoints``; TensorBoard events to ``DIR``; results to
 ``DIR/results.json`` and as the last stdout line (one JSON object).
 
+Fine-tuning (``train.init_from = 'W'``): the model configuration comes from ``W/config.gin`` (every
+``ModelConfig`` field of run W is bound before the gin files, which may then change memory-layer settings
+(``INIT_FROM_FIELDS``) and nothing else: a file that changes a parameter's shape or the model's function
+is a configuration error). The macro ``INIT_FROM`` holds ``W`` (None without init_from), e.g. for
+``run_vocabulary.workdir = %INIT_FROM`` (the imported checkpoint's own tokenizer).
+
 Exit codes: 0 = finished (or saved and stopped on SIGTERM); 2 = configuration error (one line on
 stderr); 3 = training diverged (NaN/inf loss; the last checkpoint is the last good one).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 
@@ -29,6 +36,9 @@ flags.DEFINE_list("gin_search_paths", ["gin", _REPO_GIN], "Directories searched 
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard, config.gin, results.json).")
 
 _REGISTERED = False
+# ModelConfig fields a run file may change when it fine-tunes run W (train.init_from): memory-layer
+# settings and how the same parameters are computed; everything else comes from W/config.gin.
+INIT_FROM_FIELDS = ("mem_layers", "mem_positional", "crossbatch_block_rows", "dtype", "remat", "remat_policy")
 
 
 def register_configurables() -> None:
@@ -66,6 +76,11 @@ def _register_data_pipeline(gin) -> None:
         return
     for name in getattr(pipeline, "GIN_CONFIGURABLES", ()):
         gin.external_configurable(getattr(pipeline, name), name=name, module="fot.data")
+
+
+def model_config_bindings(cfg) -> list[str]:
+    """Gin bindings that rebuild ``cfg`` (a ``ModelConfig``): one ``ModelConfig.<field> = <value>`` per field."""
+    return [f"ModelConfig.{f.name} = {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)]
 
 
 def parse_run_config(workdir: str, gin_files=(), gin_bindings=(), search_paths=()) -> None:
@@ -120,8 +135,48 @@ def _working_dir_off_sys_path():
         sys.path[:] = saved
 
 
+def _query(gin, selector: str):
+    try:
+        return gin.query_parameter(selector)
+    except ValueError:
+        return None
+
+
+def init_from_model(workdir: str, search_paths=()):
+    """The ModelConfig of run ``workdir`` (parsed from its config.gin; gin's config is cleared after)."""
+    import gin
+
+    if not os.path.isfile(os.path.join(workdir, "config.gin")):
+        raise ValueError(f"train.init_from = {workdir!r}: no config.gin there (expected a run directory of "
+                         "fot.train or fot.convert.from_hf)")
+    try:
+        parse_run_config(workdir, search_paths=search_paths)
+        return gin.get_configurable("fot.model.ModelConfig")()
+    except Exception as e:  # noqa: BLE001 - gin / ModelConfig errors
+        raise ValueError(f"train.init_from = {workdir!r}: cannot build its ModelConfig from config.gin: {e}") from None
+    finally:
+        gin.clear_config()
+
+
+def check_init_from_model(base, run) -> None:
+    """ValueError naming the first ModelConfig field (outside INIT_FROM_FIELDS) the run files changed."""
+    for f in dataclasses.fields(base):
+        a, b = getattr(base, f.name), getattr(run, f.name)
+        if f.name not in INIT_FROM_FIELDS and a != b:
+            raise ValueError(f"with train.init_from the model comes from that run's config.gin, but the gin files "
+                             f"change ModelConfig.{f.name} ({a!r} there, {b!r} here); a fine-tuning run file may "
+                             f"change only {', '.join(INIT_FROM_FIELDS)}")
+
+
+def _parse(gin, gin_files, gin_bindings, init_from) -> None:
+    gin.clear_config()
+    gin.parse_config(f"INIT_FROM = {init_from!r}")
+    gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=False)
+
+
 def parse_gin(gin_files, gin_bindings, search_paths) -> None:
-    """Parse and finalize gin files and bindings; one-line error and exit 2 on any problem."""
+    """Parse and finalize gin files and bindings (with ``train.init_from``: on top of that run's model,
+    see the module docstring); one-line error and exit 2 on any problem."""
     import gin
 
     register_configurables()
@@ -136,7 +191,18 @@ def parse_gin(gin_files, gin_bindings, search_paths) -> None:
     logging.set_verbosity(logging.FATAL)  # gin's resource reader logs an error for every search-path miss
     try:
         with _working_dir_off_sys_path():
-            gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
+            _parse(gin, gin_files, gin_bindings, None)
+            init_from = _query(gin, "fot.training.train.init_from")
+            if init_from:
+                init_from = os.path.abspath(str(init_from))
+                try:
+                    base = init_from_model(init_from, search_paths)
+                    _parse(gin, [], model_config_bindings(base) + ["train.model_config = @ModelConfig()"], init_from)
+                    gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=False)
+                    check_init_from_model(base, gin.get_configurable("fot.model.ModelConfig")())
+                except ValueError as e:
+                    _fail(e)
+            gin.finalize()
     except (OSError, IOError) as e:
         _fail(f"gin file not found: {e}")
     except Exception as e:  # gin raises ValueError/KeyError/SyntaxError subclasses for bad bindings

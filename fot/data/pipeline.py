@@ -20,11 +20,12 @@ from fot.data.documents import MixtureDocuments
 from fot.data.segmenter import Segmenter
 from fot.data.tasks import (register_dictionary_task, register_files_task, register_function_task,  # noqa: F401
                             register_mixture, register_stdlib_task, register_tfds_task)
-from fot.data.vocab import check_vocab_size, load_vocabulary, stdlib_vocabulary  # noqa: F401
+from fot.data.vocab import check_vocab_size, load_vocabulary, run_vocabulary, stdlib_vocabulary  # noqa: F401
 
 # Registered by fot.train with gin.external_configurable(..., module="fot.data") (short names in gin).
 GIN_CONFIGURABLES = ("make_iterator", "register_files_task", "register_tfds_task", "register_stdlib_task",
-                     "register_dictionary_task", "register_mixture", "load_vocabulary", "stdlib_vocabulary")
+                     "register_dictionary_task", "register_mixture", "load_vocabulary", "stdlib_vocabulary",
+                     "run_vocabulary")
 
 
 class PrefetchIterator:

@@ -131,6 +131,23 @@ def check_vocab_size(vocabulary: Any, model_vocab_size: int, *, allow_larger_mod
     return n
 
 
+RUN_TOKENIZER = "tokenizer.model"
+
+
+def run_vocabulary(workdir: str | None):
+    """The vocabulary of a run directory: its ``tokenizer.model`` (``fot.convert.from_hf`` copies the imported
+    checkpoint's SentencePiece model there). Gin: ``run_vocabulary.workdir = %INIT_FROM`` (the run of
+    ``train.init_from``, set by ``fot.train``)."""
+    if not workdir:
+        raise ValueError("run_vocabulary needs a run directory: set train.init_from = 'W' (e.g. a run imported "
+                         "with python -m fot.convert.from_hf)")
+    path = os.path.join(workdir, RUN_TOKENIZER)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found: the run directory {workdir} has no SentencePiece tokenizer "
+                         "(fot.convert.from_hf copies the source checkpoint's tokenizer.model)")
+    return load_vocabulary(path)
+
+
 def stdlib_vocabulary(vocab_size: int = 2048, cache_dir: str | None = None, sample_bytes: int = 4 << 20):
     """A SentencePiece vocabulary trained on the stdlib corpus's train split, cached on disk.
 

@@ -7,6 +7,12 @@ NaN guard, TensorBoard and the console. Checkpoints (orbax, async) every N steps
 SIGTERM; a run restarted on the same workdir resumes from the latest checkpoint exactly (params,
 optimizer, step, RNG, data cursor, curriculum). A time budget (``max_train_seconds``) ends training
 early and still evaluates and saves.
+
+``init_from=W`` starts a new run from the params of run ``W`` (its latest checkpoint, or ``init_from_step``;
+a trained run or one imported by ``fot.convert.from_hf``) with a fresh optimizer state at step 0: the
+params are restored straight into their shardings (no gather on one host) after a name/shape/dtype check
+against the model, and the first evaluation runs at step 0, before any update. Once the new run has
+checkpoints of its own, restarting it resumes from them (``init_from`` is then ignored).
 """
 from __future__ import annotations
 
@@ -23,10 +29,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from fot.model import Decoder, ModelConfig
 from fot.parallel import DATA_AXIS, axis_rules, make_mesh
-from fot.training.checkpoint import Checkpointer
+from fot.training.checkpoint import Checkpointer, is_params_only, restore_params
 from fot.training.curriculum import ConstantD, Curriculum
 from fot.training.metrics import MetricsLogger, write_results
-from fot.training.state import abstract_train_state, count_params, create_train_state, state_shardings
+from fot.training.state import (abstract_params, abstract_train_state, count_params, create_train_state,
+                                state_from_params, state_shardings)
 from fot.training.step import make_eval_step, make_train_step, plan_rows, put_batch
 
 
@@ -107,7 +114,7 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
           stepping: bool = True, seed: int = 0, checkpoint_every: int = 1000, keep_checkpoints: int | None = 3,
           async_checkpointing: bool = True, log_every: int = 50, max_train_seconds: float | None = None,
           config_writer: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          stream=None) -> dict[str, Any]:
+          stream=None, init_from: str | None = None, init_from_step: int | None = None) -> dict[str, Any]:
     """Train ``Decoder(model_config)`` on ``train_data`` (batch-contract iterator or factory).
 
     Returns the results dict (also printed as the final JSON line and written to workdir/results.json).
@@ -123,6 +130,8 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
         raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
     if num_microbatches < 1:
         raise ConfigError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    if init_from_step is not None and not init_from:
+        raise ConfigError("train.init_from_step is set but train.init_from is not")
     curriculum = curriculum or ConstantD(1)
     data = _as_iterator(train_data)
     eval_iter = _as_iterator(eval_data) if eval_data is not None else None
@@ -157,10 +166,23 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
 
     latest = ckpt.latest_step()
     if latest is not None:
+        if is_params_only(workdir, latest):
+            raise ConfigError(f"{workdir} holds imported parameters without optimizer state (fot.convert.from_hf): "
+                              f"train from them in a new run directory with train.init_from = '{workdir}'")
         state, cursor, cur_state = ckpt.restore(abstract_train_state(model, optimizer, mesh, seq_len, shardings))
         data.set_state(cursor)
         curriculum.set_state(cur_state)
         log.message(f"resumed from {ckpt.manager.directory}/{latest} (step {int(state.step)})")
+    elif init_from:
+        if not os.path.isdir(os.path.join(init_from, "checkpoints")):
+            raise ConfigError(f"train.init_from = {init_from!r}: no checkpoints/ directory there (expected a run "
+                              "directory of fot.train or fot.convert.from_hf)")
+        try:
+            params, src_step = restore_params(init_from, abstract_params(model, seq_len, shardings), init_from_step)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"train.init_from = {init_from!r}: {e}") from None
+        state = state_from_params(params, optimizer, seed, shardings)
+        log.message(f"initialised from {init_from} (step {src_step}): its params, a fresh optimizer state, step 0")
     else:
         state = create_train_state(model, optimizer, mesh, seq_len, seed, shardings)
     n_params = count_params(state.params)
@@ -215,6 +237,10 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
             if data_metrics:  # documents/tokens read, documents skipped as too short (seqio pipeline)
                 log.scalars(s, data_metrics)
 
+    if init_from and latest is None and eval_iter is not None:  # the starting model's own quality
+        curve.append({"step": 0, **run_eval()})
+        log.message("eval @ step 0 (init_from): " + ", ".join(f"{k} {v:.4f}" for k, v in curve[-1].items()
+                                                                if k != "step"))
     try:
         while step < total_steps:
             if should_stop():

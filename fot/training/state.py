@@ -50,14 +50,34 @@ def state_shardings(model: nn.Module, optimizer: optax.GradientTransformation, m
     return TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
 
 
+def _state_key(seed: int):
+    """(params init key, train-state RNG key) of a run's seed."""
+    return jax.random.split(jax.random.PRNGKey(seed))
+
+
+def abstract_params(model: nn.Module, seq_len: int, shardings: TrainState):
+    """The params as a tree of ``jax.ShapeDtypeStruct`` with their shardings (a restore target)."""
+    params = nn.meta.unbox(abstract_variables(model, seq_len))["params"]
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings.params)
+
+
+def state_from_params(params, optimizer: optax.GradientTransformation, seed: int, shardings: TrainState) -> TrainState:
+    """A fresh train state (step 0, new optimizer state and RNG) around existing ``params`` (already placed
+    with ``shardings.params``; donated): ``train.init_from``."""
+    def init(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          rng=jax.random.key_data(_state_key(seed)[1]))
+
+    return jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings, donate_argnums=0)(params)
+
+
 def create_train_state(model: nn.Module, optimizer: optax.GradientTransformation, mesh: Mesh, seq_len: int,
                        seed: int, shardings: TrainState | None = None) -> TrainState:
     """Initialise params (``init_std`` normal) and optimizer state directly on the mesh."""
     shardings = shardings or state_shardings(model, optimizer, mesh, seq_len)
 
     def init():
-        key = jax.random.PRNGKey(seed)
-        init_key, state_key = jax.random.split(key)
+        init_key, state_key = _state_key(seed)
         params = nn.meta.unbox(model.init(init_key, _dummy_inputs(1, seq_len)))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                           rng=jax.random.key_data(state_key))
