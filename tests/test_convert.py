@@ -45,7 +45,8 @@ def hf_logits(path, tokens):
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(mem_layers=(1,), tie_embeddings=True),
-                                dict(mem_layers=(0, 2), num_heads=2, head_dim=8)])
+                                dict(mem_layers=(0, 2), num_heads=2, head_dim=8),
+                                dict(mem_layers=(1,), num_kv_heads=2), dict(num_kv_heads=1)])
 def test_export_matches_transformers(tmp_path, rng, kw):
     cfg = tiny_cfg(**kw)
     params = random_params(cfg, rng)
@@ -61,6 +62,7 @@ def test_export_matches_transformers(tmp_path, rng, kw):
     conf = json.loads((out / "config.json").read_text())
     assert conf["model_type"] == "llama" and conf["mem_layers"] == list(cfg.mem_layers)
     assert conf["rope_theta"] == 500.0 and conf["max_position_embeddings"] == 16
+    assert conf["num_key_value_heads"] == cfg.num_kv_heads
     assert conf["last_context_length"] == 8 and conf["mem_positionals"] is True
     ll = json.loads((out / "config_longllama.json").read_text())
     assert ll["model_type"] == "longllama" and ll["architectures"] == ["LongLlamaForCausalLM"]
@@ -169,7 +171,7 @@ def test_import_errors_name_the_tensor(tmp_path, rng):
     bad["model.layers.2.self_attn.k_proj.weight"] = np.ones((32, 24), np.float32)
     save_file(bad, str(f))
     with pytest.raises(ValueError,
-                       match=r"model\.layers\.2\.self_attn\.k_proj\.weight has shape \(32, 24\)"):
+                       match=r"model\.layers\.2\.self_attn\.k_proj\.weight in model\.safetensors has shape \(32, 24\)"):
         from_hf.load_hf(str(out))
     bad = dict(good)
     del bad["model.layers.0.mlp.down_proj.weight"]
@@ -180,10 +182,10 @@ def test_import_errors_name_the_tensor(tmp_path, rng):
     with pytest.raises(ValueError, match="unexpected tensors.*layers.9.extra"):
         from_hf.load_hf(str(out))
     os.remove(f)
-    with pytest.raises(ValueError, match="no model.safetensors"):
+    with pytest.raises(ValueError, match="no weights in"):
         from_hf.load_hf(str(out))
     conf = json.loads((out / "config.json").read_text())
-    conf["num_key_value_heads"] = 2
+    conf["num_key_value_heads"] = 3
     with pytest.raises(ValueError, match="num_key_value_heads"):
         from_hf.config_from_hf(conf)
 

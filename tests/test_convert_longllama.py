@@ -20,12 +20,12 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("positional,length", [("as_first", 27), ("none", 29)])
-def test_memory_inference_matches_torch_longllama(tmp_path, rng, positional, length):
+@pytest.mark.parametrize("positional,length,kv", [("as_first", 27, 4), ("none", 29, 4), ("as_first", 27, 2)])
+def test_memory_inference_matches_torch_longllama(tmp_path, rng, positional, length, kv):
     from fot.convert.torch_longllama import TorchLongLlama
 
     w, lcl = 8, 5
-    cfg = tiny_cfg(mem_layers=(1, 2), mem_positional=positional)
+    cfg = tiny_cfg(mem_layers=(1, 2), mem_positional=positional, num_kv_heads=kv)
     params = random_params(cfg, rng)
     out = tmp_path / "hf"
     to_hf.export(params, cfg, str(out), max_position_embeddings=w, last_context_length=lcl, mem_dtype="float32")
@@ -34,7 +34,7 @@ def test_memory_inference_matches_torch_longllama(tmp_path, rng, positional, len
     ll = TorchLongLlama.from_pretrained(str(out))
     assert ll.window == w and ll.last_context_length == lcl and ll.mem_positionals == (positional == "as_first")
     want, memory = ll(tokens)
-    assert sorted(memory) == [1, 2] and memory[1][0].shape == (2, cfg.num_heads, length - lcl, cfg.head_dim)
+    assert sorted(memory) == [1, 2] and memory[1][0].shape == (2, kv, length - lcl, cfg.head_dim)
 
     runner = MemoryInference(Decoder(cfg), params, WindowedConfig.longllama(
         max_position_embeddings=w, last_context_length=lcl, mem_dtype="float32"))

@@ -2,7 +2,9 @@
 
 fot's RoPE already uses HF's rotate-half layout, so no q/k row permutation is needed (unlike the
 EasyLM export of the reference, §5.2): every Dense kernel ``[in, out]`` is transposed to torch's
-``[out, in]``; embeddings and RMSNorm scales are copied as they are.
+``[out, in]``; embeddings and RMSNorm scales are copied as they are. Grouped-query attention: k/v
+projections have ``num_kv_heads * head_dim`` outputs (HF ``num_key_value_heads``), heads in the same
+order (query head h reads kv head h // G in both).
 
 One :class:`ParamMap` per tensor: fot path (tuple of keys), HF name, fot shape, HF shape and the two
 hook functions (numpy → numpy) that convert between them.
@@ -52,8 +54,8 @@ GLOBAL_RULES = (
 LAYER_RULES = (
     (("attn_norm", "scale"), "input_layernorm.weight", identity, ("D",)),
     (("attn", "q", "kernel"), "self_attn.q_proj.weight", transpose, ("D", "HD")),
-    (("attn", "k", "kernel"), "self_attn.k_proj.weight", transpose, ("D", "HD")),
-    (("attn", "v", "kernel"), "self_attn.v_proj.weight", transpose, ("D", "HD")),
+    (("attn", "k", "kernel"), "self_attn.k_proj.weight", transpose, ("D", "KD")),
+    (("attn", "v", "kernel"), "self_attn.v_proj.weight", transpose, ("D", "KD")),
     (("attn", "o", "kernel"), "self_attn.o_proj.weight", transpose, ("HD", "D")),
     (("mlp_norm", "scale"), "post_attention_layernorm.weight", identity, ("D",)),
     (("mlp", "gate", "kernel"), "mlp.gate_proj.weight", transpose, ("D", "F")),
@@ -75,8 +77,8 @@ def qk_scale_param(cfg) -> str:
 
 def param_table(cfg) -> list[ParamMap]:
     """Every tensor of a fot ``ModelConfig``, in HF order (memory-layer extras after each layer's own)."""
-    dims = {"V": cfg.vocab_size, "D": cfg.d_model, "HD": cfg.num_heads * cfg.head_dim, "F": cfg.mlp_dim,
-            "H": cfg.num_heads}
+    dims = {"V": cfg.vocab_size, "D": cfg.d_model, "HD": cfg.num_heads * cfg.head_dim,
+            "KD": cfg.num_kv_heads * cfg.head_dim, "F": cfg.mlp_dim, "H": cfg.num_heads}
     shape = lambda key: tuple(dims[k] for k in key)
     out = []
     for path, name, hook, key in GLOBAL_RULES[:2]:

@@ -26,7 +26,9 @@ warning is returned and written to the config's ``note``).
 
 CLI: ``python -m fot.convert.to_hf --workdir=W --out=DIR [--step=N] [--dtype=float32|bfloat16|float16]
 [--max_position_embeddings=L] [--last_context_length=N] [--mem_dtype=bfloat16] [--mem_top_k=K]
-[--mem_capacity=N] [--spm_path=M.model] [--overwrite]`` prints one JSON line.
+[--mem_capacity=N] [--spm_path=M.model] [--overwrite]`` prints one JSON line. A run imported by
+``fot.convert.from_hf``, or fine-tuned from one (``train.init_from``, followed back), exports with the
+source checkpoint's own tokenizer files and token ids (bos/eos/pad) unless ``--spm_path`` is given.
 """
 from __future__ import annotations
 
@@ -34,12 +36,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 import numpy as np
 
 from fot.convert import hf_remote
+from fot.convert.hf_files import np_dtype
 from fot.convert.mapping import flatten, param_table, qk_scale_param
+from fot.convert.outdir import atomic_dir, prepare_out
 
 DTYPES = ("float32", "bfloat16", "float16")
 # fot's SentencePiece convention (fot.data.vocab): 0 PAD / 1 EOS / 2 UNK / 3 BOS.
@@ -52,10 +55,7 @@ LONGLLAMA_AUTO_MAP = {"AutoConfig": "configuration_longllama.LongLlamaConfig",
 def _np_dtype(name: str):
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {name!r}")
-    if name == "bfloat16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(name)
+    return np_dtype(name)
 
 
 def llama_compatible(cfg) -> bool:
@@ -123,7 +123,7 @@ def hf_config(cfg, *, max_position_embeddings: int, last_context_length: int | N
         "architectures": [arch], "model_type": model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.mlp_dim,
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "rms_norm_eps": float(cfg.norm_eps), "rope_theta": theta,
         "max_position_embeddings": w, "initializer_range": float(cfg.init_std),
         "tie_word_embeddings": bool(cfg.tie_embeddings), "attention_bias": False, "mlp_bias": False,
@@ -192,18 +192,6 @@ def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[s
     return shards
 
 
-def _prepare_out(out_dir: str, overwrite: bool) -> str:
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise ValueError(f"--out {out_dir} exists and is not a directory")
-        if os.listdir(out_dir) and not overwrite:
-            raise ValueError(f"--out {out_dir} is not empty (pass --overwrite / overwrite=True to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    return out_dir
-
-
 def export(params, cfg, out_dir: str, *, max_position_embeddings: int, last_context_length: int | None = None,
            mem_dtype: str = "bfloat16", dtype: str = "float32", overwrite: bool = False,
            max_shard_bytes: int = 5 * 2**30, token_ids: dict | None = None, extra: dict | None = None,
@@ -214,7 +202,7 @@ def export(params, cfg, out_dir: str, *, max_position_embeddings: int, last_cont
     ``tokenizer_files``: {file name: bytes} written beside the weights (``fot.convert.tokenizer``)."""
     from safetensors.numpy import save_file
 
-    out_dir = _prepare_out(out_dir, overwrite)
+    out_dir = prepare_out(out_dir, overwrite)
     kw = dict(max_position_embeddings=max_position_embeddings, last_context_length=last_context_length,
               mem_dtype=mem_dtype, dtype=dtype, token_ids=token_ids, extra=extra, mem_top_k=mem_top_k,
               mem_capacity=mem_capacity)
@@ -223,9 +211,8 @@ def export(params, cfg, out_dir: str, *, max_position_embeddings: int, last_cont
         configs["config_longllama.json"] = hf_config(cfg, longllama=True, **kw)
     tensors = to_hf_tensors(params, cfg, dtype)
     shards = _shards(tensors, int(max_shard_bytes))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
-    try:
-        files = []
+    files = []
+    with atomic_dir(out_dir) as tmp:
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = ("model.safetensors" if len(shards) == 1
@@ -250,21 +237,6 @@ def export(params, cfg, out_dir: str, *, max_position_embeddings: int, last_cont
             with open(os.path.join(tmp, name), "wb") as f:
                 f.write(data)
             files.append(name)
-        umask = os.umask(0)
-        os.umask(umask)
-        for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        os.chmod(tmp, 0o777 & ~umask)
-        old = None
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
-            os.rename(out_dir, os.path.join(old, "d"))
-        os.rename(tmp, out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": out_dir, "files": files, "num_tensors": len(tensors),
             "bytes": int(sum(x.nbytes for x in tensors.values())), "dtype": dtype,
             "warnings": check_exportable(cfg)}
@@ -289,6 +261,9 @@ def _run_tokenizer(args, cfg):
     if args.spm_path:
         files = tokenizer.spm_files(args.spm_path, vocab_size=cfg.vocab_size)
         return files, dict(tokenizer.SPM_TOKEN_IDS), f"SentencePiece model {args.spm_path}"
+    imported = tokenizer.from_import(args.workdir)  # a run imported by from_hf, or fine-tuned from one
+    if imported is not None:
+        return imported
     import gin
     try:
         return tokenizer.from_run(gin, cfg.vocab_size)
@@ -324,7 +299,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--workdir {workdir} does not exist")
         if not os.path.isfile(os.path.join(workdir, "config.gin")):
             raise ValueError(f"{workdir}/config.gin not found (the operative config written by fot.train)")
-        _prepare_out(args.out, args.overwrite)  # fail before the (slow) restore
+        prepare_out(args.out, args.overwrite)  # fail before the (slow) restore
         from fot.train import load_run
         try:
             cfg, params, step = load_run(workdir, args.step)

@@ -4,15 +4,18 @@
   tokens named by the model's own pieces for fot's ids 0 PAD / 1 EOS / 2 UNK / 3 BOS);
 * :func:`id_table_files`: a synthetic task's id table → ``id_table.json`` + ``tokenizer_config.json``
   (:func:`dictionary_id_table` for the dictionary-lookup task);
-* :func:`from_run`: whichever of the two the training run (its operative gin config) used.
+* :func:`from_run`: whichever of the two the training run (its operative gin config) used;
+* :func:`from_import`: for a run imported by ``fot.convert.from_hf`` (or fine-tuned from one through
+  ``train.init_from``), the source checkpoint's own tokenizer files and special token ids, unchanged.
 
-Both come with ``tokenization_fot.py`` (``fot.convert.hf_remote``), the remote tokenizer class, and an
+The first two come with ``tokenization_fot.py`` (``fot.convert.hf_remote``), the remote tokenizer class, and an
 ``auto_map`` to it. Each function returns ``{file name: bytes}`` for ``to_hf.export(tokenizer_files=)``.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
 from fot.convert import hf_remote
 
@@ -97,3 +100,48 @@ def from_run(gin, model_vocab_size: int) -> tuple[dict[str, bytes] | None, dict 
     add_bos = _train_data_param(gin, "add_bos")
     files = spm_files(model, add_bos=True if add_bos is None else bool(add_bos), vocab_size=model_vocab_size)
     return files, dict(SPM_TOKEN_IDS), f"SentencePiece vocabulary of seqio task {task!r}"
+
+
+def import_source(workdir: str, max_hops: int = 16) -> tuple[str, dict] | None:
+    """(run directory, its hf_source.json) of the imported run ``workdir`` descends from: ``workdir`` itself
+    (written by fot.convert.from_hf) or the run its config.gin names in ``train.init_from``, followed back.
+    None for runs trained from scratch."""
+    seen = set()
+    for _ in range(max_hops):
+        workdir = os.path.abspath(workdir)
+        if workdir in seen:
+            return None
+        seen.add(workdir)
+        src = os.path.join(workdir, "hf_source.json")
+        if os.path.isfile(src):
+            with open(src) as f:
+                return workdir, json.load(f)
+        try:
+            with open(os.path.join(workdir, "config.gin")) as f:
+                text = re.sub(r"\\\n\s*", "", f.read())  # gin continues long values on the next line
+        except OSError:
+            return None
+        m = re.search(r"^train\.init_from\s*=\s*['\"](.+?)['\"]\s*$", text, re.MULTILINE)
+        if m is None:
+            return None
+        workdir = m.group(1)
+    return None
+
+
+def from_import(workdir: str) -> tuple[dict[str, bytes], dict | None, str] | None:
+    """``(files, config.json token ids, description)`` of the Hugging Face checkpoint that ``workdir`` was
+    imported from (see :func:`import_source`): its tokenizer files as they are and its bos/eos/pad ids; None
+    for a run without an import in its lineage. ValueError naming a tokenizer file that has gone missing."""
+    source = import_source(workdir)
+    if source is None:
+        return None
+    src_dir, info = source
+    files = {}
+    for name in info.get("tokenizer_files", []):
+        path = os.path.join(src_dir, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}, a tokenizer file of the imported run {src_dir}, is missing")
+        with open(path, "rb") as f:
+            files[name] = f.read()
+    token_ids = {k: v for k, v in info.get("token_ids", {}).items() if v is not None} or None
+    return files or None, token_ids, f"the tokenizer of the imported checkpoint {info.get('hf_dir', src_dir)}"

@@ -52,9 +52,11 @@ class TorchLongLlama:
         cfg = model.config
         self.model = model.eval()
         self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        if getattr(cfg, "num_key_value_heads", self.num_heads) != self.num_heads:
-            raise ValueError("TorchLongLlama supports multi-head attention only (num_key_value_heads == heads)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_key_value_heads={self.num_kv_heads} must divide num_attention_heads="
+                             f"{self.num_heads}")
         self.mem_layers = tuple(int(i) for i in mem_layers)
         bad = [i for i in self.mem_layers if not 0 <= i < cfg.num_hidden_layers]
         if bad:
@@ -95,14 +97,14 @@ class TorchLongLlama:
         return x * cos + _rotate_half(x) * sin
 
     def _attention(self, layer_idx, attn, x, memory, cache):
-        """One attention block; x [B, T, D]; cache (k_raw, v) [B, H, C, Dh] of earlier local tokens or None.
+        """One attention block; x [B, T, D]; cache (k_raw, v) [B, Hkv, C, Dh] of earlier local tokens or None.
 
         Returns (out [B, T, D], memory-view (k, v) of the new tokens in mem_dtype (memory layers) or
         None, raw local (k, v) of the new tokens for the cache)."""
         b, t, _ = x.shape
-        h, dh = self.num_heads, self.head_dim
-        shape = lambda y: y.view(b, t, h, dh).transpose(1, 2)  # noqa: E731  [B, H, T, Dh]
-        q, k, v = shape(attn.q_proj(x)), shape(attn.k_proj(x)), shape(attn.v_proj(x))
+        h, hkv, dh = self.num_heads, self.num_kv_heads, self.head_dim
+        shape = lambda y, n: y.view(b, t, n, dh).transpose(1, 2)  # noqa: E731  [B, n, T, Dh]
+        q, k, v = shape(attn.q_proj(x), h), shape(attn.k_proj(x), hkv), shape(attn.v_proj(x), hkv)
         k_all, v_all = (k, v) if cache is None else (torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2))
         c = k_all.shape[2] - t
         is_mem = layer_idx in self.mem_layers
@@ -111,16 +113,17 @@ class TorchLongLlama:
         else:
             q_r, k_r = q, k_all
         neg = max(torch.finfo(q.dtype).min, -1e6)
-        logits = torch.matmul(q_r, k_r.transpose(2, 3)) / math.sqrt(dh)
+        rep = lambda y: torch.repeat_interleave(y, h // hkv, dim=1)  # noqa: E731  GQA: [B, Hkv, .] -> [B, H, .]
+        logits = torch.matmul(q_r, rep(k_r).transpose(2, 3)) / math.sqrt(dh)
         causal = torch.ones(t, c + t, dtype=torch.bool).tril(diagonal=c)
         logits = logits + torch.where(causal, 0.0, torch.finfo(q.dtype).min).to(q.dtype)
         logits = torch.clamp(logits, min=neg)
-        values = v_all
+        values = rep(v_all)
         if is_mem and memory is not None:
             mem_k, mem_v = memory
-            mem_logits = torch.matmul(q_r, mem_k.to(q.dtype).transpose(2, 3)) / math.sqrt(dh)
+            mem_logits = torch.matmul(q_r, rep(mem_k.to(q.dtype)).transpose(2, 3)) / math.sqrt(dh)
             logits = torch.cat([logits, torch.clamp(mem_logits, min=neg)], dim=-1)
-            values = torch.cat([v_all, mem_v.to(v.dtype)], dim=-2)
+            values = torch.cat([values, rep(mem_v.to(v.dtype))], dim=-2)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, values).transpose(1, 2).reshape(b, t, h * dh)
         return attn.o_proj(out), (self._mem_view(k, v) if is_mem else None), (k, v)
@@ -153,7 +156,7 @@ class TorchLongLlama:
 
     @torch.no_grad()
     def forward(self, input_ids, last_context_length: int | None = None, return_state: bool = False):
-        """input_ids long [B, T] → (logits float32 [B, T, V], memory {layer: (k, v) [B, H, M, Dh]}).
+        """input_ids long [B, T] → (logits float32 [B, T, V], memory {layer: (k, v) [B, Hkv, M, Dh]}).
 
         ``return_state``: also return the generation state (memory, local cache of the final window)."""
         input_ids = torch.as_tensor(input_ids, dtype=torch.long)
