@@ -13,9 +13,11 @@ CLI::
         [--max_new_tokens=32] [--temperature=0] [--top_k=K] [--window=L] [--last_context_length=N]
         [--seed=0] [--gin_bindings=...]
 
-Restores the latest checkpoint of ``W`` with its operative config, tokenises the prompt
-(SentencePiece model or the byte-level fallback), generates, prints the text and a final JSON line.
-Writes nothing.
+Restores the latest checkpoint of ``W`` with its operative config, tokenises the prompt with the run's
+own SentencePiece vocabulary (named by its config; ``--spm_path`` overrides; the byte-level fallback only
+for a run without one), generates, prints the text and a final JSON line. A tokenizer whose size differs
+from the model's vocab_size is refused. Writes nothing. Exit codes as README "Exit codes" (2 bad input,
+4 damaged checkpoint).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import os
 
 from absl import flags
 
-from fot.runtime import fail, run_app
+from fot.runtime import EXIT_CONFIG, describe_os_error, fail, os_error_code, run_app
 
 from fot.inference.generate import Generator, generate, sample  # noqa: F401  (public API)
 from fot.inference.windowed import WindowedConfig  # noqa: F401
@@ -38,7 +40,8 @@ def _define_flags() -> None:
     from fot import train as _train  # noqa: F401  (defines --workdir/--gin_file/--gin_bindings)
     flags.DEFINE_string("prompt", None, "Prompt text.")
     flags.DEFINE_string("prompt_file", None, "Read the prompt from this text file.")
-    flags.DEFINE_string("spm_path", None, "SentencePiece model (default: byte-level ids = UTF-8 bytes + 3).")
+    flags.DEFINE_string("spm_path", None, "SentencePiece model (default: the run's own vocabulary; byte-level "
+                        "ids = UTF-8 bytes + 3 for a run without one).")
     flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
     flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
     flags.DEFINE_integer("top_k", None, "Exact top-k over memory (default dense).")
@@ -48,7 +51,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("step", None, "Checkpoint step (default latest).")
 
 
-def _fail(message, code: int = 2) -> None:
+def _fail(message, code: int = EXIT_CONFIG) -> None:
     fail("fot.generate", message, code)
 
 
@@ -56,7 +59,7 @@ def main(argv) -> None:
     import jax
     import numpy as np
 
-    from fot.eval.restore import EvalError, _train_data_param, load_run
+    from fot.eval.restore import EvalError, _train_data_param, load_run, run_tokenizer
     from fot.eval.passkey import make_tokenizer
     if len(argv) > 1:
         _fail(f"unexpected positional arguments: {argv[1:]}")
@@ -78,7 +81,8 @@ def main(argv) -> None:
             raise EvalError("cannot infer the window from the training config; pass --window")
         lcl = FLAGS.last_context_length if FLAGS.last_context_length is not None else max(1, window // 2)
         cfg = WindowedConfig(window=window, last_context_length=lcl, top_k=FLAGS.top_k)
-        tok = make_tokenizer(FLAGS.spm_path, model.config.vocab_size)
+        run_spm, trained = run_tokenizer(gin, FLAGS.workdir)
+        tok = make_tokenizer(FLAGS.spm_path or run_spm, model.config.vocab_size, trained)
         ids = tok.encode(prompt)
         if getattr(tok, "bos_id", None) is not None:
             ids = [tok.bos_id] + ids
@@ -88,6 +92,8 @@ def main(argv) -> None:
                        temperature=FLAGS.temperature, rng=jax.random.PRNGKey(FLAGS.seed))
     except (EvalError, ValueError) as e:
         _fail(str(e))
+    except OSError as e:  # a damaged checkpoint (exit 4), ...
+        _fail(describe_os_error(e), os_error_code(e))
     new = out["tokens"][0].tolist()
     text = tok.decode(new)
     print(text)
@@ -97,4 +103,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    run_app(main)
+    run_app(main, __doc__)

@@ -62,18 +62,56 @@ def cpu_eigen_dots(environ: MutableMapping[str, str] | None = None, *, enable: b
     return True
 
 
-def run_app(main) -> None:
-    """``absl.app.run(main)`` for fot's command-line tools: applies :func:`cpu_eigen_dots` (opt-in via
+HELP_ARGS = ("--help", "-h", "-?", "--helpshort", "--helpfull", "--help=true")
+
+
+def print_help(doc: str | None) -> None:
+    """The tool's docstring and the help of every fot flag it defined (absl's own ``--help`` exits 1 and
+    lists only flags defined in the ``__main__`` module, which for ``fot.eval`` / ``fot.generate`` is none)."""
+    from absl import flags
+
+    print((doc or "").strip())
+    print("\nflags:")
+    for module in sorted(flags.FLAGS.flags_by_module_dict()):
+        if "fot" in module or module == "__main__":
+            print(flags.FLAGS.module_help(module))
+    print("\nExit codes: " + ", ".join(f"{c} {what}" for c, what in sorted(EXIT_CODES.items())) + ".")
+
+
+def run_app(main, doc: str | None = None) -> None:
+    """``absl.app.run(main)`` for fot's command-line tools: ``--help`` prints ``doc`` and the tool's flags
+    and exits 0; applies :func:`cpu_eigen_dots` (opt-in via
     ``FOT_CPU_EIGEN_DOTS=1``) first and, unless the command line sets a verbosity, runs with
     ``--verbosity=-1`` (orbax and clu log every checkpoint save at INFO through absl; the tools print
-    their own progress lines)."""
+    their own progress lines). A non-zero exit leaves with ``os._exit`` after flushing stdout/stderr."""
     from absl import app
 
+    if any(a in HELP_ARGS for a in sys.argv[1:]):
+        print_help(doc)
+        sys.exit(EXIT_OK)
     cpu_eigen_dots()
     quiet_library_errors()
     if not any(a.startswith(("--verbosity", "-v", "--v=")) for a in sys.argv[1:]):
         sys.argv.insert(1, "--verbosity=-1")
-    app.run(main)
+    try:
+        app.run(main)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_CONFIG)
+        if code == EXIT_OK:
+            raise
+        # A failure was reported (one line) and everything the tool owns is closed: leave without the
+        # interpreter's finalization, where destroying TensorFlow data iterators whose reader threads wait
+        # for the GIL can hang forever (issue 15: a bad JSONL line printed its error, then never exited).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    except Exception:  # noqa: BLE001 - a bug: Python's traceback, exit 1, same no-hang exit
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_INTERNAL)
 
 
 def quiet_library_errors(environ: MutableMapping[str, str] | None = None) -> bool:
@@ -110,6 +148,19 @@ def quiet_library_errors(environ: MutableMapping[str, str] | None = None) -> boo
     logging.getLogger("absl").addFilter(_NoOrbaxClu())
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ warnings (a failed events-file flush)
     return True
+
+
+def arg_parser(prog: str, description: str | None = None):
+    """``argparse.ArgumentParser`` for the argparse CLIs (fot.convert.*, fot.data.vocab) whose errors are one
+    line ``prog: error: ...`` with exit 2, like the absl CLIs (argparse prints the usage block first)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            fail(prog, f"{message} (see --help)", EXIT_CONFIG)
+
+    return Parser(prog=f"python -m {prog}", description=description,
+                  epilog="Exit codes: " + ", ".join(f"{c} {w}" for c, w in sorted(EXIT_CODES.items())) + ".")
 
 
 def one_line(message) -> str:

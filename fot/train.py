@@ -13,19 +13,20 @@ Fine-tuning (``train.init_from = 'W'``): the model configuration comes from ``W/
 is a configuration error). The macro ``INIT_FROM`` holds ``W`` (None without init_from), e.g. for
 ``run_vocabulary.workdir = %INIT_FROM`` (the imported checkpoint's own tokenizer).
 
-Exit codes: 0 = finished (or saved and stopped on SIGTERM); 2 = configuration error (one line on
-stderr); 3 = training diverged (NaN/inf loss; the last checkpoint is the last good one).
+Exit codes (``fot.runtime``; README "Exit codes"): 0 finished; 2 configuration/input error (one line on
+stderr); 3 training diverged (the last good checkpoint is kept); 4 I/O failure; 5 preempted (SIGTERM:
+checkpoint saved, re-run to resume); 6 workdir locked by another run.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import sys
 
 from absl import flags
 
-from fot.runtime import fail, run_app
+from fot.runtime import (EXIT_BUSY, EXIT_CONFIG, EXIT_DIVERGED, EXIT_PREEMPTED, describe_os_error, fail,
+                         os_error_code, run_app)
 
 _REPO_GIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
@@ -34,6 +35,8 @@ flags.DEFINE_multi_string("gin_file", [], "Gin config files (composed in order).
 flags.DEFINE_multi_string("gin_bindings", [], "Individual gin bindings, e.g. 'train.total_steps = 10'.")
 flags.DEFINE_list("gin_search_paths", ["gin", _REPO_GIN], "Directories searched for gin files and includes.")
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard, config.gin, results.json).")
+flags.DEFINE_bool("allow_config_change", False, "fot.train: resume a workdir although its model/data "
+                  "configuration differs from the saved config.gin (the old one is kept as config.previous.gin).")
 
 _REGISTERED = False
 # ModelConfig fields a run file may change when it fine-tunes run W (train.init_from): memory-layer
@@ -65,7 +68,26 @@ def register_configurables() -> None:
                optax.join_schedules):
         gin.external_configurable(fn, module="optax")
     _register_data_pipeline(gin)
+    _includes_as_files_only()
     _REGISTERED = True
+
+
+def _includes_as_files_only() -> None:
+    """Resolve gin files and includes as files under the search paths only (``--gin_search_paths``, with
+    ``gin/`` always searched), never through gin's package-path reader (``gin.resource_reader``).
+
+    That reader takes an include such as ``'runs/dictionary.gin'`` as file ``dictionary.gin`` of the Python
+    package ``runs``, imports/looks it up with ``importlib``, and crashes with a TypeError when ``runs`` is a
+    plain directory on ``sys.path`` (a run directory ``runs/`` in the working directory is found as a
+    namespace package without an origin) before the search paths are tried. It would also import a
+    package's code just to find a file. gin has no public way to unregister a reader, hence the edit of its
+    reader list.
+    """
+    from gin import config as gin_config
+    from gin import resource_reader
+
+    gin_config._FILE_READERS[:] = [r for r in gin_config._FILE_READERS  # pylint: disable=protected-access
+                                   if r[0] is not resource_reader.system_path_reader]
 
 
 def _register_data_pipeline(gin) -> None:
@@ -86,16 +108,23 @@ def model_config_bindings(cfg) -> list[str]:
 def parse_run_config(workdir: str, gin_files=(), gin_bindings=(), search_paths=()) -> None:
     """Parse a run's operative config (``workdir/config.gin``, written by fot.train) plus extra gin files and
     bindings into gin's global config (cleared first; not finalized; unknown configurables skipped).
-    Raises gin's own errors (OSError for a missing file)."""
+
+    The run's file is untrusted: ``fot.runconfig.load_config`` binds only its model/data configuration and
+    never imports or calls anything from it. ``gin_files``/``gin_bindings`` are the caller's own and parse
+    normally. Raises gin's own errors (OSError for a missing file)."""
     import gin
+
+    from fot import runconfig
 
     register_configurables()
     for path in search_paths:
         if path and os.path.isdir(path):
             gin.add_config_file_search_path(path)
     gin.clear_config()
-    gin.parse_config_files_and_bindings([os.path.join(workdir, "config.gin"), *gin_files], list(gin_bindings),
-                                        skip_unknown=True, finalize_config=False)
+    runconfig.load_config(os.path.join(workdir, "config.gin"))
+    if gin_files or gin_bindings:
+        gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), skip_unknown=True,
+                                            finalize_config=False)
 
 
 def load_run(workdir: str, step: int | None = None, gin_files=(), gin_bindings=(), search_paths=()):
@@ -112,27 +141,8 @@ def load_run(workdir: str, step: int | None = None, gin_files=(), gin_bindings=(
     return config, params, step
 
 
-def _fail(message, code: int = 2) -> None:
+def _fail(message, code: int = EXIT_CONFIG) -> None:
     fail("fot.train", message, code)
-
-
-@contextlib.contextmanager
-def _working_dir_off_sys_path():
-    """Parse gin with the working directory off ``sys.path``.
-
-    gin's package-path reader reads an include such as ``'runs/dictionary.gin'`` as file
-    ``dictionary.gin`` of Python package ``runs``; a plain directory of that name in the working
-    directory (a run directory ``runs/``, say) is then found as a namespace package without an
-    origin, and gin crashes with a TypeError. Every configurable is imported before parsing, so
-    nothing needs the working directory on the path meanwhile.
-    """
-    cwd = os.getcwd()
-    saved = list(sys.path)
-    sys.path[:] = [p for p in saved if os.path.abspath(p or ".") != cwd]
-    try:
-        yield
-    finally:
-        sys.path[:] = saved
 
 
 def _query(gin, selector: str):
@@ -188,21 +198,20 @@ def parse_gin(gin_files, gin_bindings, search_paths) -> None:
     from absl import logging
 
     verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.FATAL)  # gin's resource reader logs an error for every search-path miss
+    logging.set_verbosity(logging.FATAL)  # gin logs an error for every search-path miss
     try:
-        with _working_dir_off_sys_path():
-            _parse(gin, gin_files, gin_bindings, None)
-            init_from = _query(gin, "fot.training.train.init_from")
-            if init_from:
-                init_from = os.path.abspath(str(init_from))
-                try:
-                    base = init_from_model(init_from, search_paths)
-                    _parse(gin, [], model_config_bindings(base) + ["train.model_config = @ModelConfig()"], init_from)
-                    gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=False)
-                    check_init_from_model(base, gin.get_configurable("fot.model.ModelConfig")())
-                except ValueError as e:
-                    _fail(e)
-            gin.finalize()
+        _parse(gin, gin_files, gin_bindings, None)
+        init_from = _query(gin, "fot.training.train.init_from")
+        if init_from:
+            init_from = os.path.abspath(str(init_from))
+            try:
+                base = init_from_model(init_from, search_paths)
+                _parse(gin, [], model_config_bindings(base) + ["train.model_config = @ModelConfig()"], init_from)
+                gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=False)
+                check_init_from_model(base, gin.get_configurable("fot.model.ModelConfig")())
+            except ValueError as e:
+                _fail(e)
+        gin.finalize()
     except (OSError, IOError) as e:
         _fail(f"gin file not found: {e}")
     except Exception as e:  # gin raises ValueError/KeyError/SyntaxError subclasses for bad bindings
@@ -219,31 +228,63 @@ def main(argv) -> None:
     parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
     import gin
 
+    from fot.data.documents import DataError
+    from fot.training.lock import WorkdirBusyError
     from fot.training.loop import ConfigError, StopSignal, TrainingDivergedError, train
 
     def write_config(workdir: str) -> None:
-        with open(os.path.join(workdir, "config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
+        """Write the operative config; on a resume, refuse a changed model/data configuration (issue 15)."""
+        from fot import runconfig
+        path = os.path.join(workdir, "config.gin")
+        text = gin.operative_config_str()
+        ckpts = os.path.join(workdir, "checkpoints")
+        if os.path.isfile(path) and os.path.isdir(ckpts) and any(n.isdigit() for n in os.listdir(ckpts)):
+            with open(path) as f:
+                saved = f.read()
+            changes = runconfig.data_and_model_changes(saved, text, runconfig.gin_default)
+            if changes and not FLAGS.allow_config_change:
+                raise ConfigError(
+                    f"{workdir} holds checkpoints of a run with another model/data configuration: "
+                    + "; ".join(changes[:6]) + (f"; and {len(changes) - 6} more" if len(changes) > 6 else "")
+                    + f" (saved config: {path}); resume with the same configuration, or pass "
+                      "--allow_config_change to resume with this one")
+            if changes:
+                with open(os.path.join(workdir, "config.previous.gin"), "w") as f:
+                    f.write(saved)
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
 
     stop = StopSignal()
     try:
-        gin.get_configurable("fot.training.train")(workdir=FLAGS.workdir, config_writer=write_config, should_stop=stop)
+        results = gin.get_configurable("fot.training.train")(workdir=FLAGS.workdir, config_writer=write_config,
+                                                             should_stop=stop)
     except ConfigError as e:
         _fail(str(e))
     except TrainingDivergedError as e:
-        _fail(str(e), code=3)
-    except ValueError as e:
+        _fail(str(e), code=EXIT_DIVERGED)
+    except WorkdirBusyError as e:
+        _fail(str(e), code=EXIT_BUSY)
+    except DataError as e:  # a bad line / file in the training data
+        _fail(f"bad input data: {e}")
+    except OSError as e:  # disk full, quota, read-only storage, damaged checkpoint (exit 4); missing path (2)
+        if os.environ.get("FOT_DEBUG"):
+            raise
+        _fail(describe_os_error(e), code=os_error_code(e))
+    except (ValueError, TypeError) as e:
         # Validation errors of configured objects (ModelConfig, iterators, optimizer factories) are
-        # user-facing; gin prefixes them with the configurable that raised.
+        # user-facing (a TypeError: a binding of the wrong type); gin prefixes them with the configurable.
         if os.environ.get("FOT_DEBUG"):
             raise
         _fail(f"invalid configuration: {e} (set FOT_DEBUG=1 for the traceback)")
     finally:
         stop.restore()
+    if results.get("stopped") == "preempted":
+        sys.exit(EXIT_PREEMPTED)  # not 0: the run is unfinished, a scheduler must run the same command again
 
 
 def run() -> None:
-    run_app(main)
+    run_app(main, __doc__)
 
 
 if __name__ == "__main__":

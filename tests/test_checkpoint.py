@@ -48,7 +48,8 @@ def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     assert os.path.isdir(first), "no first checkpoint"
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
+    from fot.runtime import EXIT_PREEMPTED
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "stop signal received" in out
     result = json.loads(out.strip().splitlines()[-1])
     stop_step = result["step"]

@@ -190,6 +190,21 @@ def test_import_errors_name_the_tensor(tmp_path, rng):
         from_hf.config_from_hf(conf)
 
 
+def test_zero_last_context_length_is_refused(tmp_path, rng):
+    """Issue 15 item 12: last_context_length = 0 (LongLLaMA's code then fails on every input) is refused by the
+    export (also through the CLI: one line, exit 2) and by WindowedConfig.longllama. (A truncated or missing
+    shard in fot.convert.from_hf: tests/test_from_hf.py.)"""
+    from fot.inference import WindowedConfig
+
+    cfg = tiny_cfg(mem_layers=(1,))
+    with pytest.raises(ValueError, match=r"last_context_length must be in \[1, max_position_embeddings=16\]"):
+        to_hf.hf_config(cfg, max_position_embeddings=16, last_context_length=0)
+    with pytest.raises(ValueError, match="last_context_length >= 1"):
+        WindowedConfig.longllama(max_position_embeddings=16, last_context_length=0)
+    with pytest.raises(ValueError, match="last_context_length >= 1"):
+        WindowedConfig(window=16, mode="longllama")
+
+
 def test_cli(tmp_path, rng, capsys):
     from fot.training.checkpoint import Checkpointer
 

@@ -115,3 +115,128 @@ def test_bad_inputs_fail_clearly(workdir, tmp_path):
         r = _run("fot.eval", *args)
         assert r.returncode == 2, (args, r.stdout[-500:], r.stderr[-1500:])
         assert msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-1500:])
+
+
+def _error_lines(proc, prog):
+    return [line for line in proc.stderr.splitlines() if line.startswith(f"{prog}: error:")]
+
+
+def test_bad_tokens_files_are_one_line_exit_2(workdir, tmp_path):
+    """Issue 15 items 2 and 8: --tokens_file that is 2-D, float, empty, missing, or holds ids outside
+    [0, vocab) exits 2 with one line (ids >= vocab used to give NaN perplexity with exit 0, negative ids
+    plausible numbers)."""
+    rng = np.random.default_rng()
+    files = {"2d": rng.integers(4, 64, (4, 30)), "float": rng.random(60), "empty": np.zeros((0,), np.int32),
+             "too_big": np.concatenate([rng.integers(4, 64, 40), [64 + int(rng.integers(0, 1000))]]),
+             "negative": np.concatenate([rng.integers(4, 64, 40), [-1 - int(rng.integers(0, 1000))]])}
+    for name, arr in files.items():
+        np.save(tmp_path / f"{name}.npy", arr)
+    (tmp_path / "zero_bytes.npy").write_bytes(b"")
+    expect = {"2d": "1-D integer", "float": "1-D integer", "empty": "no document", "zero_bytes": "",
+              "missing": "does not exist", "too_big": f"token id {files['too_big'][-1]} at position 40",
+              "negative": f"token id {files['negative'][-1]} at position 40"}
+    for name, msg in expect.items():
+        path = tmp_path / f"{name}.npy"
+        r = _run("fot.eval", f"--workdir={workdir}", "--task=perplexity", f"--tokens_file={path}",
+                 "--gin_bindings=perplexity_eval.sizes = [0, 16]")
+        lines = _error_lines(r, "fot.eval")
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (name, r.stderr[-1500:])
+        assert str(path) in lines[0] and msg in lines[0], (name, lines)
+
+
+def test_damaged_checkpoint_is_exit_4_naming_it(workdir, tmp_path):
+    """Item 5 for readers: eval of a workdir whose latest checkpoint lost its _METADATA exits 4 (I/O) with one
+    line naming the damaged step and the others (it used to be exit 2, "cannot restore")."""
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    steps = sorted(int(p) for p in os.listdir(wd / "checkpoints") if p.isdigit())
+    os.remove(wd / "checkpoints" / str(steps[-1]) / "state" / "_METADATA")
+    r = _run("fot.eval", f"--workdir={wd}", "--task=dictionary", "--gin_bindings=dictionary_eval.sizes = [16]",
+             "--gin_bindings=dictionary_eval.num_docs = 1")
+    lines = _error_lines(r, "fot.eval")
+    assert r.returncode == 4 and len(lines) == 1, r.stderr[-1500:]
+    assert f"checkpoint step {steps[-1]}" in lines[0] and "damaged" in lines[0], lines
+
+
+@pytest.mark.parametrize("module,flag", [("fot.eval", "--task"), ("fot.generate", "--prompt"),
+                                         ("fot.train", "--gin_file")])
+def test_help_lists_the_flags_and_exits_0(module, flag):
+    """Item 14: --help exits 0 and lists the tool's own flags (they are defined outside the __main__ module)."""
+    r = _run(module, "--help")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert f"  {flag}" in r.stdout and "--workdir" in r.stdout and "Exit codes" in r.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A run trained on local JSONL files with its own SentencePiece vocabulary (the stdlib_lm.gin situation).
+WORDS = "alpha beta gamma delta lane pack window token memory def return class".split()
+
+
+@pytest.fixture(scope="module")
+def spm_run(tmp_path_factory):
+    import json as _json
+
+    from fot.data.vocab import train_vocabulary
+
+    root = tmp_path_factory.mktemp("spm_run")
+    rng = np.random.default_rng(7)
+    (root / "corpus.txt").write_text("\n".join(" ".join(rng.choice(WORDS, 30)) for _ in range(300)))
+    spm = train_vocabulary(str(root / "corpus.txt"), 300, str(root / "spm"))
+    other = train_vocabulary(str(root / "corpus.txt"), 320, str(root / "other"))
+    for split, n in (("train", 40), ("valid", 6)):
+        with open(root / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(_json.dumps({"text": " ".join(rng.choice(WORDS, int(rng.integers(20, 60))))}) + "\n")
+    wd = root / "wd"
+    r = _run("fot.train", "--gin_file=gin/runs/lm.gin", "--gin_file=gin/tasks/local_files.gin",
+             "--gin_file=gin/size/tiny_test.gin", f"--gin_bindings=VOCAB_PATH = '{spm}'", "--gin_bindings=VOCAB = 300",
+             f"--gin_bindings=TRAIN_FILES = '{root / 'train.jsonl'}'",
+             f"--gin_bindings=VALID_FILES = '{root / 'valid.jsonl'}'", "--gin_bindings=ROWS = 4",
+             "--gin_bindings=WINDOW = 32", "--gin_bindings=PACK = 2", "--gin_bindings=TOTAL_STEPS = 2",
+             "--gin_bindings=train.eval_data = None", f"--workdir={wd}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return {"wd": wd, "spm": spm, "other": other, "root": root}
+
+
+def test_spm_run_is_sampled_and_evaluated_with_its_own_vocabulary(spm_run):
+    """Item 15: a run trained with a SentencePiece vocabulary is tokenised with it by default (the operative
+    config names it): passkey ran with a byte tokenizer ("bytes must be in range(0, 256)") and generate printed
+    garbage; a tokenizer of another size is refused. (tiny_test.gin pads the model vocabulary to 512 ids,
+    the run's SentencePiece model has 300: training accepts that, so do the readers.)"""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=spm_run["spm"])
+    wd = spm_run["wd"]
+    g = _run("fot.generate", f"--workdir={wd}", "--prompt=alpha beta gamma", "--max_new_tokens=3")
+    assert g.returncode == 0, g.stderr[-2000:]
+    out = json.loads(g.stdout.strip().splitlines()[-1])
+    assert out["prompt_tokens"] == len(sp.encode("alpha beta gamma")) + 1  # + BOS, as trained
+    assert out["text"] == sp.decode(out["generated_tokens"])
+    p = _run("fot.eval", f"--workdir={wd}", "--task=passkey", "--gin_bindings=passkey_eval.context_lengths = [40]",
+             "--gin_bindings=passkey_eval.trials = 1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout.strip().splitlines()[-1])["tokenizer"] == spm_run["spm"]
+    for args in ([f"--spm_path={spm_run['other']}"],):
+        bad = _run("fot.generate", f"--workdir={wd}", "--prompt=alpha", *args)
+        lines = _error_lines(bad, "fot.generate")
+        assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-1500:]
+        assert "has 320 ids but the model's vocab_size is 512 (the run was trained with 300)" in lines[0], lines
+
+
+def test_perplexity_on_the_runs_seqio_task_with_bos_as_trained(spm_run):
+    """Item 10: --seqio_task names a task the run registered (it was "No Task or Mixture found" with a traceback)
+    and its documents carry the BOS/EOS the run was trained with (make_iterator's add_bos/add_eos default True)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=spm_run["spm"])
+    r = _run("fot.eval", f"--workdir={spm_run['wd']}", "--task=perplexity", "--seqio_task=local_files",
+             "--split=validation", "--gin_bindings=perplexity_eval.sizes = [0]",
+             "--gin_bindings=perplexity_eval.modes = ['multi_doc']")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    texts = [json.loads(line)["text"] for line in open(spm_run["root"] / "valid.jsonl")]
+    assert res["num_docs"] == len(texts)
+    assert res["multi_doc"]["tokens"] == [sum(len(sp.encode(t)) + 2 for t in texts) - 1]
+    bad = _run("fot.eval", f"--workdir={spm_run['wd']}", "--task=perplexity", "--seqio_task=no_such_task")
+    lines = _error_lines(bad, "fot.eval")
+    assert bad.returncode == 2 and len(lines) == 1 and "this run registers ['local_files']" in lines[0], lines

@@ -65,6 +65,9 @@ def test_gin_composition_and_overrides():
     (["--gin_bindings=ROWS = 12", "--gin_bindings=train.mesh_config = {'data': 8}"], 8,
      "not divisible by the mesh data axis"),
     (["--workdir=/nonexistent_parent_dir/run"], 1, "workdir parent directory does not exist"),
+    # issue 15 item 8: a string used to raise a TypeError traceback, 5.5 trained 6 steps
+    (["--gin_bindings=TOTAL_STEPS = '5'"], 1, "train.total_steps must be an integer >= 1, got '5' (str)"),
+    (["--gin_bindings=TOTAL_STEPS = 5.5"], 1, "train.total_steps must be an integer >= 1, got 5.5 (float)"),
 ])
 def test_cli_errors_are_one_clear_line(tmp_path, args, devices, expect):
     workdir = [] if any(a.startswith("--workdir") for a in args) else [f"--workdir={tmp_path}/run"]
@@ -90,6 +93,45 @@ def _train_in_process(workdir, mesh_config, steps=3, **kw):
               checkpoint_every=1000, stream=null, **kw)
     rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     return np.array([r["loss"] for r in rows if "loss" in r])
+
+
+def test_training_batches_with_token_ids_outside_the_vocabulary_stop_with_one_clear_error(tmp_path):
+    """Issue 15 item 2: a batch id >= vocab_size gave a NaN loss (reported as divergence), a negative one trained
+    silently on another token's embedding row; both are an input error naming the step and the id."""
+    from fot.data.dictionary import DictionaryLookupIterator
+    from fot.model import ModelConfig
+    from fot.training.loop import ConfigError, train
+    from fot.training.optim import make_optimizer
+
+    class Poisoned:
+        """DictionaryLookupIterator whose 3rd batch holds one bad id (and no vocab_size attribute)."""
+
+        def __init__(self, bad):
+            self.it = DictionaryLookupIterator(8, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=1)
+            self.batch_size, self.seq_len, self.pack, self.bad, self.n = 8, 16, 2, bad, 0
+
+        def __next__(self):
+            batch = dict(next(self.it))
+            self.n += 1
+            if self.n == 3:
+                batch["inputs"] = batch["inputs"].copy()
+                batch["inputs"][1, 5] = self.bad
+            return batch
+
+        def get_state(self):
+            return self.it.get_state()
+
+        def set_state(self, state):
+            self.it.set_state(state)
+
+    cfg = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, mem_layers=(1,))
+    for bad in (16, -1):
+        with pytest.raises(ConfigError, match=fr"training batch of step 3 \(inputs\): token id {bad} at position "
+                                              r"\(1, 5\) is outside \[0, 16\)"):
+            with open(os.devnull, "w") as null:
+                train(workdir=str(tmp_path / f"run{bad}"), model_config=cfg, train_data=Poisoned(bad),
+                      optimizer=make_optimizer("adamw", 1e-3), total_steps=5, mesh_config={"data": 1},
+                      stream=null)
 
 
 def test_one_vs_eight_devices_identical_losses(tmp_path):
@@ -146,13 +188,55 @@ def test_nan_loss_stops_with_clear_message_and_good_checkpoint(tmp_path):
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     lines = error_lines(proc)
-    assert len(lines) == 1 and "loss became" in lines[0] and "Last good checkpoint: step" in lines[0], lines
-    nan_step = int(lines[0].split(" at step ")[1].split(";")[0])
+    assert len(lines) == 1 and "training diverged at step" in lines[0] and "Last good checkpoint: step" in lines[0], lines
+    nan_step = int(lines[0].split(" at step ")[1].split(":")[0])
     from fot.training.checkpoint import load_params
     params, step = load_params(str(wd))
     assert 2 <= step < nan_step
     assert all(np.all(np.isfinite(x)) for x in __import__("jax").tree.leaves(params))
     assert not (wd / "results.json").exists()
+
+
+def _lr_jump(bad_lr, *extra):
+    """Bindings: lr 1e-3 for 3 steps, then ``bad_lr``; a checkpoint every step, keep only 1."""
+    return ["--gin_bindings=make_optimizer.learning_rate = @optax.join_schedules()",
+            "--gin_bindings=optax.join_schedules.schedules = [@ok/optax.constant_schedule(), "
+            "@bad/optax.constant_schedule()]",
+            "--gin_bindings=optax.join_schedules.boundaries = [3]",
+            "--gin_bindings=ok/optax.constant_schedule.value = 1e-3",
+            f"--gin_bindings=bad/optax.constant_schedule.value = {bad_lr}",
+            "--gin_bindings=train.checkpoint_every = 1", "--gin_bindings=train.keep_checkpoints = 1",
+            "--gin_bindings=train.total_steps = 12", *extra]
+
+
+@pytest.mark.parametrize("case", ["exploded_params", "finite_params_nan_loss"])
+def test_nan_guard_names_only_a_truly_good_checkpoint(tmp_path, case):
+    """Issue 15 item 1: the checkpoint named "last good" must hold finite parameters that give a finite loss,
+    even with a checkpoint every step and keep_checkpoints = 1, and resuming from it must work.
+    exploded_params: lr 1e30 at step 4 overflows the parameters (their norm is inf; each still finite).
+    finite_params_nan_loss: float16 compute and lr 30 at step 4: finite parameters whose next loss is NaN."""
+    wd = tmp_path / case
+    extra = ["--gin_bindings=ModelConfig.dtype = 'float16'"] if case == "finite_params_nan_loss" else []
+    bad_lr = 30.0 if extra else 1e30
+    proc = run_cli([f"--gin_file={TINY}", f"--workdir={wd}", *_lr_jump(bad_lr, *extra)])
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    lines = error_lines(proc)
+    assert len(lines) == 1 and "training diverged at step" in lines[0], proc.stderr[-3000:]
+    good = int(lines[0].split("Last good checkpoint: step ")[1].split()[0])
+    assert good == 3, lines[0]
+    from fot.training.checkpoint import load_params
+    params, step = load_params(str(wd))
+    assert step == good
+    leaves = [np.asarray(x, np.float64) for x in __import__("jax").tree.leaves(params)]
+    assert all(np.all(np.isfinite(x)) for x in leaves)
+    assert np.sqrt(sum(np.sum(x * x) for x in leaves)) < 1e3  # an overflowed update would be ~1e30
+    if case == "finite_params_nan_loss":
+        assert "moved to" in lines[0] and (wd / "rejected_checkpoints" / "4-diverged").is_dir()
+    else:  # resume with a sane learning rate from the checkpoint named good: trains to the end
+        resumed = run_cli([f"--gin_file={TINY}", f"--workdir={wd}", *_lr_jump(1e-3)])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resumed from {wd}/checkpoints/3" in resumed.stdout
+        assert json.loads(resumed.stdout.splitlines()[-1])["step"] == 12
 
 
 @pytest.mark.parametrize("name", ["adafactor", "adamw"])
@@ -179,6 +263,31 @@ def test_state_shardings_on_a_data_model_mesh(name):
     batch = next(DictionaryLookupIterator(8, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=1))
     state, metrics = step(state, put_batch(batch, NamedSharding(mesh, PartitionSpec("data"))), plan_rows(8, 2, 2))
     assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1
+
+
+def test_gin_includes_resolve_in_process_beside_a_runs_directory(tmp_path, monkeypatch):
+    """Issue 15 item 11: after `make run` (a `runs/` folder in the working directory, which pytest puts on
+    sys.path), parsing in-process must still resolve `include 'runs/dictionary.gin'` from gin/ instead of
+    crashing in gin's package-path reader (runs/ would be a namespace package without an origin)."""
+    import importlib
+
+    import gin
+
+    from fot.train import register_configurables
+
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    register_configurables()
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(os.path.join(REPO, "gin"))
+        gin.parse_config_files_and_bindings([os.path.join(REPO, "gin/quickstart.gin")], ["TOTAL_STEPS = 3"])
+        assert gin.query_parameter("%TOTAL_STEPS") == 3
+        assert repr(gin.query_parameter("train.train_data")) == "@train_data/DictionaryLookupIterator()"  # included
+    finally:
+        gin.clear_config()
 
 
 def test_gin_includes_work_beside_a_runs_directory(tmp_path):

@@ -223,9 +223,9 @@ def _parse_layers(text: str | None):
 
 
 def main(argv=None) -> int:
-    import argparse
+    from fot.runtime import arg_parser
 
-    p = argparse.ArgumentParser(prog="python -m fot.convert.from_hf", description=__doc__.split("\n")[0])
+    p = arg_parser("fot.convert.from_hf", __doc__.split("\n")[0])  # a bad flag: one line, exit 2
     p.add_argument("--hf_dir", required=True, help="Hugging Face model directory (config.json + weights)")
     p.add_argument("--workdir", required=True, help="run directory to write (must be empty or absent)")
     p.add_argument("--mem_layers", default=None, help="memory layers, e.g. 6,12,18 (default: config.json's)")

@@ -107,8 +107,9 @@ def hf_config(cfg, *, max_position_embeddings: int, last_context_length: int | N
     if w < 1:
         raise ValueError(f"max_position_embeddings must be >= 1, got {max_position_embeddings}")
     lcl = min(1024, w // 2) if last_context_length is None else int(last_context_length)
-    if not 0 <= lcl <= w:
-        raise ValueError(f"last_context_length must be in [0, max_position_embeddings={w}], got {lcl}")
+    if not 1 <= lcl <= w:
+        raise ValueError(f"last_context_length must be in [1, max_position_embeddings={w}], got {lcl} (LongLLaMA's "
+                         "code keeps the last tokens as the final window and fails on every input with 0)")
     _np_dtype(dtype)
     if mem_dtype not in DTYPES:
         raise ValueError(f"mem_dtype must be one of {DTYPES}, got {mem_dtype!r}")
@@ -272,9 +273,9 @@ def _run_tokenizer(args, cfg):
 
 
 def main(argv=None) -> int:
-    import argparse
+    from fot.runtime import EXIT_CONFIG, arg_parser, describe_os_error, os_error_code
 
-    p = argparse.ArgumentParser(prog="python -m fot.convert.to_hf", description=__doc__.split("\n")[0])
+    p = arg_parser("fot.convert.to_hf", __doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="fot training run directory (config.gin + checkpoints/)")
     p.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
@@ -301,10 +302,13 @@ def main(argv=None) -> int:
             raise ValueError(f"{workdir}/config.gin not found (the operative config written by fot.train)")
         prepare_out(args.out, args.overwrite)  # fail before the (slow) restore
         from fot.train import load_run
+        from fot.training.checkpoint import CheckpointDamagedError
         try:
             cfg, params, step = load_run(workdir, args.step)
         except FileNotFoundError as e:
             raise ValueError(f"no checkpoint to export: {e}") from None
+        except CheckpointDamagedError:
+            raise
         except Exception as e:  # noqa: BLE001 - orbax raises various errors for a missing step
             raise ValueError(f"cannot restore checkpoint (step={args.step}) under {workdir}: "
                              f"{type(e).__name__}: {e}") from None
@@ -320,7 +324,10 @@ def main(argv=None) -> int:
         summary["tokenizer"] = tok_note
     except ValueError as e:
         print(f"fot.convert.to_hf: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return EXIT_CONFIG
+    except OSError as e:  # damaged checkpoint (4), disk full writing --out (4), ...
+        print(f"fot.convert.to_hf: error: {describe_os_error(e)}", file=sys.stderr, flush=True)
+        return os_error_code(e)
     summary["step"] = int(step)
     print(json.dumps(summary), flush=True)
     return 0

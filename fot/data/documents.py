@@ -20,6 +20,11 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 
+class DataError(ValueError):
+    """The input data cannot be read as documents (a bad line in a file, a changed source): one line naming
+    the task, file and line where known. ``fot.train`` reports it with exit 2."""
+
+
 @dataclasses.dataclass
 class Document:
     """One tokenised document.
@@ -189,6 +194,12 @@ class MixtureDocuments:
             for j, d in zip(idx, docs):
                 out[j] = Document(d.tokens, [s, d.ref], d.loss_weights)
         return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for p in self.providers:
+            close = getattr(p, "close", None)
+            if callable(close):
+                close()
 
     def get_state(self) -> dict:
         return {"draws": self._draws, "exhausted": list(self._exhausted),

@@ -128,11 +128,15 @@ class PrefetchIterator:
         return self._it.metrics(self._state)
 
     def close(self) -> None:
-        """Stops the background thread and drops prefetched batches."""
+        """Stops the background thread, drops prefetched batches and the source's open readers (the next
+        ``next()`` reopens them at the current cursor)."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
         self._thread = self._queue = self._stop = None
+        release = getattr(self._it, "close", None)
+        if callable(release):
+            release()
 
     def __del__(self):
         try:

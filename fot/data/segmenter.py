@@ -205,6 +205,12 @@ class Segmenter:
         self._step = int(state["step"])
         self._finished = bool(state["finished"])
 
+    def close(self) -> None:
+        """Release the provider's readers (TF iterators), if it has any."""
+        close = getattr(self.provider, "close", None)
+        if callable(close):
+            close()
+
     def metrics(self, state: dict[str, Any] | None = None) -> dict[str, float]:
         """Counters (documents, skipped short documents, tokens per source) from a cursor."""
         state = self.get_state() if state is None else state

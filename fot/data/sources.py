@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from fot.data.documents import Document, _check_min_length
+from fot.data.documents import DataError, Document, _check_min_length
 from fot.data.tf_env import import_seqio, import_tf
 
 _EPOCH_SEED_STRIDE = 1009
@@ -113,9 +113,14 @@ class TaskDocuments:
                 return None
             if self._it is None:
                 self._open()
+            error = None
             try:
                 ex = next(self._it)
+            except import_tf().errors.OpError as e:
+                error = self._data_error(e)
             except StopIteration:
+                if _read_errors(self.name):
+                    break  # the last line was a bad one: report it below
                 if s["index"] == 0 or (seen_in_epoch and s["docs"] == 0):
                     what = "no documents" if s["index"] == 0 else \
                         f"no document with >= min_length={self.min_length} tokens"
@@ -125,6 +130,14 @@ class TaskDocuments:
                 s["index"] = 0
                 self._it = None
                 continue
+            if error is None and _read_errors(self.name):
+                break
+            if error is not None:
+                # Raised outside the except clause, so it holds no reference to TF's error, its traceback or
+                # the iterator: that iterator is dropped now, not during interpreter shutdown (where
+                # destroying it while its reader threads wait for the GIL hung the process).
+                self._it = None
+                raise error
             ref = [s["epoch"], s["index"]]
             s["index"] += 1
             seen_in_epoch += 1
@@ -135,6 +148,8 @@ class TaskDocuments:
             s["docs"] += 1
             s["tokens"] += int(len(doc.tokens))
             return doc
+        self._it = None
+        raise self._bad_line()
 
     def fetch(self, refs: Sequence[Any]) -> list[Document]:
         """Re-reads documents by ``[epoch, index]``: one pass per epoch, tokenising only those."""
@@ -150,15 +165,34 @@ class TaskDocuments:
             ds = self._raw(epoch).skip(lo).enumerate(start=lo)
             ds = ds.filter(lambda i, ex: tf.reduce_any(tf.equal(i, want_t))).take(len(wanted))
             ds = ds.map(lambda i, ex: ex)
-            got = {}
-            for idx, ex in zip(wanted, self._tokenize(ds, epoch).as_numpy_iterator()):
-                got[idx] = ex
+            got, error = {}, None
+            try:
+                for idx, ex in zip(wanted, self._tokenize(ds, epoch).as_numpy_iterator()):
+                    got[idx] = ex
+            except tf.errors.OpError as e:
+                error = self._data_error(e)
+            error = error or self._bad_line()
+            if error is not None:
+                raise error
             if len(got) != len(wanted):
                 raise ValueError(f"task {self.name!r}: could not re-read documents {wanted} of epoch "
                                  f"{epoch} (source changed since the cursor was saved?)")
             for j in js:
                 out[j] = self._document(got[int(refs[j][1])], [epoch, int(refs[j][1])])
         return out  # type: ignore[return-value]
+
+    def _bad_line(self) -> DataError | None:
+        """The first bad JSONL line met while reading this task (``fot.data.tasks.read_errors``), if any."""
+        bad = _read_errors(self.name)
+        return DataError(f"task {self.name!r} split {self.split!r}: bad JSONL line: {bad[0]}") if bad else None
+
+    def _data_error(self, e) -> DataError:  # pylint: disable=missing-function-docstring
+        from fot.data.tasks import tf_error_message  # pylint: disable=g-import-not-at-top
+        return DataError(f"task {self.name!r} split {self.split!r}: {tf_error_message(e)}")
+
+    def close(self) -> None:
+        """Drop the TF iterator (stops its background reads)."""
+        self._it = None
 
     def get_state(self) -> dict:
         return dict(self._state)
@@ -171,3 +205,8 @@ class TaskDocuments:
         s = self._state if state is None else state
         return {f"data/{self.name}/docs": s["docs"], f"data/{self.name}/skipped_short": s["skipped_short"],
                 f"data/{self.name}/tokens": s["tokens"]}
+
+
+def _read_errors(name: str) -> list[str]:
+    from fot.data.tasks import read_errors  # pylint: disable=g-import-not-at-top
+    return read_errors(name)

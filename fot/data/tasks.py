@@ -30,6 +30,7 @@ from fot.data.tf_env import import_seqio, import_tf
 
 FORMATS = ("text", "lines", "jsonl", "tfrecord")
 _MIN_LENGTH: dict[str, int] = {}
+_READ_ERRORS: dict[str, list[str]] = {}
 
 
 def registered_min_length(name: str) -> int:
@@ -107,23 +108,43 @@ def _validate_file(name: str, path: str, fmt: str, text_key: str, tf) -> None:
                              f"string field {text_key!r}: {line[:120]!r}") from None
 
 
-def _reader(fmt: str, text_key: str, tf) -> Callable:
+def _reader(fmt: str, text_key: str, tf, errors: list[str]) -> Callable:
     if fmt == "text":
         return lambda path: tf.data.Dataset.from_tensors({text_key: tf.io.read_file(path)})
     if fmt == "lines":
         return lambda path: tf.data.TextLineDataset(path).map(lambda s: {text_key: s})
 
-    def parse(line):
+    def parse(line, number, path):
+        """The text of one JSONL line. A bad line is recorded in ``errors`` (reported by the reader of the
+        task as one line, file and line number included) and yields an empty document: an exception raised
+        here would make TensorFlow log its traceback and abort its reader threads."""
         try:
-            return json.loads(line.numpy())[text_key].encode("utf-8")
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"bad JSONL line (need an object with string field {text_key!r}): "
-                             f"{line.numpy()[:120]!r}: {e}") from None
+            text = json.loads(line.numpy())[text_key]
+            if not isinstance(text, str):
+                raise TypeError(f"field {text_key!r} is a {type(text).__name__}")
+            return text.encode("utf-8")
+        except Exception as e:  # noqa: BLE001 - any failure means a bad line
+            errors.append(f"{path.numpy().decode()} line {int(number.numpy()) + 1}: not a JSON object with a "
+                          f"string field {text_key!r} ({type(e).__name__}: {e}); the line starts "
+                          f"{line.numpy()[:80]!r}")
+            return b""
 
     def jsonl(path):
-        lines = tf.data.TextLineDataset(path).filter(lambda s: tf.strings.length(s) > 0)
-        return lines.map(lambda s: {text_key: tf.reshape(tf.py_function(parse, [s], tf.string), [])})
+        lines = tf.data.TextLineDataset(path).enumerate().filter(lambda i, s: tf.strings.length(s) > 0)
+        return lines.map(lambda i, s: {text_key: tf.reshape(tf.py_function(parse, [s, i, path], tf.string), [])})
     return jsonl
+
+
+def read_errors(name: str) -> list[str]:
+    """Bad records met so far while reading task ``name`` (JSONL lines that are not a JSON object with the
+    text field); ``fot.data.sources.TaskDocuments`` raises a DataError with the first one."""
+    return _READ_ERRORS.get(name, [])
+
+
+def tf_error_message(e: BaseException) -> str:
+    """One line for an error TensorFlow raised while reading a task's data (the first line of its message)."""
+    text = getattr(e, "message", None) or str(e)
+    return " ".join(text.strip().splitlines()[:1])[:400]
 
 
 def register_files_task(name: str, patterns: Any, *, vocabulary: Any, format: str = "text",  # noqa: A002
@@ -156,7 +177,8 @@ def register_files_task(name: str, patterns: Any, *, vocabulary: Any, format: st
         source = seqio.TFExampleDataSource(
             splits, feature_description={text_key: tf.io.FixedLenFeature([], tf.string)})
     else:
-        source = seqio.FileDataSource(_reader(format, text_key, tf), splits)
+        _READ_ERRORS[name] = []
+        source = seqio.FileDataSource(_reader(format, text_key, tf, _READ_ERRORS[name]), splits)
     return _add_task(name, source, vocabulary, text_key=text_key, min_length=min_length)
 
 

@@ -11,7 +11,6 @@ CLI::
 """
 from __future__ import annotations
 
-import argparse
 import glob as globlib
 import io
 import json
@@ -170,7 +169,9 @@ def stdlib_vocabulary(vocab_size: int = 2048, cache_dir: str | None = None, samp
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fot.data.vocab", description=__doc__.split("\n")[0])
+    from fot.runtime import EXIT_CONFIG, arg_parser, describe_os_error, os_error_code
+
+    parser = arg_parser("fot.data.vocab", __doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="comma-separated globs of UTF-8 text files")
     parser.add_argument("--vocab_size", type=int, required=True)
     parser.add_argument("--out", required=True, help="output prefix (writes PREFIX.model, PREFIX.vocab)")
@@ -186,8 +187,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 character_coverage=args.character_coverage,
                                 input_sentence_size=args.input_sentence_size, num_threads=args.num_threads)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        print(f"fot.data.vocab: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    except OSError as e:  # disk full / unwritable --out (4), a missing --out directory's parent (2)
+        print(f"fot.data.vocab: error: {describe_os_error(e)}", file=sys.stderr, flush=True)
+        return os_error_code(e)
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     sp = spm.SentencePieceProcessor(model_file=path)
     print(json.dumps({"model": path, "vocab_size": sp.get_piece_size(), "bos_id": sp.bos_id(),

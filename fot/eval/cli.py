@@ -12,8 +12,11 @@ Tasks (library functions in ``fot.eval.<task>``; their keyword arguments are gin
   distraction  positive attention mass r_d in a memory layer
 
 Defaults not bound in gin come from the training config: ``window`` = the training ``seq_len``;
-dictionary ``key_len``/``value_len``/``vocab_size`` from the training dictionary iterator.
-Exit codes: 0 ok; 2 bad input (one line on stderr).
+dictionary ``key_len``/``value_len``/``vocab_size`` from the training dictionary iterator; passkey's
+tokenizer = the run's SentencePiece vocabulary (its size must equal the model's). ``--seqio_task`` may name
+any task the run registered (its config is read, the tasks registered again); its documents get the BOS /
+EOS the run was trained with. ``--tokens_file`` ids must lie in [0, vocab_size).
+Exit codes (README "Exit codes"): 0 ok; 2 bad input (one line on stderr); 4 damaged checkpoint / I/O.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import os
 
 from absl import flags
 
-from fot.runtime import fail, run_app
+from fot.runtime import EXIT_CONFIG, describe_os_error, fail, os_error_code, run_app
 
 TASKS = ("dictionary", "passkey", "perplexity", "distraction")
 
@@ -30,7 +33,8 @@ TASKS = ("dictionary", "passkey", "perplexity", "distraction")
 # --gin_bindings (e.g. 'dictionary_eval.sizes = [512, 1024]') and --gin_search_paths.
 from fot import train as _train  # noqa: E402  (defines the shared absl flags once)
 
-from fot.eval.restore import EvalError, _bound, _resolve, _train_data_param, load_run  # noqa: E402
+from fot.eval.restore import (EvalError, _bound, _resolve, _train_data_param, load_run,  # noqa: E402
+                              run_tokenizer)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("task", None, f"One of {TASKS}.")
@@ -42,7 +46,7 @@ flags.DEFINE_string("seqio_task", None, "perplexity/distraction: registered seqi
 flags.DEFINE_string("split", "validation", "Split of --seqio_task.")
 
 
-def _fail(message, code: int = 2) -> None:
+def _fail(message, code: int = EXIT_CONFIG) -> None:
     fail("fot.eval", message, code)
 
 
@@ -50,9 +54,13 @@ def _documents(gin, model, window: int):
     """Documents for perplexity/distraction: --tokens_file, --seqio_task, or synthetic dictionary docs."""
     from fot.eval import perplexity
     if FLAGS.tokens_file:
-        return perplexity.load_tokens_file(FLAGS.tokens_file, FLAGS.doc_separator)
+        try:
+            docs = perplexity.load_tokens_file(FLAGS.tokens_file, FLAGS.doc_separator)
+        except (ValueError, OSError, EOFError) as e:
+            raise EvalError(f"--tokens_file {FLAGS.tokens_file}: {e}") from None
+        return _checked(docs, model.config.vocab_size, f"--tokens_file {FLAGS.tokens_file}")
     if FLAGS.seqio_task:
-        return perplexity.task_documents(FLAGS.seqio_task, FLAGS.split)
+        return _seqio_documents(gin, model)
     key_len = _train_data_param(gin, "key_len")
     if key_len is None:
         raise EvalError("no documents: pass --tokens_file=F.npy or --seqio_task=NAME (the run was not "
@@ -64,6 +72,50 @@ def _documents(gin, model, window: int):
                           vocab_size=model.config.vocab_size, doc_len=4 * window, query_len=window)
     toks = generate_documents(np.random.default_rng(12345), 64, spec)["tokens"][:, :-1]
     return list(toks)
+
+
+def _seqio_documents(gin, model):
+    """Documents of ``--seqio_task`` after registering the run's own tasks, wrapped in the BOS / EOS the run
+    was trained with (``make_iterator.add_bos`` / ``add_eos`` of its training data)."""
+    import numpy as np
+
+    from fot import runconfig
+    from fot.data import pipeline
+    from fot.data.tf_env import import_seqio
+    from fot.eval import perplexity
+    try:
+        registered = runconfig.register_run_tasks(gin)
+    except ValueError as e:
+        raise EvalError(f"cannot register the run's seqio tasks: {e}") from None
+    seqio = import_seqio()
+    name = FLAGS.seqio_task
+    if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
+        raise EvalError(f"--seqio_task={name!r} is not a registered seqio task or mixture; this run registers "
+                        f"{registered or 'none (it was not trained on a seqio task)'}")
+    sel = runconfig.train_data_selector(gin) or ""
+    add_bos = runconfig.peek(gin, f"{sel}.add_bos") if sel.endswith("make_iterator") else None
+    add_eos = runconfig.peek(gin, f"{sel}.add_eos") if sel.endswith("make_iterator") else None
+    try:
+        bos, eos = pipeline._special_ids(  # pylint: disable=protected-access
+            name, True if add_bos is None else bool(add_bos), True if add_eos is None else bool(add_eos))
+        docs = perplexity.task_documents(name, FLAGS.split)
+    except ValueError as e:
+        raise EvalError(f"--seqio_task={name!r}: {e}") from None
+    head = [bos] if bos is not None else []
+    tail = [eos] if eos is not None else []
+    docs = [np.concatenate([np.asarray(head, np.int32), d, np.asarray(tail, np.int32)]) for d in docs]
+    return _checked(docs, model.config.vocab_size, f"--seqio_task={name!r}")
+
+
+def _checked(docs, vocab_size: int, what: str):
+    """``docs`` after checking every id lies in [0, vocab_size) (EvalError naming the document otherwise)."""
+    from fot.model import check_token_ids
+    for i, d in enumerate(docs):
+        try:
+            check_token_ids(d, vocab_size, f"{what} (document {i})")
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+    return docs
 
 
 def run(task: str, workdir: str) -> dict:
@@ -91,6 +143,11 @@ def run(task: str, workdir: str) -> dict:
     if task == "passkey" and seq_len is not None:
         derived["last_context_length"] = seq_len // 2
         derived["context_lengths"] = [seq_len * 2 ** i for i in (1, 2, 3, 4)]
+    if task == "passkey":
+        spm_path, trained = run_tokenizer(gin, workdir)
+        derived["trained_vocab_size"] = trained
+        if not _bound(gin, "passkey_eval.spm_path"):
+            derived["spm_path"] = spm_path
     if task == "perplexity" and seq_len is not None:
         derived["sizes"] = [0] + [seq_len * 2 ** i for i in (0, 1, 2, 3, 4)]
     kwargs = {k: v for k, v in derived.items() if v is not None and not _bound(gin, f"{name}.{k}")}
@@ -129,8 +186,12 @@ def main(argv) -> None:
         if os.environ.get("FOT_DEBUG"):
             raise
         _fail(str(e))
+    except OSError as e:  # a damaged checkpoint (exit 4), an unwritable workdir, ...
+        if os.environ.get("FOT_DEBUG"):
+            raise
+        _fail(describe_os_error(e), os_error_code(e))
     print(json.dumps(result), flush=True)
 
 
 def entry() -> None:
-    run_app(main)
+    run_app(main, __doc__)

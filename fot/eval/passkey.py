@@ -76,13 +76,18 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids])
 
 
-def make_tokenizer(spm_path: str | None, model_vocab_size: int):
-    """SentencePiece tokenizer if ``spm_path`` else the byte fallback; checks the model's vocab fits."""
+def make_tokenizer(spm_path: str | None, model_vocab_size: int, trained_vocab_size: int | None = None):
+    """SentencePiece tokenizer if ``spm_path`` else the byte fallback. Its size must equal the model's
+    vocab_size, or ``trained_vocab_size`` (the size of the vocabulary the run was trained with, which training
+    allows to be smaller than a padded model vocabulary): a tokenizer of another size belongs to another
+    model, its ids would mean other tokens."""
     tok = SentencePieceTokenizer(spm_path) if spm_path else ByteTokenizer()
-    if tok.vocab_size > model_vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {model_vocab_size}"
-                         + ("" if spm_path else " (byte fallback needs vocab_size >= 259; pass a "
-                            "SentencePiece model with passkey_eval.spm_path)"))
+    if tok.vocab_size not in (model_vocab_size, trained_vocab_size):
+        raise ValueError(f"tokenizer {spm_path or '(byte-level fallback)'} has {tok.vocab_size} ids but the model's "
+                         f"vocab_size is {model_vocab_size}"
+                         + (f" (the run was trained with {trained_vocab_size})" if trained_vocab_size else "")
+                         + ("" if spm_path else "; the run names no SentencePiece vocabulary: pass the one it was "
+                            "trained with (passkey_eval.spm_path / --spm_path)"))
     return tok
 
 
@@ -110,16 +115,17 @@ def garbage_for_tokens(tok, target_tokens: int) -> int:
 def evaluate(model, params, *, context_lengths: Sequence[int], trials: int = 5, seed: int = 555,
              window: int, last_context_length: int, top_k: int | None = None, capacity: int | None = None,
              spm_path: str | None = None, add_bos: bool = True, mem_dtype: str = "float32",
-             mesh=None) -> dict[str, Any]:
+             trained_vocab_size: int | None = None, mesh=None) -> dict[str, Any]:
     """Exact-match accuracy per target context length (tokens), ``trials`` seeded trials each.
 
-    Trial ``j`` at length index ``i`` uses seed ``seed + 1000 * i + j``.
+    Trial ``j`` at length index ``i`` uses seed ``seed + 1000 * i + j``. ``trained_vocab_size``: see
+    :func:`make_tokenizer` (the eval CLI passes the run's vocabulary size).
     """
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     if not context_lengths:
         raise ValueError("context_lengths must name at least one length")
-    tok = make_tokenizer(spm_path, model.config.vocab_size)
+    tok = make_tokenizer(spm_path, model.config.vocab_size, trained_vocab_size)
     cfg = WindowedConfig(window=window, last_context_length=last_context_length, top_k=top_k,
                          capacity=capacity, mem_dtype=mem_dtype)
     gen = Generator(model, params, cfg, mesh=mesh)

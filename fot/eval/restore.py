@@ -61,7 +61,7 @@ def load_run(workdir: str, step: int | None = None, gin_bindings=(), gin_files=(
     import jax.numpy as jnp
 
     from fot import train as _train
-    from fot.training.checkpoint import load_params
+    from fot.training.checkpoint import CheckpointDamagedError, load_params
     _register_eval(gin)
     try:
         _train.parse_run_config(workdir, gin_files, gin_bindings, search_paths)
@@ -78,6 +78,8 @@ def load_run(workdir: str, step: int | None = None, gin_bindings=(), gin_files=(
         params, step = load_params(workdir, step)
     except FileNotFoundError as e:
         raise EvalError(str(e)) from None
+    except CheckpointDamagedError:
+        raise  # an OSError: the CLIs report it with exit 4, naming the damaged step
     except Exception as e:  # noqa: BLE001 - orbax errors for a missing/corrupt step
         raise EvalError(f"cannot restore checkpoint step {step} under {ckpt}: {type(e).__name__}: {e}") from None
     params = __import__("jax").tree.map(jnp.asarray, params)
@@ -98,3 +100,18 @@ def _register_eval(gin) -> None:
     _EVAL_REGISTERED = True
 
 
+def run_tokenizer(gin, workdir: str | None = None) -> tuple[str | None, int | None]:
+    """(SentencePiece model file, vocabulary size) the run was trained with — the vocabulary its config
+    names, else ``workdir/tokenizer.model`` (a run imported by fot.convert.from_hf); (None, None) when there
+    is none (fot.eval's passkey tokenizer and fot.generate's default)."""
+    from fot import runconfig
+    from fot.data.vocab import RUN_TOKENIZER, load_vocabulary
+    try:
+        vocab = runconfig.run_vocabulary(gin)
+        if vocab is None and workdir and os.path.isfile(os.path.join(workdir, RUN_TOKENIZER)):
+            vocab = load_vocabulary(os.path.join(workdir, RUN_TOKENIZER))
+    except ValueError as e:
+        raise EvalError(f"cannot load the run's vocabulary: {e}") from None
+    if vocab is None:
+        return None, None
+    return runconfig.spm_model_path(vocab), int(vocab.vocab_size)

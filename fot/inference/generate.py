@@ -20,6 +20,7 @@ import numpy as np
 
 from fot import memory as fmem
 from fot.inference.windowed import MemoryInference, WindowedConfig
+from fot.model.config import check_token_ids
 
 
 @dataclasses.dataclass
@@ -53,6 +54,7 @@ class Generator:
         Without ``stores`` and with an unbounded config (``capacity=None``) the memory gets room for the
         prompt's prefix windows plus every cache flush that ``max_new_tokens`` can cause.
         """
+        check_token_ids(prompt, self.model.config.vocab_size, "prompt")
         prompt = np.asarray(prompt, np.int32)
         if prompt.ndim != 2 or prompt.shape[1] < 1:
             raise ValueError(f"prompt must be int [batch, length >= 1], got shape {prompt.shape}")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fot import memory as fmem
+from fot.model.config import check_token_ids
 
 _MODES = ("fot", "longllama")
 
@@ -72,6 +73,9 @@ class WindowedConfig:
         if self.on_overflow not in ("evict", "error"):
             raise ValueError(f"on_overflow must be 'evict' or 'error', got {self.on_overflow!r}")
         if self.mode == "longllama":
+            if int(self.last_context_length) < 1:
+                raise ValueError("mode='longllama' needs last_context_length >= 1 (the last tokens form the final "
+                                 "window; LongLLaMA's own code fails on every input with 0)")
             if self.top_k is not None:
                 raise ValueError("mode='longllama' uses dense memory attention: top_k must be None")
             if self.capacity is not None:
@@ -173,6 +177,8 @@ class MemoryInference:
         ``collect_mem_mass``: aux["mem_mass"] = {layer: [B, L, H]} (softmax mass on memory keys).
         The input ``stores`` are donated (do not reuse them).
         """
+        if isinstance(tokens, np.ndarray):  # host input: check ids without a device round trip
+            check_token_ids(tokens, self.model.config.vocab_size, "MemoryInference.step tokens")
         tokens = jnp.asarray(tokens, jnp.int32)
         b, length = tokens.shape
         if positions is None:
@@ -210,6 +216,7 @@ class MemoryInference:
         per row), ``mem_mass`` (list per window of {layer: [B, L, H]} when collected).
         """
         cfg = self.config
+        check_token_ids(tokens, self.model.config.vocab_size, "MemoryInference.forward tokens")
         tokens = np.asarray(tokens, np.int32)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
@@ -271,6 +278,7 @@ class MemoryInference:
         layers the windows are streamed sequentially (``step``), as in :meth:`forward`.
         Returns the new stores.
         """
+        check_token_ids(tokens, self.model.config.vocab_size, "MemoryInference.fill tokens")
         tokens = np.asarray(tokens, np.int32)
         b, n = tokens.shape
         w = self.config.window

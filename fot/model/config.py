@@ -150,3 +150,23 @@ class ModelConfig:
         if "num_heads" in changes and "num_kv_heads" not in changes and self.num_kv_heads == self.num_heads:
             changes["num_kv_heads"] = None
         return dataclasses.replace(self, **changes)
+
+
+def check_token_ids(tokens, vocab_size: int, what: str = "tokens") -> None:
+    """Raise ValueError naming the first token id outside ``[0, vocab_size)`` in ``tokens`` (any int array).
+
+    An embedding lookup of such an id silently gives NaN (ids >= vocab) or another token's row (negative
+    ids wrap around), so every path that feeds ids to a model checks them on the host first."""
+    import numpy as np
+
+    arr = np.asarray(tokens)
+    if arr.size == 0:
+        return
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{what}: token ids must be integers, got dtype {arr.dtype}")
+    bad = (arr < 0) | (arr >= vocab_size)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = pos[0] if len(pos) == 1 else pos
+        raise ValueError(f"{what}: token id {int(arr[pos])} at position {where} is outside [0, {vocab_size}) "
+                         f"(the model's vocab_size); {int(bad.sum())} such id(s)")

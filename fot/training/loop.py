@@ -16,6 +16,7 @@ checkpoints of its own, restarting it resumes from them (``init_from`` is then i
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -23,26 +24,20 @@ import time
 from typing import Any, Callable, Sequence
 
 import jax
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fot.model import Decoder, ModelConfig
 from fot.parallel import DATA_AXIS, axis_rules, make_mesh
-from fot.training.checkpoint import Checkpointer, is_params_only, restore_params
+from fot.training.checkpoint import CheckpointMismatchError, Checkpointer, is_params_only, restore_params
+from fot.training.checks import (ConfigError, TrainingDivergedError, check_batch, check_int,  # noqa: F401
+                                 check_layout, nan_guard)
 from fot.training.curriculum import ConstantD, Curriculum
+from fot.training.lock import WorkdirLock
 from fot.training.metrics import MetricsLogger, write_results
 from fot.training.state import (abstract_params, abstract_train_state, count_params, create_train_state,
                                 state_from_params, state_shardings)
 from fot.training.step import make_eval_step, make_train_step, plan_rows, put_batch
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem (reported by ``fot.train`` as one line, no traceback)."""
-
-
-class TrainingDivergedError(RuntimeError):
-    """Loss or gradient norm became NaN/inf; the last checkpoint on disk is the last good one."""
 
 
 class StopSignal:
@@ -71,17 +66,6 @@ def _as_iterator(data):
     return data() if callable(data) and not hasattr(data, "__next__") else data
 
 
-def _check_layout(name: str, batch_size: int, pack: int, data_size: int, microbatches: int) -> None:
-    if pack < 1 or batch_size % pack:
-        raise ConfigError(f"{name}: batch_size={batch_size} is not divisible by pack={pack}")
-    if batch_size % data_size:
-        raise ConfigError(f"{name}: batch_size={batch_size} is not divisible by the mesh data axis "
-                          f"({data_size} devices)")
-    if batch_size % (microbatches * pack):
-        raise ConfigError(f"{name}: batch_size={batch_size} cannot be split into num_microbatches="
-                          f"{microbatches} micro-batches of whole packs (pack={pack})")
-
-
 def _mesh_devices(mesh_config):
     """All devices, or the first prod(sizes) when every axis size is given and fewer are asked for
     (so ``{"data": 1}`` runs on one device of a multi-device host)."""
@@ -92,15 +76,18 @@ def _mesh_devices(mesh_config):
     return devices
 
 
-def evaluate(eval_fn, params, data, num_extra: int, steps: int, sharding, stepping: bool = True) -> dict[str, float]:
+def evaluate(eval_fn, params, data, num_extra: int, steps: int, sharding, stepping: bool = True,
+             vocab_size: int | None = None) -> dict[str, float]:
     """Per-token loss/accuracy over ``steps`` batches of ``data`` with ``num_extra`` crossbatch contexts.
 
     ``data`` restarts from its initial state (``set_state``) so every evaluation sees the same batches.
     """
     totals = {"loss": 0.0, "correct": 0.0, "tokens": 0.0}
     rows = plan_rows(data.batch_size, num_extra, data.pack, stepping)
-    for _ in range(steps):
-        sums = jax.device_get(eval_fn(params, put_batch(next(data), sharding), rows))
+    for i in range(steps):
+        host_batch = next(data)
+        check_batch(host_batch, vocab_size, f"eval batch {i + 1}")
+        sums = jax.device_get(eval_fn(params, put_batch(host_batch, sharding), rows))
         for k in totals:
             totals[k] += float(sums[k])
     n = max(totals["tokens"], 1.0)
@@ -112,35 +99,44 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
           eval_steps: int = 4, eval_num_extra: Sequence[int] | None = None,
           mesh_config: dict[str, int] | None = None, fsdp: bool = False, num_microbatches: int = 1,
           stepping: bool = True, seed: int = 0, checkpoint_every: int = 1000, keep_checkpoints: int | None = 3,
-          async_checkpointing: bool = True, log_every: int = 50, max_train_seconds: float | None = None,
+          async_checkpointing: bool = True, restore_fallback: bool = True, log_every: int = 50,
+          max_train_seconds: float | None = None,
           config_writer: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
           stream=None, init_from: str | None = None, init_from_step: int | None = None) -> dict[str, Any]:
     """Train ``Decoder(model_config)`` on ``train_data`` (batch-contract iterator or factory).
 
     Returns the results dict (also printed as the final JSON line and written to workdir/results.json).
-    Raises ``ConfigError`` for bad settings and ``TrainingDivergedError`` on a NaN/inf loss.
+    Raises ``ConfigError`` for bad settings, ``TrainingDivergedError`` on a NaN/inf loss, gradient or
+    parameter norm, and ``OSError`` (``CheckpointIOError``) for I/O failures and damaged checkpoints.
+    ``restore_fallback``: resume from the newest intact checkpoint when newer ones are damaged (moved to
+    ``workdir/rejected_checkpoints``); False refuses with the damaged step named.
     """
     t_start = time.perf_counter()
+    for name, value, low, none_ok in (
+            ("total_steps", total_steps, 1, False), ("num_microbatches", num_microbatches, 1, False),
+            ("checkpoint_every", checkpoint_every, 1, False), ("keep_checkpoints", keep_checkpoints, 1, True),
+            ("log_every", log_every, 1, False), ("eval_every", eval_every, 0, False),
+            ("eval_steps", eval_steps, 1, False), ("seed", seed, 0, False)):
+        check_int(name, value, low, none_ok)
+    if init_from_step is not None and not init_from:
+        raise ConfigError("train.init_from_step is set but train.init_from is not")
+    if max_train_seconds is not None and (isinstance(max_train_seconds, bool) or
+                                          not isinstance(max_train_seconds, (int, float)) or max_train_seconds <= 0):
+        raise ConfigError(f"train.max_train_seconds must be a number > 0 or None, got {max_train_seconds!r}")
     workdir = os.path.abspath(workdir)
     parent = os.path.dirname(workdir)
     if not os.path.isdir(parent):
         raise ConfigError(f"workdir parent directory does not exist: {parent}")
     os.makedirs(workdir, exist_ok=True)
-    if total_steps < 1:
-        raise ConfigError(f"total_steps must be >= 1, got {total_steps}")
-    if num_microbatches < 1:
-        raise ConfigError(f"num_microbatches must be >= 1, got {num_microbatches}")
-    if init_from_step is not None and not init_from:
-        raise ConfigError("train.init_from_step is set but train.init_from is not")
     curriculum = curriculum or ConstantD(1)
     data = _as_iterator(train_data)
     eval_iter = _as_iterator(eval_data) if eval_data is not None else None
     mesh = make_mesh(mesh_config, devices=_mesh_devices(mesh_config))
     data_size = dict(zip(mesh.axis_names, mesh.devices.shape)).get(DATA_AXIS, 1)
     batch_size, seq_len, pack = int(data.batch_size), int(data.seq_len), int(getattr(data, "pack", 1))
-    _check_layout("train_data", batch_size, pack, data_size, num_microbatches)
+    check_layout("train_data", batch_size, pack, data_size, num_microbatches)
     if eval_iter is not None:
-        _check_layout("eval_data", int(eval_iter.batch_size), int(getattr(eval_iter, "pack", 1)), data_size, 1)
+        check_layout("eval_data", int(eval_iter.batch_size), int(getattr(eval_iter, "pack", 1)), data_size, 1)
     vocab = getattr(data, "vocab_size", None)
     if vocab is not None and vocab > model_config.vocab_size:
         raise ConfigError(f"data vocab_size={vocab} exceeds model_config.vocab_size={model_config.vocab_size}")
@@ -158,33 +154,60 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
     model = Decoder(model_config)
     shardings = state_shardings(model, optimizer, mesh, seq_len, rules=axis_rules(fsdp=fsdp))
     batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    ckpt = Checkpointer(workdir, every=checkpoint_every, keep=keep_checkpoints, async_save=async_checkpointing)
-    log = MetricsLogger(workdir, total_steps, stream=stream)
-    if config_writer is not None:
-        config_writer(workdir)
-    eval_state0 = eval_iter.get_state() if eval_iter is not None else None
+    # One writer per workdir (process 0 of a multi-process run); released when this process exits anyway.
+    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else WorkdirLock(workdir)
+    ckpt = log = None
+    try:
+        ckpt = Checkpointer(workdir, every=checkpoint_every, keep=keep_checkpoints, async_save=async_checkpointing)
+        log = MetricsLogger(workdir, total_steps, stream=stream)
+        if config_writer is not None:
+            config_writer(workdir)
+        eval_state0 = eval_iter.get_state() if eval_iter is not None else None
 
-    latest = ckpt.latest_step()
-    if latest is not None:
-        if is_params_only(workdir, latest):
+        latest = ckpt.latest_step()
+        if latest is not None and _params_only(workdir, latest):
             raise ConfigError(f"{workdir} holds imported parameters without optimizer state (fot.convert.from_hf): "
                               f"train from them in a new run directory with train.init_from = '{workdir}'")
-        state, cursor, cur_state = ckpt.restore(abstract_train_state(model, optimizer, mesh, seq_len, shardings))
-        data.set_state(cursor)
-        curriculum.set_state(cur_state)
-        log.message(f"resumed from {ckpt.manager.directory}/{latest} (step {int(state.step)})")
-    elif init_from:
-        if not os.path.isdir(os.path.join(init_from, "checkpoints")):
-            raise ConfigError(f"train.init_from = {init_from!r}: no checkpoints/ directory there (expected a run "
-                              "directory of fot.train or fot.convert.from_hf)")
         try:
-            params, src_step = restore_params(init_from, abstract_params(model, seq_len, shardings), init_from_step)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"train.init_from = {init_from!r}: {e}") from None
-        state = state_from_params(params, optimizer, seed, shardings)
-        log.message(f"initialised from {init_from} (step {src_step}): its params, a fresh optimizer state, step 0")
-    else:
-        state = create_train_state(model, optimizer, mesh, seq_len, seed, shardings)
+            restored = ckpt.restore_latest(abstract_train_state(model, optimizer, mesh, seq_len, shardings),
+                                           fallback=restore_fallback, log=log.message)
+        except CheckpointMismatchError as e:
+            raise ConfigError(str(e)) from None
+        if restored is not None:
+            latest, state, cursor, cur_state = restored
+            data.set_state(cursor)
+            curriculum.set_state(cur_state)
+            log.message(f"resumed from {ckpt.directory}/{latest} (step {int(state.step)})")
+            log.truncate_after(int(state.step))
+            if int(state.step) >= total_steps:
+                done = _finished_results(workdir, int(state.step))
+                if done is not None:  # re-run of a finished workdir: report, change nothing
+                    log.message(f"{workdir} already finished at step {int(state.step)} (total_steps="
+                                f"{total_steps}); results.json left unchanged")
+                    ckpt.close()
+                    log.close()
+                    lock.close()
+                    write_results(None, done, stream)
+                    return done
+        elif init_from:
+            if not os.path.isdir(os.path.join(init_from, "checkpoints")):
+                raise ConfigError(f"train.init_from = {init_from!r}: no checkpoints/ directory there (expected a "
+                                  "run directory of fot.train or fot.convert.from_hf)")
+            try:
+                params, src_step = restore_params(init_from, abstract_params(model, seq_len, shardings),
+                                                  init_from_step)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"train.init_from = {init_from!r}: {e}") from None
+            state = state_from_params(params, optimizer, seed, shardings)
+            log.truncate_after(0)  # rows of an attempt killed before its first checkpoint
+            log.message(f"initialised from {init_from} (step {src_step}): its params, a fresh optimizer state, "
+                        "step 0")
+        else:
+            state = create_train_state(model, optimizer, mesh, seq_len, seed, shardings)
+            log.truncate_after(0)  # rows of an attempt killed before its first checkpoint
+    except BaseException:
+        _abort(ckpt, log, data, eval_iter, lock)
+        raise
     n_params = count_params(state.params)
     log.message(f"model: {n_params:,} params | mesh {dict(zip(mesh.axis_names, mesh.devices.shape))} | "
                 f"batch {batch_size}x{seq_len} pack {pack} | curriculum: {curriculum.describe()}")
@@ -212,7 +235,8 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
         out = {}
         for d in eval_ds():
             eval_iter.set_state(eval_state0)
-            r = evaluate(eval_step, state.params, eval_iter, d, eval_steps, batch_sharding, stepping)
+            r = evaluate(eval_step, state.params, eval_iter, d, eval_steps, batch_sharding, stepping,
+                         model_config.vocab_size)
             out[f"eval_accuracy_d{d}"], out[f"eval_loss_d{d}"] = r["accuracy"], r["loss"]
         log.scalars(step, out)
         return out
@@ -224,10 +248,7 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
         s, d, metrics = pending
         pending = None
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-            raise TrainingDivergedError(
-                f"loss became {m['loss']} (grad norm {m['grad_norm']}) at step {s}; stopping. Last good "
-                f"checkpoint: step {ckpt.latest_step()} under {ckpt.manager.directory}")
+        nan_guard(ckpt, s, m)
         curriculum.observe(s, m)
         m["d"] = d
         last = m
@@ -237,7 +258,7 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
             if data_metrics:  # documents/tokens read, documents skipped as too short (seqio pipeline)
                 log.scalars(s, data_metrics)
 
-    if init_from and latest is None and eval_iter is not None:  # the starting model's own quality
+    if init_from and restored is None and eval_iter is not None:  # the starting model's own quality
         curve.append({"step": 0, **run_eval()})
         log.message("eval @ step 0 (init_from): " + ", ".join(f"{k} {v:.4f}" for k, v in curve[-1].items()
                                                                 if k != "step"))
@@ -252,7 +273,9 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
             d = curriculum.d_at(step)
             if d not in plans:
                 plans[d] = plan_rows(micro_batch, d, pack, stepping)
-            batch = put_batch(next(data), batch_sharding)
+            host_batch = next(data)
+            check_batch(host_batch, model_config.vocab_size, f"training batch of step {step + 1}")
+            batch = put_batch(host_batch, batch_sharding)
             state, metrics = train_step(state, batch, plans[d])
             log.add_tokens(tokens_per_step)
             step += 1
@@ -265,9 +288,13 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
                 log.message(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()))
             if ckpt.due(step):
                 process()
+                log.sync()
                 ckpt.save(step, state, data.get_state(), curriculum.get_state())
         process()
+        log.sync()
         ckpt.save(step, state, data.get_state(), curriculum.get_state())
+        if step == start_step:  # nothing trained in this process: report the last logged step's figures
+            last = {**log.last_row(step), "d": curriculum.d_at(step)}
         if stopped == "preempted":
             ckpt.wait()
             log.message(f"stop signal received: saved checkpoint at step {step}, exiting")
@@ -276,7 +303,8 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
                                    "train_loss": last.get("loss"), "train_accuracy": last.get("accuracy"),
                                    "d": last.get("d", curriculum.d_at(step)),
                                    "train_seconds": round(train_seconds, 2),
-                                   "steps_per_sec": round((step - start_step) / max(train_seconds, 1e-9), 3),
+                                   "steps_per_sec": (round((step - start_step) / max(train_seconds, 1e-9), 3)
+                                                     if step > start_step else None),
                                    "tokens_per_step": tokens_per_step}
         if eval_iter is not None and stopped != "preempted":
             r = run_eval()
@@ -292,11 +320,42 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
         ckpt.close()
         log.close()
         write_results(workdir, results, stream)
+        lock.close()
         return results
-    except TrainingDivergedError:
-        ckpt.close()
-        log.close()
+    except BaseException:
+        _abort(ckpt, log, data, eval_iter, lock)
         raise
+
+
+def _params_only(workdir: str, step: int) -> bool:
+    """``is_params_only`` of an imported run's checkpoint; False when it cannot be read (restore_latest then
+    names the damage)."""
+    try:
+        return is_params_only(workdir, step)
+    except Exception:  # noqa: BLE001 - a damaged checkpoint: diagnosed by restore_latest
+        return False
+
+
+def _finished_results(workdir: str, step: int) -> dict[str, Any] | None:
+    """``workdir/results.json`` when it reports ``step`` (the run finished there), else None."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results.get("step") == step else None
+
+
+def _abort(*closeables) -> None:
+    """Error path: finish or abandon in-flight checkpoint writes, flush metrics, stop data threads, release
+    the workdir lock; never raises (the original error is what gets reported)."""
+    for fn in (getattr(c, "close", None) for c in closeables):
+        if fn is None:
+            continue
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - secondary failure while handling the first
+            pass
 
 
 def _data_metrics(data) -> dict[str, float]:

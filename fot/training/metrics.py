@@ -12,24 +12,82 @@ import sys
 import time
 from typing import Any
 
+from fot.runtime import errno_of
+
 
 
 class _JsonlWriter:
     """``workdir/metrics.jsonl``: one JSON object ``{"step": s, name: value, ...}`` per write. Always
     written next to the TensorBoard events (easy to read back in tests and scripts); also the
-    fallback when clu's TensorBoard writer cannot import (no tensorflow/tensorboard installed)."""
+    fallback when clu's TensorBoard writer cannot import (no tensorflow/tensorboard installed).
+
+    Every line reaches the OS as it is written (line buffering), so a killed process loses none;
+    ``sync()`` (before each checkpoint) also fsyncs it, so lines up to a checkpoint survive a machine crash.
+    """
 
     def __init__(self, workdir: str):
-        self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._f = open(self.path, "a", buffering=1)
+
+    def _write(self, line: str) -> None:
+        try:
+            self._f.write(line + "\n")
+        except OSError as e:  # name the file (disk full, quota, ...)
+            raise OSError(e.errno, e.strerror, self.path) from None
 
     def write_scalars(self, step, scalars):
-        self._f.write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}) + "\n")
+        self._write(json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}}))
 
     def write_hparams(self, hparams):
-        self._f.write(json.dumps({"hparams": hparams}) + "\n")
+        self._write(json.dumps({"hparams": hparams}))
 
     def flush(self):
         self._f.flush()
+
+    def sync(self):
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, self.path) from None
+
+    def truncate_after(self, step: int) -> int:
+        """Drop rows of steps > ``step`` (written after the checkpoint a resumed run starts from, or a
+        partial last line of a killed process) so every step is logged once. Returns rows dropped."""
+        self._f.close()
+        kept, dropped = [], 0
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    dropped += 1
+                    continue
+                if isinstance(row, dict) and row.get("step", -1) > step:
+                    dropped += 1
+                    continue
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if dropped:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
+        self._f = open(self.path, "a", buffering=1)
+        return dropped
+
+    def last_row(self, step: int, key: str = "loss") -> dict[str, Any]:
+        """The last row at or before ``step`` that holds ``key`` ({} if none)."""
+        self._f.flush()
+        last: dict[str, Any] = {}
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and key in row and row.get("step", -1) <= step:
+                    last = row
+        return last
 
     def close(self):
         self._f.close()
@@ -43,18 +101,31 @@ def _make_writer(workdir: str, tensorboard: bool):
             print(f"note: TensorBoard writer unavailable ({e}); writing {workdir}/metrics.jsonl", file=sys.stderr)
         else:
             tb = metric_writers.create_default_writer(workdir, just_logging=False, asynchronous=True)
-            return _Both(tb, _JsonlWriter(workdir))
+            return _Both(tb, _JsonlWriter(workdir), workdir)
     return _JsonlWriter(workdir)
 
 
 class _Both:
-    def __init__(self, *writers):
-        self.writers = writers
+    """clu's TensorBoard writer + the JSONL writer (``jsonl``, which also serves the read-back methods)."""
+
+    def __init__(self, tb, jsonl: _JsonlWriter, workdir: str):
+        self.writers = (tb, jsonl)
+        self.jsonl = jsonl
+        self.workdir = workdir
 
     def __getattr__(self, name):
         def call(*args, **kwargs):
             for w in self.writers:
-                getattr(w, name)(*args, **kwargs)
+                try:
+                    getattr(w, name)(*args, **kwargs)
+                except OSError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - TF/clu errors of the events file (disk full, ...)
+                    code = errno_of(e)
+                    if code is None:
+                        raise
+                    raise OSError(code, f"cannot write TensorBoard events: {os.strerror(code)}",
+                                  self.workdir) from None
         return call
 
 
@@ -116,14 +187,34 @@ class MetricsLogger:
     def message(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
+    @property
+    def _jsonl(self) -> _JsonlWriter:
+        return self.writer if isinstance(self.writer, _JsonlWriter) else self.writer.jsonl
+
+    def sync(self) -> None:
+        """Flush TensorBoard events and fsync metrics.jsonl (called before every checkpoint)."""
+        self.writer.flush()
+        self._jsonl.sync()
+
+    def truncate_after(self, step: int) -> int:
+        """Resume: drop metrics.jsonl rows of steps after the checkpoint ``step`` (they will be re-run)."""
+        return self._jsonl.truncate_after(step)
+
+    def last_row(self, step: int, key: str = "loss") -> dict[str, Any]:
+        return self._jsonl.last_row(step, key)
+
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
 
 
-def write_results(workdir: str, results: dict[str, Any], stream=None) -> None:
-    """Print ``results`` as one JSON line and write it to ``workdir/results.json``."""
+def write_results(workdir: str | None, results: dict[str, Any], stream=None) -> None:
+    """Print ``results`` as one JSON line and write it to ``workdir/results.json`` (atomically: a
+    temporary file renamed into place; ``workdir=None`` only prints)."""
     line = json.dumps(results, sort_keys=True)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        f.write(line + "\n")
+    if workdir is not None:
+        path = os.path.join(workdir, "results.json")
+        with open(path + ".tmp", "w") as f:
+            f.write(line + "\n")
+        os.replace(path + ".tmp", path)
     print(line, file=stream or sys.stdout, flush=True)

@@ -70,7 +70,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mesh: Mes
 
     batch: dict of [B, L] arrays (``BATCH_KEYS``); extra_rows: int32 [B/m, d] plan of ONE micro-batch
     (identical for every micro-batch) or None. metrics: dict of float32 scalars ``loss``,
-    ``accuracy``, ``tokens``, ``grad_norm``, ``learning_rate``-free (the loop adds it).
+    ``accuracy``, ``tokens``, ``grad_norm`` (of the gradients), ``param_norm`` (of the updated params).
     Each distinct extra_rows shape (i.e. each d) compiles once.
     """
     m = int(num_microbatches)
@@ -102,8 +102,11 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mesh: Mes
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        # param_norm: the NaN guard's check of the updated parameters (a float32 norm is inf once any
+        # parameter is non-finite or exceeds ~1e19), read one step late with the other metrics.
         metrics = {"loss": sums["loss"] / total, "accuracy": sums["correct"] / total,
-                   "tokens": sums["tokens"], "grad_norm": optax.global_norm(grads)}
+                   "tokens": sums["tokens"], "grad_norm": optax.global_norm(grads),
+                   "param_norm": optax.global_norm(params)}
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, metrics
 
