@@ -79,8 +79,9 @@ def parse_run_config(workdir: str, gin_files=(), gin_bindings=(), search_paths=(
         if path and os.path.isdir(path):
             gin.add_config_file_search_path(path)
     gin.clear_config()
-    gin.parse_config_files_and_bindings([os.path.join(workdir, "config.gin"), *gin_files], list(gin_bindings),
-                                        skip_unknown=True, finalize_config=False)
+    with gin_include_guard(search_paths):
+        gin.parse_config_files_and_bindings([os.path.join(workdir, "config.gin"), *gin_files], list(gin_bindings),
+                                            skip_unknown=True, finalize_config=False)
 
 
 def load_run(workdir: str, step: int | None = None, gin_files=(), gin_bindings=(), search_paths=()):
@@ -102,22 +103,30 @@ def _fail(message, code: int = 2) -> None:
 
 
 @contextlib.contextmanager
-def _working_dir_off_sys_path():
-    """Parse gin with the working directory off ``sys.path``.
+def gin_include_guard(search_paths=()):
+    """Parse gin with the gin trees' folder names blocked as Python packages.
 
     gin's package-path reader reads an include such as ``'runs/dictionary.gin'`` as file
-    ``dictionary.gin`` of Python package ``runs``; a plain directory of that name in the working
-    directory (a run directory ``runs/``, say) is then found as a namespace package without an
-    origin, and gin crashes with a TypeError. Every configurable is imported before parsing, so
-    nothing needs the working directory on the path meanwhile.
+    ``dictionary.gin`` of Python package ``runs``; a plain directory of that name on ``sys.path`` (a
+    run directory ``runs/`` in the working directory, or in the repository when it is on PYTHONPATH)
+    is then found as a namespace package without an origin, and gin crashes with a TypeError instead
+    of trying its search paths. While parsing, every top-level folder name of ``gin/`` and of
+    ``search_paths`` that is not an imported module is set to ``None`` in ``sys.modules``, so
+    ``importlib.util.find_spec`` reports it missing and gin moves on to its search paths.
     """
-    cwd = os.getcwd()
-    saved = list(sys.path)
-    sys.path[:] = [p for p in saved if os.path.abspath(p or ".") != cwd]
+    names = set()
+    for root in (_REPO_GIN, *search_paths):
+        if root and os.path.isdir(root):
+            names.update(n for n in os.listdir(root) if n.isidentifier() and os.path.isdir(os.path.join(root, n)))
+    blocked = [n for n in sorted(names) if n not in sys.modules]
+    for n in blocked:
+        sys.modules[n] = None
     try:
         yield
     finally:
-        sys.path[:] = saved
+        for n in blocked:
+            if sys.modules.get(n, 0) is None:
+                del sys.modules[n]
 
 
 def parse_gin(gin_files, gin_bindings, search_paths) -> None:
@@ -135,7 +144,7 @@ def parse_gin(gin_files, gin_bindings, search_paths) -> None:
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.FATAL)  # gin's resource reader logs an error for every search-path miss
     try:
-        with _working_dir_off_sys_path():
+        with gin_include_guard(search_paths):
             gin.parse_config_files_and_bindings(gin_files, gin_bindings, finalize_config=True)
     except (OSError, IOError) as e:
         _fail(f"gin file not found: {e}")

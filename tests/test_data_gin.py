@@ -26,12 +26,13 @@ def tiny_spm(tmp_path_factory):
 def gin_env():
     import gin
 
-    from fot.train import register_configurables
+    from fot.train import register_configurables, gin_include_guard
 
     register_configurables()
     gin.clear_config()
     gin.add_config_file_search_path(GIN_DIR)
-    yield gin
+    with gin_include_guard():  # a runs/ folder in the working directory must not shadow 'runs/...'
+        yield gin
     gin.clear_config()
 
 

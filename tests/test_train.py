@@ -25,34 +25,36 @@ def error_lines(proc):
 def test_gin_composition_and_overrides():
     import gin
 
-    from fot.train import register_configurables
+    from fot.train import register_configurables, gin_include_guard
 
     register_configurables()
     gin.clear_config()
     try:
-        gin.add_config_file_search_path(os.path.join(REPO, "gin"))
-        gin.parse_config_files_and_bindings(
-            [os.path.join(REPO, "gin/quickstart.gin"), os.path.join(REPO, "gin/mesh/fsdp.gin")],
-            ["train.total_steps = 7", "WINDOW = 32", "SwitchOnAccuracy.after = 2"])
-        assert gin.query_parameter("train.total_steps") == 7
-        assert gin.query_parameter("train.fsdp") is True  # from the later file
-        assert gin.query_parameter("SwitchOnAccuracy.after") == 2
-        with gin.config_scope("train_data"):
-            it = gin.get_configurable("fot.data.DictionaryLookupIterator")()
-        with gin.config_scope("eval_data"):
-            ev = gin.get_configurable("fot.data.DictionaryLookupIterator")()
-        assert (it.seq_len, it.pack, it.spec.key_len, it.seed) == (32, 2, 2, 0)
-        assert ev.seq_len == 32 and ev.seed != it.seed
-        cfg = gin.get_configurable("fot.model.ModelConfig")()
-        assert cfg.vocab_size == 64 and cfg.mem_positional == "none" and cfg.qk_norm
-        # The paper's exact setting composes from the run file + the 37M size file.
-        gin.clear_config()
-        gin.parse_config_files_and_bindings([os.path.join(REPO, "gin/dictionary_paper.gin")], [])
-        cfg = gin.get_configurable("fot.model.ModelConfig")()
-        assert (cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.mem_layers) == (64, 512, 12, (8,))
-        with gin.config_scope("train_data"):
-            it = gin.get_configurable("fot.data.DictionaryLookupIterator")()
-        assert it.seq_len == 256 and it.pack == 2 and it.batch_size * it.seq_len // 2 == 32768
+        # `make run` leaves runs/ in the working directory: it must not shadow gin's 'runs/...' includes
+        with gin_include_guard():
+            gin.add_config_file_search_path(os.path.join(REPO, "gin"))
+            gin.parse_config_files_and_bindings(
+                [os.path.join(REPO, "gin/quickstart.gin"), os.path.join(REPO, "gin/mesh/fsdp.gin")],
+                ["train.total_steps = 7", "WINDOW = 32", "SwitchOnAccuracy.after = 2"])
+            assert gin.query_parameter("train.total_steps") == 7
+            assert gin.query_parameter("train.fsdp") is True  # from the later file
+            assert gin.query_parameter("SwitchOnAccuracy.after") == 2
+            with gin.config_scope("train_data"):
+                it = gin.get_configurable("fot.data.DictionaryLookupIterator")()
+            with gin.config_scope("eval_data"):
+                ev = gin.get_configurable("fot.data.DictionaryLookupIterator")()
+            assert (it.seq_len, it.pack, it.spec.key_len, it.seed) == (32, 2, 2, 0)
+            assert ev.seq_len == 32 and ev.seed != it.seed
+            cfg = gin.get_configurable("fot.model.ModelConfig")()
+            assert cfg.vocab_size == 64 and cfg.mem_positional == "none" and cfg.qk_norm
+            # The paper's exact setting composes from the run file + the 37M size file.
+            gin.clear_config()
+            gin.parse_config_files_and_bindings([os.path.join(REPO, "gin/dictionary_paper.gin")], [])
+            cfg = gin.get_configurable("fot.model.ModelConfig")()
+            assert (cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.mem_layers) == (64, 512, 12, (8,))
+            with gin.config_scope("train_data"):
+                it = gin.get_configurable("fot.data.DictionaryLookupIterator")()
+            assert it.seq_len == 256 and it.pack == 2 and it.batch_size * it.seq_len // 2 == 32768
     finally:
         gin.clear_config()
 
@@ -182,10 +184,12 @@ def test_state_shardings_on_a_data_model_mesh(name):
 
 
 def test_gin_includes_work_beside_a_runs_directory(tmp_path):
-    """A `runs/` folder in the working directory (where run directories usually go) must not shadow
-    gin's `include 'runs/...'` (gin's package-path reader would find it as a namespace package)."""
+    """A `runs/` folder in the working directory (where run directories usually go) or in any other
+    directory on sys.path (the repository after `make run`, on PYTHONPATH) must not shadow gin's
+    `include 'runs/...'` (gin's package-path reader would find it as a namespace package)."""
     (tmp_path / "runs").mkdir()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    (tmp_path / "on_path" / "runs").mkdir(parents=True)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path / 'on_path'}")
     proc = subprocess.run(
         [sys.executable, "-m", "fot.train", f"--gin_file={REPO}/gin/quickstart.gin",
          f"--gin_search_paths={REPO}/gin", "--gin_bindings=TOTAL_STEPS = 2", "--gin_bindings=train.eval_every = 0",
