@@ -26,7 +26,7 @@ def init(cfg, rng, b=B, t=T):
     # Make non-trivial norm scales / per-head params so they are exercised.
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x * (1 + 0.3 * jnp.asarray(rng.standard_normal(x.shape), x.dtype))
-        if any(getattr(p, "key", "") in ("scale", "qk_scale") for p in path) else x, params)
+        if any(getattr(p, "key", "") in ("scale", "qk_scale", "qk_log_scale") for p in path) else x, params)
     return params, tokens
 
 
@@ -66,7 +66,8 @@ def ref_forward(p, cfg, tokens, extra_rows=None, key_mask=None, positions=None):
         mem = i in cfg.mem_layers
         scale = dh ** -0.5
         if mem and cfg.qk_norm:
-            q = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * a["qk_scale"][:, None]
+            tau = a["qk_scale"] if "qk_scale" in a else jnp.exp(a["qk_log_scale"])  # per-head temperature
+            q = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * tau[:, None]
             k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
             scale = 1.0
         rope = not (mem and cfg.mem_positional == "none")
@@ -136,7 +137,22 @@ def test_params_tree(rng):
     assert "lm_head" not in tied
 
 
+@pytest.mark.parametrize("param,init_value", [("linear", None), ("linear", 10.0), ("log", None), ("log", 10.0)])
+def test_qk_temperature_param_and_init(param, init_value):
+    """The QK-norm temperature is stored as tau (``qk_scale``) or log tau (``qk_log_scale``) and starts at
+    ``qk_scale_init`` (default sqrt(head_dim)); only memory layers have it."""
+    cfg = make_cfg(qk_norm=True, mem_positional="none", qk_scale_param=param, qk_scale_init=init_value)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    attn = nn.meta.unbox(Decoder(cfg).init(jax.random.key(0), tokens))["params"]["layers_1"]["attn"]
+    name = "qk_scale" if param == "linear" else "qk_log_scale"
+    assert set(attn) == {"q", "k", "v", "o", name}
+    tau = np.asarray(attn[name]) if param == "linear" else np.exp(np.asarray(attn[name]))
+    np.testing.assert_allclose(tau, np.full(cfg.num_heads, init_value or np.sqrt(cfg.head_dim)), rtol=1e-6)
+    assert "qk_scale" not in nn.meta.unbox(Decoder(cfg).init(jax.random.key(0), tokens))["params"]["layers_0"]["attn"]
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(mem_positional="none", qk_norm=True, mem_layers=(0, 1)),
+                                dict(mem_positional="none", qk_norm=True, qk_scale_param="log"),
                                 dict(tie_embeddings=True, mem_layers=(0, 1)),
                                 dict(crossbatch_block_rows=2, mem_layers=(0, 1))])
 def test_forward_and_grad_match_reference(rng, kw):
@@ -326,6 +342,7 @@ def test_config_resolution():
     assert ModelConfig(10, 64, 4, 4, 8, remat=[2]).remat_layer(2) and not cfg.remat_layer(2)
     for bad in (dict(head_dim=7), dict(d_model=30), dict(remat=[4]), dict(dtype="float33"),
                 dict(remat_policy="nope"), dict(mem_layers=(1, 1)), dict(mem_layers=(-1,)),
-                dict(crossbatch_block_rows=0), dict(crossbatch_block_rows=2.0)):
+                dict(crossbatch_block_rows=0), dict(crossbatch_block_rows=2.0), dict(qk_scale_param="exp"),
+                dict(qk_scale_init=0.0)):
         with pytest.raises(ValueError):
             ModelConfig(**{**dict(vocab_size=10, d_model=64, num_layers=4, num_heads=4, mlp_dim=8), **bad})

@@ -77,17 +77,19 @@ def test_cli_errors_are_one_clear_line(tmp_path, args, devices, expect):
     assert len(lines) == 1 and expect in lines[0], proc.stderr[-3000:]
 
 
-def _train_in_process(workdir, mesh_config, steps=3, **kw):
+def _train_in_process(workdir, mesh_config, steps=3, model_kw=None, optimizer_kw=None, **kw):
     from fot.data.dictionary import DictionaryLookupIterator
     from fot.model import ModelConfig
     from fot.training.loop import train
     from fot.training.optim import make_optimizer
 
-    cfg = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, mem_layers=(1,))
+    cfg = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, mem_layers=(1,),
+                      **(model_kw or {}))
     data = DictionaryLookupIterator(16, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=4)
     from fot.training.curriculum import ConstantD
     with open(os.devnull, "w") as null:
-        train(workdir=workdir, model_config=cfg, train_data=data, optimizer=make_optimizer("adamw", 3e-3),
+        train(workdir=workdir, model_config=cfg, train_data=data,
+              optimizer=make_optimizer("adamw", 3e-3, **(optimizer_kw or {})),
               total_steps=steps, curriculum=ConstantD(3), mesh_config=mesh_config, log_every=1,
               checkpoint_every=1000, stream=null, **kw)
     rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -100,6 +102,25 @@ def test_one_vs_eight_devices_identical_losses(tmp_path):
     assert one.shape == (3,) and np.all(np.isfinite(one))
     np.testing.assert_allclose(eight, one, rtol=2e-5)
     assert not np.allclose(one[0], one[-1])  # the run actually trains
+
+
+def test_temperature_metric_and_lr_multiplier(tmp_path):
+    """The logged ``qk_temperature`` is the mean tau of the saved params; with lr_multipliers the
+    log-temperature moves about 20x farther than with the base learning rate (Adam steps ~ lr)."""
+    from fot.training.checkpoint import load_params
+
+    moves = {}
+    for mult in (1.0, 20.0):
+        wd = str(tmp_path / f"m{mult}")
+        _train_in_process(wd, {"data": 1}, steps=3, model_kw=dict(qk_norm=True, qk_scale_param="log",
+                                                                   qk_scale_init=8.0),
+                          optimizer_kw=dict(lr_multipliers={"qk_log_scale": mult}))
+        rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
+        logged = [r["qk_temperature"] for r in rows if "qk_temperature" in r]
+        log_tau = load_params(wd)[0]["layers_1"]["attn"]["qk_log_scale"]
+        np.testing.assert_allclose(logged[-1], np.exp(log_tau).mean(), rtol=1e-5)
+        moves[mult] = np.abs(log_tau - np.log(8.0)).mean()
+    assert 0 < moves[1.0] <= 3 * 3e-3 + 1e-6 and 5 * moves[1.0] < moves[20.0] <= 3 * 20 * 3e-3 + 1e-5
 
 
 def test_microbatches_match_full_batch(rng):
