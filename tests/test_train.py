@@ -47,6 +47,8 @@ def test_gin_composition_and_overrides():
             assert ev.seq_len == 32 and ev.seed != it.seed
             cfg = gin.get_configurable("fot.model.ModelConfig")()
             assert cfg.vocab_size == 64 and cfg.mem_positional == "none" and cfg.qk_norm
+            # make run reports held-out accuracy with 4K and 16K dictionary tokens in memory.
+            assert gin.query_parameter("final/dictionary_eval.sizes") == [4096, 16384]
             # The paper's exact setting composes from the run file + the 37M size file.
             gin.clear_config()
             gin.parse_config_files_and_bindings([os.path.join(REPO, "gin/dictionary_paper.gin")], [])
@@ -121,6 +123,25 @@ def test_temperature_metric_and_lr_multiplier(tmp_path):
         np.testing.assert_allclose(logged[-1], np.exp(log_tau).mean(), rtol=1e-5)
         moves[mult] = np.abs(log_tau - np.log(8.0)).mean()
     assert 0 < moves[1.0] <= 3 * 3e-3 + 1e-6 and 5 * moves[1.0] < moves[20.0] <= 3 * 20 * 3e-3 + 1e-5
+
+
+def test_final_eval_gets_the_trained_params_and_reaches_results(tmp_path):
+    import jax
+
+    from fot.training.checkpoint import load_params
+
+    seen = {}
+
+    def final_eval(model, params):
+        seen["params"], seen["vocab"] = jax.device_get(params), model.config.vocab_size
+        return {"sizes": [16], "fot_accuracy": [0.25]}
+
+    _train_in_process(str(tmp_path / "run"), {"data": 1}, steps=2, final_eval=final_eval)
+    results = json.load(open(tmp_path / "run" / "results.json"))
+    assert results["final_eval"] == {"sizes": [16], "fot_accuracy": [0.25]} and results["final_eval_seconds"] >= 0
+    saved, step = load_params(str(tmp_path / "run"))
+    assert step == 2 and seen["vocab"] == 16  # called with the final (checkpointed) params
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), seen["params"], saved)
 
 
 def test_microbatches_match_full_batch(rng):
@@ -214,9 +235,15 @@ def test_gin_includes_work_beside_a_runs_directory(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "fot.train", f"--gin_file={REPO}/gin/quickstart.gin",
          f"--gin_search_paths={REPO}/gin", "--gin_bindings=TOTAL_STEPS = 2", "--gin_bindings=train.eval_every = 0",
-         "--gin_bindings=train.eval_data = None", "--workdir=runs/q"],
+         "--gin_bindings=train.eval_data = None", "--gin_bindings=final/dictionary_eval.num_docs = 2",
+         "--gin_bindings=final/dictionary_eval.sizes = [64, 256]", "--workdir=runs/q"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results["step"] == 2
+    # The quickstart's final eval (dictionary accuracy vs tokens in memory) reaches the results JSON.
+    final = results["final_eval"]
+    assert final["sizes"] == [64, 256] and final["num_docs"] == 2 and final["top_k"] == 32
+    assert all(0.0 <= a <= 1.0 for a in final["fot_accuracy"] + final["no_memory_accuracy"])
+    assert "final eval" in proc.stdout
     assert (tmp_path / "runs" / "q" / "config.gin").is_file()
