@@ -67,7 +67,14 @@ def ref_forward(p, cfg, tokens, extra_rows=None, key_mask=None, positions=None):
         scale = dh ** -0.5
         if mem and cfg.qk_norm:
             tau = a["qk_scale"] if "qk_scale" in a else jnp.exp(a["qk_log_scale"])  # per-head temperature
-            q = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * tau[:, None]
+            tau = jnp.broadcast_to(tau[:, None], (b, t, h, 1))
+            if cfg.qk_scale_n_ref:  # x ln(n) / ln(n_ref), n = causal local keys + valid extra keys
+                n = pos + 1.0
+                if extra_rows is not None:
+                    kmask = np.ones((b, t), bool) if key_mask is None else np.asarray(key_mask)
+                    n = n + np.array([sum(kmask[r].sum() for r in row if r >= 0) for row in np.asarray(extra_rows)])[:, None]
+                tau = tau * (np.log(n) / np.log(cfg.qk_scale_n_ref))[:, :, None, None]
+            q = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * tau
             k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
             scale = 1.0
         rope = not (mem and cfg.mem_positional == "none")
@@ -153,6 +160,7 @@ def test_qk_temperature_param_and_init(param, init_value):
 
 @pytest.mark.parametrize("kw", [dict(), dict(mem_positional="none", qk_norm=True, mem_layers=(0, 1)),
                                 dict(mem_positional="none", qk_norm=True, qk_scale_param="log"),
+                                dict(qk_norm=True, qk_scale_param="log", qk_scale_n_ref=20, mem_layers=(0, 1)),
                                 dict(tie_embeddings=True, mem_layers=(0, 1)),
                                 dict(crossbatch_block_rows=2, mem_layers=(0, 1))])
 def test_forward_and_grad_match_reference(rng, kw):
@@ -260,7 +268,7 @@ def test_cache_path_equals_full_forward(rng, kw, segments):
 
 
 @pytest.mark.parametrize("kw", [dict(mem_layers=(0, 1)), dict(mem_positional="none", qk_norm=True),
-                                dict(mem_gate=True)])
+                                dict(mem_positional="none", qk_norm=True, qk_scale_n_ref=16), dict(mem_gate=True)])
 def test_memory_path_equals_crossbatch(rng, kw):
     """Windows w0, w1, w2 streamed with memory = crossbatch rows [w0, w1, w2] with row r using rows < r."""
     cfg = make_cfg(**kw)
@@ -343,6 +351,6 @@ def test_config_resolution():
     for bad in (dict(head_dim=7), dict(d_model=30), dict(remat=[4]), dict(dtype="float33"),
                 dict(remat_policy="nope"), dict(mem_layers=(1, 1)), dict(mem_layers=(-1,)),
                 dict(crossbatch_block_rows=0), dict(crossbatch_block_rows=2.0), dict(qk_scale_param="exp"),
-                dict(qk_scale_init=0.0)):
+                dict(qk_scale_init=0.0), dict(qk_norm=True, qk_scale_n_ref=1), dict(qk_scale_n_ref=64)):
         with pytest.raises(ValueError):
             ModelConfig(**{**dict(vocab_size=10, d_model=64, num_layers=4, num_heads=4, mlp_dim=8), **bad})

@@ -77,7 +77,11 @@ class Attention(nn.Module):
         k, v = proj("k", hkv, _KV_HEADS), proj("v", hkv, _KV_HEADS)
         scale = None
         if self.is_memory and cfg.qk_norm:
-            q = (_l2_normalize(q) * self._temperature()[:, None]).astype(dt)
+            tau = self._temperature()[None, None, :, None]  # [1, 1, H, 1]
+            if cfg.qk_scale_n_ref is not None:
+                n = keys_in_view(positions, extra_rows, extra_key_mask, memory)  # [B, T]
+                tau = tau * (jnp.log(n) / math.log(cfg.qk_scale_n_ref))[:, :, None, None]
+            q = (_l2_normalize(q) * tau).astype(dt)
             k = _l2_normalize(k).astype(dt)
             scale = 1.0
         use_rope = not (self.is_memory and cfg.mem_positional == "none")
@@ -166,6 +170,24 @@ class Attention(nn.Module):
         g is 0 for rows without any visible memory key (then the output is the local attention)."""
         mixed = gate * mem_only.astype(jnp.float32) + (1.0 - gate) * local.astype(jnp.float32)
         return mixed.astype(local.dtype)
+
+
+def keys_in_view(positions, extra_rows=None, extra_key_mask=None, memory=None) -> jax.Array:
+    """n [B, T] float32: keys a memory-layer query can attend to — its causal local keys
+    (``positions + 1``) plus the valid keys of its crossbatch extra rows (training) or the valid
+    memory slots (inference, counted before top-k). ``ModelConfig.qk_scale_n_ref`` scales the
+    temperature by ``ln(n) / ln(n_ref)``."""
+    n = positions.astype(jnp.float32) + 1.0
+    if extra_rows is not None:
+        b, t = positions.shape
+        per_row = (jnp.full((b,), float(t)) if extra_key_mask is None
+                   else extra_key_mask.astype(jnp.float32).sum(-1))  # [B] valid keys of each source row
+        rows = extra_rows.astype(jnp.int32)
+        extra = jnp.where(rows >= 0, jnp.take(per_row, jnp.clip(rows, 0, b - 1)), 0.0).sum(-1)  # [B]
+        n = n + extra[:, None]
+    elif memory is not None:
+        n = n + memory[2].astype(jnp.float32).sum(-1)[:, None]
+    return n
 
 
 def temperature_param_name(cfg: ModelConfig) -> str:

@@ -35,6 +35,11 @@ class ModelConfig:
         optimizer moves tau additively, ~lr per step with Adam) or ``"log"`` (param
         ``attn/qk_log_scale`` [H] = log tau, tau = exp(param): moves multiplicatively, as the paper's
         scale under Adafactor's parameter-scaled updates).
+      qk_scale_n_ref: None (default: tau alone) or an int n_ref > 1: with ``qk_norm`` the memory
+        layers' temperature becomes ``tau * ln(n) / ln(n_ref)``, n = the keys in the query's view
+        (its causal local keys + the crossbatch extra keys in training / the filled memory slots at
+        inference, counted before top-k), so the softmax sharpens as the memory grows (log-n
+        "scalable softmax" scaling; n_ref ~ the keys in view in training gives a factor ~1 there).
       mem_gate: MT-style gate in memory layers: ``g = sigmoid(attn/gate_bias[h])``,
         ``out = g * memory_only + (1 - g) * local_only`` (``g = 0`` for a row without any visible
         memory key). Off by default (FoT uses one joint softmax); dense memory only (no ``top_k``).
@@ -70,6 +75,7 @@ class ModelConfig:
     init_std: float = 0.02
     qk_scale_init: float | None = None
     qk_scale_param: str = "linear"
+    qk_scale_n_ref: int | None = None
     crossbatch_block_rows: int | None = None
 
     def __post_init__(self):
@@ -103,6 +109,12 @@ class ModelConfig:
             raise ValueError(f"qk_scale_param must be one of {_QK_SCALE_PARAMS}, got {self.qk_scale_param!r}")
         if self.qk_scale_init is not None and not self.qk_scale_init > 0:
             raise ValueError(f"qk_scale_init must be > 0, got {self.qk_scale_init}")
+        if self.qk_scale_n_ref is not None:
+            if isinstance(self.qk_scale_n_ref, bool) or not isinstance(self.qk_scale_n_ref, int) \
+                    or self.qk_scale_n_ref < 2:
+                raise ValueError(f"qk_scale_n_ref must be None or an int >= 2, got {self.qk_scale_n_ref!r}")
+            if not self.qk_norm:
+                raise ValueError("qk_scale_n_ref scales the QK-norm temperature: it needs qk_norm=True")
         if isinstance(self.remat, bool):
             remat = self.remat
         else:
