@@ -144,6 +144,24 @@ def test_params_tree(rng):
     assert "lm_head" not in tied
 
 
+@pytest.mark.parametrize("param", ["linear", "log"])
+def test_scale_memory_temperatures(rng, param):
+    from fot.model import memory_temperatures, scale_memory_temperatures
+
+    cfg = make_cfg(qk_norm=True, mem_positional="none", qk_scale_param=param, mem_layers=(0, 1))
+    params, tokens = init(cfg, rng)
+    before = {i: np.asarray(t) for i, t in memory_temperatures(cfg, params).items()}
+    scaled = scale_memory_temperatures(cfg, params, 2.5)
+    for i in (0, 1):
+        np.testing.assert_allclose(np.asarray(memory_temperatures(cfg, scaled)[i]), 2.5 * before[i], rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(memory_temperatures(cfg, params)[i]), before[i])  # input intact
+    # Logits of the scaled params = the reference forward with every tau x 2.5.
+    out = jit_apply(cfg)(scaled, tokens, extra_rows=jnp.asarray(ROWS))
+    ref, _ = ref_forward(scaled, cfg, tokens, ROWS)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    assert memory_temperatures(make_cfg(), init(make_cfg(), rng)[0]) == {}
+
+
 @pytest.mark.parametrize("param,init_value", [("linear", None), ("linear", 10.0), ("log", None), ("log", 10.0)])
 def test_qk_temperature_param_and_init(param, init_value):
     """The QK-norm temperature is stored as tau (``qk_scale``) or log tau (``qk_log_scale``) and starts at

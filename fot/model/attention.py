@@ -206,3 +206,18 @@ def memory_temperatures(cfg: ModelConfig, params) -> dict[int, jax.Array]:
         return {}
     name = temperature_param_name(cfg)
     return {i: _tau(cfg, params[f"layers_{i}"]["attn"][name]) for i in cfg.mem_layers}
+
+
+def scale_memory_temperatures(cfg: ModelConfig, params, factor: float):
+    """A copy of ``params`` whose memory layers' QK-norm temperature tau is multiplied by ``factor``
+    (evaluation-time sharpening; the input tree is not modified)."""
+    name = temperature_param_name(cfg)
+    out = dict(params)
+    for i in cfg.mem_layers:
+        layer = dict(out[f"layers_{i}"])
+        attn = dict(layer["attn"])
+        p = jnp.asarray(attn[name])
+        attn[name] = (p + math.log(factor) if cfg.qk_scale_param == "log" else p * factor).astype(p.dtype)
+        layer["attn"] = attn
+        out[f"layers_{i}"] = layer
+    return out
