@@ -72,7 +72,8 @@ def ref_forward(p, cfg, tokens, extra_rows=None, key_mask=None, positions=None):
                 n = pos + 1.0
                 if extra_rows is not None:
                     kmask = np.ones((b, t), bool) if key_mask is None else np.asarray(key_mask)
-                    n = n + np.array([sum(kmask[r].sum() for r in row if r >= 0) for row in np.asarray(extra_rows)])[:, None]
+                    rows = np.asarray(extra_rows)
+                    n = n + np.array([sum(kmask[r].sum() for r in row if r >= 0) for row in rows])[:, None]
                 tau = tau * (np.log(n) / np.log(cfg.qk_scale_n_ref))[:, :, None, None]
             q = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * tau
             k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
