@@ -63,6 +63,10 @@ def register_configurables() -> None:
     for cls in (curriculum.ConstantD, curriculum.SwitchAtStep, curriculum.SwitchOnAccuracy, curriculum.RandomD):
         gin.external_configurable(cls, module="fot.training")
     gin.external_configurable(loop.train, name="train", module="fot.training")
+    from fot.eval import dictionary, distraction, passkey, perplexity
+    for task, mod in (("dictionary", dictionary), ("passkey", passkey), ("perplexity", perplexity),
+                      ("distraction", distraction)):  # fot.eval's tasks; train.final_eval may use them
+        gin.external_configurable(mod.evaluate, name=f"{task}_eval", module="fot.eval")
     for fn in (optax.adamw, optax.adafactor, optax.sgd, optax.chain, optax.clip_by_global_norm,
                optax.warmup_cosine_decay_schedule, optax.linear_schedule, optax.constant_schedule,
                optax.join_schedules):

@@ -31,7 +31,7 @@ def gin_env():
     register_configurables()
     gin.clear_config()
     gin.add_config_file_search_path(GIN_DIR)
-    yield gin
+    yield gin  # (a runs/ folder in the working directory must not shadow 'runs/...': fot.train resolves includes as files)
     gin.clear_config()
 
 

@@ -106,6 +106,8 @@ def test_bad_inputs_fail_clearly(workdir, tmp_path):
         ([f"--workdir={workdir}", "--task=dictionary", "--top_k=0"], "--top_k must be >= 1"),
         ([f"--workdir={workdir}", "--task=dictionary", "--gin_bindings=dictionary_eval.top_k = -3"], "top_k"),
         ([f"--workdir={workdir}", "--task=passkey"], "vocab_size"),  # byte fallback needs 259 ids
+        ([f"--workdir={workdir}", "--task=dictionary", "--temperature_scale=0"], "--temperature_scale must be > 0"),
+        ([f"--workdir={workdir}", "--task=dictionary", "--temperature_scale=2"], "needs a model with qk_norm"),
     ]
     empty = tmp_path / "no_ckpt"
     empty.mkdir()

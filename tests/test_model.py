@@ -26,7 +26,7 @@ def init(cfg, rng, b=B, t=T):
     # Make non-trivial norm scales / per-head params so they are exercised.
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x * (1 + 0.3 * jnp.asarray(rng.standard_normal(x.shape), x.dtype))
-        if any(getattr(p, "key", "") in ("scale", "qk_scale") for p in path) else x, params)
+        if any(getattr(p, "key", "") in ("scale", "qk_scale", "qk_log_scale") for p in path) else x, params)
     return params, tokens
 
 
@@ -66,7 +66,16 @@ def ref_forward(p, cfg, tokens, extra_rows=None, key_mask=None, positions=None):
         mem = i in cfg.mem_layers
         scale = dh ** -0.5
         if mem and cfg.qk_norm:
-            q = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * a["qk_scale"][:, None]
+            tau = a["qk_scale"] if "qk_scale" in a else jnp.exp(a["qk_log_scale"])  # per-head temperature
+            tau = jnp.broadcast_to(tau[:, None], (b, t, h, 1))
+            if cfg.qk_scale_n_ref:  # x ln(n) / ln(n_ref), n = causal local keys + valid extra keys
+                n = pos + 1.0
+                if extra_rows is not None:
+                    kmask = np.ones((b, t), bool) if key_mask is None else np.asarray(key_mask)
+                    rows = np.asarray(extra_rows)
+                    n = n + np.array([sum(kmask[r].sum() for r in row if r >= 0) for row in rows])[:, None]
+                tau = tau * (np.log(n) / np.log(cfg.qk_scale_n_ref))[:, :, None, None]
+            q = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * tau
             k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
             scale = 1.0
         rope = not (mem and cfg.mem_positional == "none")
@@ -136,7 +145,41 @@ def test_params_tree(rng):
     assert "lm_head" not in tied
 
 
+@pytest.mark.parametrize("param", ["linear", "log"])
+def test_scale_memory_temperatures(rng, param):
+    from fot.model import memory_temperatures, scale_memory_temperatures
+
+    cfg = make_cfg(qk_norm=True, mem_positional="none", qk_scale_param=param, mem_layers=(0, 1))
+    params, tokens = init(cfg, rng)
+    before = {i: np.asarray(t) for i, t in memory_temperatures(cfg, params).items()}
+    scaled = scale_memory_temperatures(cfg, params, 2.5)
+    for i in (0, 1):
+        np.testing.assert_allclose(np.asarray(memory_temperatures(cfg, scaled)[i]), 2.5 * before[i], rtol=1e-6)
+        np.testing.assert_array_equal(np.asarray(memory_temperatures(cfg, params)[i]), before[i])  # input intact
+    # Logits of the scaled params = the reference forward with every tau x 2.5.
+    out = jit_apply(cfg)(scaled, tokens, extra_rows=jnp.asarray(ROWS))
+    ref, _ = ref_forward(scaled, cfg, tokens, ROWS)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    assert memory_temperatures(make_cfg(), init(make_cfg(), rng)[0]) == {}
+
+
+@pytest.mark.parametrize("param,init_value", [("linear", None), ("linear", 10.0), ("log", None), ("log", 10.0)])
+def test_qk_temperature_param_and_init(param, init_value):
+    """The QK-norm temperature is stored as tau (``qk_scale``) or log tau (``qk_log_scale``) and starts at
+    ``qk_scale_init`` (default sqrt(head_dim)); only memory layers have it."""
+    cfg = make_cfg(qk_norm=True, mem_positional="none", qk_scale_param=param, qk_scale_init=init_value)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    attn = nn.meta.unbox(Decoder(cfg).init(jax.random.key(0), tokens))["params"]["layers_1"]["attn"]
+    name = "qk_scale" if param == "linear" else "qk_log_scale"
+    assert set(attn) == {"q", "k", "v", "o", name}
+    tau = np.asarray(attn[name]) if param == "linear" else np.exp(np.asarray(attn[name]))
+    np.testing.assert_allclose(tau, np.full(cfg.num_heads, init_value or np.sqrt(cfg.head_dim)), rtol=1e-6)
+    assert "qk_scale" not in nn.meta.unbox(Decoder(cfg).init(jax.random.key(0), tokens))["params"]["layers_0"]["attn"]
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(mem_positional="none", qk_norm=True, mem_layers=(0, 1)),
+                                dict(mem_positional="none", qk_norm=True, qk_scale_param="log"),
+                                dict(qk_norm=True, qk_scale_param="log", qk_scale_n_ref=20, mem_layers=(0, 1)),
                                 dict(tie_embeddings=True, mem_layers=(0, 1)),
                                 dict(crossbatch_block_rows=2, mem_layers=(0, 1))])
 def test_forward_and_grad_match_reference(rng, kw):
@@ -244,7 +287,7 @@ def test_cache_path_equals_full_forward(rng, kw, segments):
 
 
 @pytest.mark.parametrize("kw", [dict(mem_layers=(0, 1)), dict(mem_positional="none", qk_norm=True),
-                                dict(mem_gate=True)])
+                                dict(mem_positional="none", qk_norm=True, qk_scale_n_ref=16), dict(mem_gate=True)])
 def test_memory_path_equals_crossbatch(rng, kw):
     """Windows w0, w1, w2 streamed with memory = crossbatch rows [w0, w1, w2] with row r using rows < r."""
     cfg = make_cfg(**kw)
@@ -326,6 +369,7 @@ def test_config_resolution():
     assert ModelConfig(10, 64, 4, 4, 8, remat=[2]).remat_layer(2) and not cfg.remat_layer(2)
     for bad in (dict(head_dim=7), dict(d_model=30), dict(remat=[4]), dict(dtype="float33"),
                 dict(remat_policy="nope"), dict(mem_layers=(1, 1)), dict(mem_layers=(-1,)),
-                dict(crossbatch_block_rows=0), dict(crossbatch_block_rows=2.0)):
+                dict(crossbatch_block_rows=0), dict(crossbatch_block_rows=2.0), dict(qk_scale_param="exp"),
+                dict(qk_scale_init=0.0), dict(qk_norm=True, qk_scale_n_ref=1), dict(qk_scale_n_ref=64)):
         with pytest.raises(ValueError):
             ModelConfig(**{**dict(vocab_size=10, d_model=64, num_layers=4, num_heads=4, mlp_dim=8), **bad})

@@ -64,6 +64,24 @@ def test_clipping_equals_adamw_on_normalised_gradient(rng):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), u1, u2)
 
 
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_lr_multipliers_scale_only_the_named_params(rng, name):
+    p = _params(rng)
+    p["layers_0"]["attn"]["qk_log_scale"] = jnp.asarray(rng.normal(size=(4,)), jnp.float32)
+    g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p)
+    base = make_optimizer(name, 1e-2, clip_norm=None)
+    fast = make_optimizer(name, 1e-2, clip_norm=None, lr_multipliers={"qk_log_scale": 7.0})
+    s_base, s_fast = base.init(p), fast.init(p)
+    for _ in range(3):  # the optimizer state (moments) is the same; only the named param's step is x7
+        u_base, s_base = base.update(g, s_base, p)
+        u_fast, s_fast = fast.update(g, s_fast, p)
+        want = dict(u_base, layers_0=dict(u_base["layers_0"], attn=dict(
+            u_base["layers_0"]["attn"], qk_log_scale=7.0 * u_base["layers_0"]["attn"]["qk_log_scale"])))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), u_fast, want)
+    with pytest.raises(ValueError, match="lr_multipliers"):
+        make_optimizer(name, 1e-2, lr_multipliers={"qk_log_scale": 0.0})
+
+
 def test_adafactor_minimises_quadratic(rng):
     target = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
     p = {"w": jnp.zeros((16, 8), jnp.float32) + 0.1}

@@ -30,6 +30,7 @@ def test_gin_composition_and_overrides():
     register_configurables()
     gin.clear_config()
     try:
+        # `make run` leaves runs/ in the working directory: it must not shadow gin's 'runs/...' includes
         gin.add_config_file_search_path(os.path.join(REPO, "gin"))
         gin.parse_config_files_and_bindings(
             [os.path.join(REPO, "gin/quickstart.gin"), os.path.join(REPO, "gin/mesh/fsdp.gin")],
@@ -45,6 +46,8 @@ def test_gin_composition_and_overrides():
         assert ev.seq_len == 32 and ev.seed != it.seed
         cfg = gin.get_configurable("fot.model.ModelConfig")()
         assert cfg.vocab_size == 64 and cfg.mem_positional == "none" and cfg.qk_norm
+        # make run reports held-out accuracy with 4K and 16K dictionary tokens in memory.
+        assert gin.query_parameter("final/dictionary_eval.sizes") == [4096, 16384]
         # The paper's exact setting composes from the run file + the 37M size file.
         gin.clear_config()
         gin.parse_config_files_and_bindings([os.path.join(REPO, "gin/dictionary_paper.gin")], [])
@@ -78,17 +81,19 @@ def test_cli_errors_are_one_clear_line(tmp_path, args, devices, expect):
     assert len(lines) == 1 and expect in lines[0], proc.stderr[-3000:]
 
 
-def _train_in_process(workdir, mesh_config, steps=3, **kw):
+def _train_in_process(workdir, mesh_config, steps=3, model_kw=None, optimizer_kw=None, **kw):
     from fot.data.dictionary import DictionaryLookupIterator
     from fot.model import ModelConfig
     from fot.training.loop import train
     from fot.training.optim import make_optimizer
 
-    cfg = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, mem_layers=(1,))
+    cfg = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, mem_layers=(1,),
+                      **(model_kw or {}))
     data = DictionaryLookupIterator(16, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=4)
     from fot.training.curriculum import ConstantD
     with open(os.devnull, "w") as null:
-        train(workdir=workdir, model_config=cfg, train_data=data, optimizer=make_optimizer("adamw", 3e-3),
+        train(workdir=workdir, model_config=cfg, train_data=data,
+              optimizer=make_optimizer("adamw", 3e-3, **(optimizer_kw or {})),
               total_steps=steps, curriculum=ConstantD(3), mesh_config=mesh_config, log_every=1,
               checkpoint_every=1000, stream=null, **kw)
     rows = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -140,6 +145,44 @@ def test_one_vs_eight_devices_identical_losses(tmp_path):
     assert one.shape == (3,) and np.all(np.isfinite(one))
     np.testing.assert_allclose(eight, one, rtol=2e-5)
     assert not np.allclose(one[0], one[-1])  # the run actually trains
+
+
+def test_temperature_metric_and_lr_multiplier(tmp_path):
+    """The logged ``qk_temperature`` is the mean tau of the saved params; with lr_multipliers the
+    log-temperature moves about 20x farther than with the base learning rate (Adam steps ~ lr)."""
+    from fot.training.checkpoint import load_params
+
+    moves = {}
+    for mult in (1.0, 20.0):
+        wd = str(tmp_path / f"m{mult}")
+        _train_in_process(wd, {"data": 1}, steps=3, model_kw=dict(qk_norm=True, qk_scale_param="log",
+                                                                   qk_scale_init=8.0),
+                          optimizer_kw=dict(lr_multipliers={"qk_log_scale": mult}))
+        rows = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
+        logged = [r["qk_temperature"] for r in rows if "qk_temperature" in r]
+        log_tau = load_params(wd)[0]["layers_1"]["attn"]["qk_log_scale"]
+        np.testing.assert_allclose(logged[-1], np.exp(log_tau).mean(), rtol=1e-5)
+        moves[mult] = np.abs(log_tau - np.log(8.0)).mean()
+    assert 0 < moves[1.0] <= 3 * 3e-3 + 1e-6 and 5 * moves[1.0] < moves[20.0] <= 3 * 20 * 3e-3 + 1e-5
+
+
+def test_final_eval_gets_the_trained_params_and_reaches_results(tmp_path):
+    import jax
+
+    from fot.training.checkpoint import load_params
+
+    seen = {}
+
+    def final_eval(model, params):
+        seen["params"], seen["vocab"] = jax.device_get(params), model.config.vocab_size
+        return {"sizes": [16], "fot_accuracy": [0.25]}
+
+    _train_in_process(str(tmp_path / "run"), {"data": 1}, steps=2, final_eval=final_eval)
+    results = json.load(open(tmp_path / "run" / "results.json"))
+    assert results["final_eval"] == {"sizes": [16], "fot_accuracy": [0.25]} and results["final_eval_seconds"] >= 0
+    saved, step = load_params(str(tmp_path / "run"))
+    assert step == 2 and seen["vocab"] == 16  # called with the final (checkpointed) params
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), seen["params"], saved)
 
 
 def test_microbatches_match_full_batch(rng):
@@ -291,16 +334,24 @@ def test_gin_includes_resolve_in_process_beside_a_runs_directory(tmp_path, monke
 
 
 def test_gin_includes_work_beside_a_runs_directory(tmp_path):
-    """A `runs/` folder in the working directory (where run directories usually go) must not shadow
-    gin's `include 'runs/...'` (gin's package-path reader would find it as a namespace package)."""
+    """A `runs/` folder in the working directory (where run directories usually go) or in any other
+    directory on sys.path (the repository after `make run`, on PYTHONPATH) must not shadow gin's
+    `include 'runs/...'` (gin's package-path reader would find it as a namespace package)."""
     (tmp_path / "runs").mkdir()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    (tmp_path / "on_path" / "runs").mkdir(parents=True)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path / 'on_path'}")
     proc = subprocess.run(
         [sys.executable, "-m", "fot.train", f"--gin_file={REPO}/gin/quickstart.gin",
          f"--gin_search_paths={REPO}/gin", "--gin_bindings=TOTAL_STEPS = 2", "--gin_bindings=train.eval_every = 0",
-         "--gin_bindings=train.eval_data = None", "--workdir=runs/q"],
+         "--gin_bindings=train.eval_data = None", "--gin_bindings=final/dictionary_eval.num_docs = 2",
+         "--gin_bindings=final/dictionary_eval.sizes = [64, 256]", "--workdir=runs/q"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results["step"] == 2
+    # The quickstart's final eval (dictionary accuracy vs tokens in memory) reaches the results JSON.
+    final = results["final_eval"]
+    assert final["sizes"] == [64, 256] and final["num_docs"] == 2 and final["top_k"] == 32
+    assert all(0.0 <= a <= 1.0 for a in final["fot_accuracy"] + final["no_memory_accuracy"])
+    assert "final eval" in proc.stdout
     assert (tmp_path / "runs" / "q" / "config.gin").is_file()

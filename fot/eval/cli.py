@@ -40,6 +40,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("task", None, f"One of {TASKS}.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_integer("top_k", None, "Override top_k of the task (must be >= 1).")
+flags.DEFINE_float("temperature_scale", None, "Multiply the memory layers' QK-norm temperature by this "
+                   "factor (> 0) for the evaluation: how much sharper a softmax the memory size wants.")
 flags.DEFINE_string("tokens_file", None, "perplexity/distraction: 1-D .npy of token ids.")
 flags.DEFINE_integer("doc_separator", None, "Split --tokens_file into documents after this id.")
 flags.DEFINE_string("seqio_task", None, "perplexity/distraction: registered seqio task/mixture name.")
@@ -123,9 +125,16 @@ def run(task: str, workdir: str) -> dict:
         raise EvalError(f"unknown --task={task!r}; choose one of {', '.join(TASKS)}")
     if FLAGS.top_k is not None and FLAGS.top_k <= 0:
         raise EvalError(f"--top_k must be >= 1, got {FLAGS.top_k}")
+    if FLAGS.temperature_scale is not None and not FLAGS.temperature_scale > 0:
+        raise EvalError(f"--temperature_scale must be > 0, got {FLAGS.temperature_scale}")
     model, params, step = load_run(workdir, FLAGS.step, FLAGS.gin_bindings, FLAGS.gin_file,
                                    FLAGS.gin_search_paths)
     import gin
+    if FLAGS.temperature_scale is not None:
+        from fot.model import scale_memory_temperatures
+        if not model.config.qk_norm:
+            raise EvalError("--temperature_scale needs a model with qk_norm (a learned memory-layer temperature)")
+        params = scale_memory_temperatures(model.config, params, FLAGS.temperature_scale)
 
     from fot.eval import dictionary, distraction, passkey, perplexity
     mod = {"dictionary": dictionary, "passkey": passkey, "perplexity": perplexity,
@@ -167,6 +176,8 @@ def run(task: str, workdir: str) -> dict:
     except ValueError as e:
         raise EvalError(str(e)) from None
     result["checkpoint_step"] = step
+    if FLAGS.temperature_scale is not None:
+        result["temperature_scale"] = FLAGS.temperature_scale
     result["workdir"] = os.path.abspath(workdir)
     out_json = os.path.join(os.path.abspath(workdir), f"results_{task}.json")
     with open(out_json, "w") as f:

@@ -62,7 +62,6 @@ def load_run(workdir: str, step: int | None = None, gin_bindings=(), gin_files=(
 
     from fot import train as _train
     from fot.training.checkpoint import CheckpointDamagedError, load_params
-    _register_eval(gin)
     try:
         _train.parse_run_config(workdir, gin_files, gin_bindings, search_paths)
     except (OSError, IOError) as e:
@@ -84,20 +83,6 @@ def load_run(workdir: str, step: int | None = None, gin_bindings=(), gin_files=(
         raise EvalError(f"cannot restore checkpoint step {step} under {ckpt}: {type(e).__name__}: {e}") from None
     params = __import__("jax").tree.map(jnp.asarray, params)
     return Decoder(mcfg), params, step
-
-
-_EVAL_REGISTERED = False
-
-
-def _register_eval(gin) -> None:
-    global _EVAL_REGISTERED
-    if _EVAL_REGISTERED:
-        return
-    from fot.eval import dictionary, distraction, passkey, perplexity
-    for name, mod in (("dictionary_eval", dictionary), ("passkey_eval", passkey),
-                      ("perplexity_eval", perplexity), ("distraction_eval", distraction)):
-        gin.external_configurable(mod.evaluate, name=name, module="fot.eval")
-    _EVAL_REGISTERED = True
 
 
 def run_tokenizer(gin, workdir: str | None = None) -> tuple[str | None, int | None]:

@@ -3,8 +3,8 @@
 Layout ``[batch, length, heads, head_dim]``. Params: ``q`` kernel ``[D, H*Dh]``, ``k, v`` kernels
 ``[D, Hkv*Dh]`` (``Hkv = cfg.num_kv_heads``: grouped-query / multi-query attention; the ops group the queries
 over the kv heads without repeating them), ``o`` kernel ``[H*Dh, D]``; memory layers with ``qk_norm`` add
-``qk_scale`` [H]; with ``mem_gate`` ``gate_bias`` [H]. Keys/values (caches, crossbatch extra keys, the
-inference memory) have Hkv heads.
+``qk_scale`` [H] (or ``qk_log_scale`` [H], see ``ModelConfig.qk_scale_param``); with ``mem_gate``
+``gate_bias`` [H]. Keys/values (caches, crossbatch extra keys, the inference memory) have Hkv heads.
 
 Key encodings (what the caches hold):
 * local keys (``aux["kv"]``, the generation cache): exactly what the layer's local attention consumes —
@@ -16,6 +16,7 @@ With ``qk_norm`` the per-head temperature multiplies the queries, and the ops ge
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -76,9 +77,11 @@ class Attention(nn.Module):
         k, v = proj("k", hkv, _KV_HEADS), proj("v", hkv, _KV_HEADS)
         scale = None
         if self.is_memory and cfg.qk_norm:
-            temp = self.param("qk_scale", nn.with_logical_partitioning(
-                nn.initializers.constant(cfg.qk_scale_default), ("heads",)), (h,), cfg.params_dtype)
-            q = (_l2_normalize(q) * temp.astype(jnp.float32)[:, None]).astype(dt)
+            tau = self._temperature()[None, None, :, None]  # [1, 1, H, 1]
+            if cfg.qk_scale_n_ref is not None:
+                n = keys_in_view(positions, extra_rows, extra_key_mask, memory)  # [B, T]
+                tau = tau * (jnp.log(n) / math.log(cfg.qk_scale_n_ref))[:, :, None, None]
+            q = (_l2_normalize(q) * tau).astype(dt)
             k = _l2_normalize(k).astype(dt)
             scale = 1.0
         use_rope = not (self.is_memory and cfg.mem_positional == "none")
@@ -150,6 +153,16 @@ class Attention(nn.Module):
         out = self._constrain(out.astype(dt)).reshape(b, t, h * dh)
         return dense(cfg.d_model, ("heads", "embed"), cfg, "o")(out), aux
 
+    def _temperature(self) -> jax.Array:
+        """Per-head QK-norm temperature tau [H] (float32) from param ``qk_scale`` (tau) or
+        ``qk_log_scale`` (log tau), see ``ModelConfig.qk_scale_param``."""
+        cfg = self.cfg
+        log = cfg.qk_scale_param == "log"
+        init = math.log(cfg.qk_scale_default) if log else cfg.qk_scale_default
+        p = self.param(temperature_param_name(cfg), nn.with_logical_partitioning(
+            nn.initializers.constant(init), ("heads",)), (cfg.num_heads,), cfg.params_dtype)
+        return _tau(cfg, p)
+
     @staticmethod
     def _mix(gate, mem_only, local):
         """MT gate: g * memory_only + (1 - g) * local_only, g [B, 1, H, 1] broadcast over [B, T, H, Dh].
@@ -157,3 +170,54 @@ class Attention(nn.Module):
         g is 0 for rows without any visible memory key (then the output is the local attention)."""
         mixed = gate * mem_only.astype(jnp.float32) + (1.0 - gate) * local.astype(jnp.float32)
         return mixed.astype(local.dtype)
+
+
+def keys_in_view(positions, extra_rows=None, extra_key_mask=None, memory=None) -> jax.Array:
+    """n [B, T] float32: keys a memory-layer query can attend to — its causal local keys
+    (``positions + 1``) plus the valid keys of its crossbatch extra rows (training) or the valid
+    memory slots (inference, counted before top-k). ``ModelConfig.qk_scale_n_ref`` scales the
+    temperature by ``ln(n) / ln(n_ref)``."""
+    n = positions.astype(jnp.float32) + 1.0
+    if extra_rows is not None:
+        b, t = positions.shape
+        per_row = (jnp.full((b,), float(t)) if extra_key_mask is None
+                   else extra_key_mask.astype(jnp.float32).sum(-1))  # [B] valid keys of each source row
+        rows = extra_rows.astype(jnp.int32)
+        extra = jnp.where(rows >= 0, jnp.take(per_row, jnp.clip(rows, 0, b - 1)), 0.0).sum(-1)  # [B]
+        n = n + extra[:, None]
+    elif memory is not None:
+        n = n + memory[2].astype(jnp.float32).sum(-1)[:, None]
+    return n
+
+
+def temperature_param_name(cfg: ModelConfig) -> str:
+    """Name of the memory layers' temperature param: ``qk_scale`` (tau) or ``qk_log_scale`` (log tau)."""
+    return "qk_log_scale" if cfg.qk_scale_param == "log" else "qk_scale"
+
+
+def _tau(cfg: ModelConfig, param) -> jax.Array:
+    p = jnp.asarray(param).astype(jnp.float32)
+    return jnp.exp(p) if cfg.qk_scale_param == "log" else p
+
+
+def memory_temperatures(cfg: ModelConfig, params) -> dict[int, jax.Array]:
+    """``{memory layer: tau [H]}`` (float32) of a ``Decoder(cfg)`` params tree with ``qk_norm`` (else ``{}``)."""
+    if not cfg.qk_norm:
+        return {}
+    name = temperature_param_name(cfg)
+    return {i: _tau(cfg, params[f"layers_{i}"]["attn"][name]) for i in cfg.mem_layers}
+
+
+def scale_memory_temperatures(cfg: ModelConfig, params, factor: float):
+    """A copy of ``params`` whose memory layers' QK-norm temperature tau is multiplied by ``factor``
+    (evaluation-time sharpening; the input tree is not modified)."""
+    name = temperature_param_name(cfg)
+    out = dict(params)
+    for i in cfg.mem_layers:
+        layer = dict(out[f"layers_{i}"])
+        attn = dict(layer["attn"])
+        p = jnp.asarray(attn[name])
+        attn[name] = (p + math.log(factor) if cfg.qk_scale_param == "log" else p * factor).astype(p.dtype)
+        layer["attn"] = attn
+        out[f"layers_{i}"] = layer
+    return out

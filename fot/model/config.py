@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from fot.ops.crossbatch import check_block_rows
 
 _POSITIONAL = ("as_first", "none")
+_QK_SCALE_PARAMS = ("linear", "log")
 _REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                    "everything_saveable")
 
@@ -29,7 +30,16 @@ class ModelConfig:
       mem_positional: ``"as_first"`` (LongLLaMA: local RoPE, memory keys at position 0) or
         ``"none"`` (paper's small models: no RoPE in memory layers).
       qk_norm: memory layers L2-normalise q and k per head and scale logits by a learnable per-head
-        temperature (param ``attn/qk_scale`` [H], init ``qk_scale_init`` or ``sqrt(head_dim)``).
+        temperature tau (init ``qk_scale_init`` or ``sqrt(head_dim)``), stored as ``qk_scale_param`` says.
+      qk_scale_param: how tau is stored: ``"linear"`` (param ``attn/qk_scale`` [H] = tau; the
+        optimizer moves tau additively, ~lr per step with Adam) or ``"log"`` (param
+        ``attn/qk_log_scale`` [H] = log tau, tau = exp(param): moves multiplicatively, as the paper's
+        scale under Adafactor's parameter-scaled updates).
+      qk_scale_n_ref: None (default: tau alone) or an int n_ref > 1: with ``qk_norm`` the memory
+        layers' temperature becomes ``tau * ln(n) / ln(n_ref)``, n = the keys in the query's view
+        (its causal local keys + the crossbatch extra keys in training / the filled memory slots at
+        inference, counted before top-k), so the softmax sharpens as the memory grows (log-n
+        "scalable softmax" scaling; n_ref ~ the keys in view in training gives a factor ~1 there).
       mem_gate: MT-style gate in memory layers: ``g = sigmoid(attn/gate_bias[h])``,
         ``out = g * memory_only + (1 - g) * local_only`` (``g = 0`` for a row without any visible
         memory key). Off by default (FoT uses one joint softmax); dense memory only (no ``top_k``).
@@ -64,6 +74,8 @@ class ModelConfig:
     remat_policy: str = "nothing_saveable"
     init_std: float = 0.02
     qk_scale_init: float | None = None
+    qk_scale_param: str = "linear"
+    qk_scale_n_ref: int | None = None
     crossbatch_block_rows: int | None = None
 
     def __post_init__(self):
@@ -93,6 +105,16 @@ class ModelConfig:
         object.__setattr__(self, "mem_layers", tuple(sorted(mem)))
         if self.mem_positional not in _POSITIONAL:
             raise ValueError(f"mem_positional must be one of {_POSITIONAL}, got {self.mem_positional!r}")
+        if self.qk_scale_param not in _QK_SCALE_PARAMS:
+            raise ValueError(f"qk_scale_param must be one of {_QK_SCALE_PARAMS}, got {self.qk_scale_param!r}")
+        if self.qk_scale_init is not None and not self.qk_scale_init > 0:
+            raise ValueError(f"qk_scale_init must be > 0, got {self.qk_scale_init}")
+        if self.qk_scale_n_ref is not None:
+            if isinstance(self.qk_scale_n_ref, bool) or not isinstance(self.qk_scale_n_ref, int) \
+                    or self.qk_scale_n_ref < 2:
+                raise ValueError(f"qk_scale_n_ref must be None or an int >= 2, got {self.qk_scale_n_ref!r}")
+            if not self.qk_norm:
+                raise ValueError("qk_scale_n_ref scales the QK-norm temperature: it needs qk_norm=True")
         if isinstance(self.remat, bool):
             remat = self.remat
         else:

@@ -102,8 +102,13 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
           async_checkpointing: bool = True, restore_fallback: bool = True, log_every: int = 50,
           max_train_seconds: float | None = None,
           config_writer: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          stream=None, init_from: str | None = None, init_from_step: int | None = None) -> dict[str, Any]:
+          final_eval: Callable[[Any, Any], dict[str, Any]] | None = None, stream=None,
+          init_from: str | None = None, init_from_step: int | None = None) -> dict[str, Any]:
     """Train ``Decoder(model_config)`` on ``train_data`` (batch-contract iterator or factory).
+
+    ``final_eval(model, params) -> dict``: run once after training (not after a stop signal), e.g. the
+    dictionary-lookup accuracy vs tokens in memory (``fot.eval.dictionary.evaluate`` bound in gin); its
+    result goes to ``results["final_eval"]`` (console, ``results.json``).
 
     Returns the results dict (also printed as the final JSON line and written to workdir/results.json).
     Raises ``ConfigError`` for bad settings, ``TrainingDivergedError`` on a NaN/inf loss, gradient or
@@ -313,6 +318,12 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
             results.update(r)
             results["curve"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()
                                  if k == "step" or k.startswith("eval_accuracy")} for c in curve]
+        if final_eval is not None and stopped != "preempted":
+            t_eval = time.perf_counter()
+            results["final_eval"] = final_eval(model, state.params)
+            results["final_eval_seconds"] = round(time.perf_counter() - t_eval, 2)
+            log.message(f"final eval ({results['final_eval_seconds']:.0f}s): "
+                        + _summary(results["final_eval"]))
         data_metrics = _data_metrics(data)
         if data_metrics:
             results["data"] = data_metrics
@@ -356,6 +367,13 @@ def _abort(*closeables) -> None:
             fn()
         except Exception:  # noqa: BLE001 - secondary failure while handling the first
             pass
+def _summary(result: dict[str, Any]) -> str:
+    """One console line for a final-eval result: its ``sizes`` with the ``*accuracy`` lists, else its keys."""
+    sizes = result.get("sizes")
+    curves = {k: v for k, v in result.items() if k.endswith("accuracy") and isinstance(v, (list, tuple))}
+    if sizes is None or not curves:
+        return ", ".join(sorted(result))
+    return "; ".join(f"{k} " + " ".join(f"{n}: {a:.3f}" for n, a in zip(sizes, v)) for k, v in curves.items())
 
 
 def _data_metrics(data) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Metrics: clu metric writers (TensorBoard event files in the workdir) + a console progress line.
 
-Progress line: ``step 1200/3000 | loss 0.4321 | acc 0.873 | d 4 | 31.2k tok/s | 7.6 step/s | ETA 3m57s``.
+Progress line: ``step 1200/3000 | loss 0.4321 | acc 0.873 | d 4 | tau 12.3 | 31.2k tok/s | 7.6 step/s | ETA 3m57s``
+(``tau``: mean QK-norm temperature of the memory layers, for models with ``qk_norm``).
 The run ends with one JSON object on stdout (also ``workdir/results.json``).
 """
 from __future__ import annotations
@@ -173,6 +174,8 @@ class MetricsLogger:
                 parts.append(f"acc {scalars['accuracy']:.3f}")
             if "d" in scalars:
                 parts.append(f"d {int(scalars['d'])}")
+            if "qk_temperature" in scalars:
+                parts.append(f"tau {scalars['qk_temperature']:.1f}")
             if rates:
                 parts.append(f"{rates['tokens_per_sec'] / 1e3:.1f}k tok/s")
                 parts.append(f"{rates['steps_per_sec']:.2f} step/s")

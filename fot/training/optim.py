@@ -79,17 +79,26 @@ def decay_mask(params, exclude: tuple[str, ...] = ("norm", "embed")):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def name_mask(params, names) -> Any:
+    """Pytree of bools: True for leaves whose path contains one of ``names`` (exact key match)."""
+    names = set(names)
+    return jax.tree_util.tree_map_with_path(lambda path, _: bool(names & set(_path_names(path))), params)
+
+
 def make_optimizer(name: str = "adamw", learning_rate: float | optax.Schedule = 1e-3, *, b1: float = 0.9,
                    b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.0,
                    decay_norms_and_embeddings: bool = True, clip_norm: float | None = 1.0,
                    adafactor_decay_rate: float = 0.8,
-                   adafactor_param_scale: bool = True) -> optax.GradientTransformation:
+                   adafactor_param_scale: bool = True,
+                   lr_multipliers: dict[str, float] | None = None) -> optax.GradientTransformation:
     """Optimizer factory.
 
     name: ``adamw`` or ``adafactor``. ``learning_rate``: float or optax schedule (see ``make_schedule``).
     ``decay_norms_and_embeddings=False`` masks weight decay off norms, embeddings and 1-D params.
     ``clip_norm``: global-norm clipping threshold (None or <= 0 disables).
     Adafactor uses ``b1`` as momentum (paper: 0.9; None disables) and optax's factored second moments.
+    ``lr_multipliers``: ``{param name: factor}``; the updates of every param whose path holds that
+    name (e.g. ``"qk_log_scale"``, the memory layers' log-temperature) are multiplied by ``factor``.
     """
     if isinstance(learning_rate, (int, float)) and learning_rate <= 0:
         raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
@@ -103,6 +112,11 @@ def make_optimizer(name: str = "adamw", learning_rate: float | optax.Schedule = 
                               weight_decay_mask=None if decay_norms_and_embeddings else decay_mask)
     else:
         raise ValueError(f"unknown optimizer {name!r}; expected adamw or adafactor")
+    for pname, factor in sorted((lr_multipliers or {}).items()):
+        if not factor > 0:
+            raise ValueError(f"lr_multipliers[{pname!r}] must be > 0, got {factor}")
+        opt = optax.chain(opt, optax.masked(optax.scale(float(factor)),
+                                            lambda params, n=pname: name_mask(params, (n,))))
     if clip_norm is not None and clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
     return opt

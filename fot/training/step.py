@@ -20,6 +20,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fot.data.pipeline import make_global_batch
+from fot.model import memory_temperatures
 from fot.ops import crossbatch_plan
 from fot.parallel import DATA_AXIS
 from fot.training.state import TrainState
@@ -70,7 +71,8 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mesh: Mes
 
     batch: dict of [B, L] arrays (``BATCH_KEYS``); extra_rows: int32 [B/m, d] plan of ONE micro-batch
     (identical for every micro-batch) or None. metrics: dict of float32 scalars ``loss``,
-    ``accuracy``, ``tokens``, ``grad_norm`` (of the gradients), ``param_norm`` (of the updated params).
+    ``accuracy``, ``tokens``, ``grad_norm`` (of the gradients), ``param_norm`` (of the updated params), and
+    ``qk_temperature`` (mean QK-norm temperature of the memory layers) when the model has ``qk_norm``.
     Each distinct extra_rows shape (i.e. each d) compiles once.
     """
     m = int(num_microbatches)
@@ -107,6 +109,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mesh: Mes
         metrics = {"loss": sums["loss"] / total, "accuracy": sums["correct"] / total,
                    "tokens": sums["tokens"], "grad_norm": optax.global_norm(grads),
                    "param_norm": optax.global_norm(params)}
+        temps = memory_temperatures(model.config, params)
+        if temps:  # mean QK-norm temperature of the memory layers (after the update)
+            metrics["qk_temperature"] = jnp.mean(jnp.stack([t.mean() for t in temps.values()]))
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         return new_state, metrics
 
