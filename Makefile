@@ -37,3 +37,4 @@ bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks.crossbatch
 	$(PY) -m benchmarks.topk
 	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.memory_inference

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     n = -(-args.size // window) * window
     official = dictionary.evaluate(model, params, window=window, sizes=[n], num_docs=args.num_docs, top_k=top_k,
                                    seed=args.seed, **spec)
-    docs = dictionary.documents(np.random.default_rng(args.seed), n, window=window, num_docs=args.num_docs, **spec)
+    docs = dictionary.documents(args.seed, n, window=window, num_docs=args.num_docs, **spec)
     inputs, targets, answer = docs["tokens"][:, :-1], docs["tokens"][:, 1:], docs["answer"][:, 1:]
     runner = MemoryInference(model, params, WindowedConfig(window=window, top_k=top_k, mem_dtype="float32"))
     stream = np.asarray(runner.forward(inputs)["logits"])[:, n:]

@@ -86,7 +86,7 @@ def test_dictionary_end_to_end_writes_only_results(workdir):
         assert json.load(f)["fot_accuracy"] == line["fot_accuracy"]
 
 
-def test_perplexity_tokens_file_and_capacity_error(workdir, tmp_path):
+def test_perplexity_tokens_file_and_capacity(workdir, tmp_path):
     toks = np.random.default_rng(0).integers(4, 64, 100).astype(np.int32)
     np.save(tmp_path / "t.npy", toks)
     ok = _run("fot.eval", f"--workdir={workdir}", "--task=perplexity", f"--tokens_file={tmp_path / 't.npy'}",
@@ -94,9 +94,34 @@ def test_perplexity_tokens_file_and_capacity_error(workdir, tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     res = json.loads(ok.stdout.strip().splitlines()[-1])
     assert np.isfinite(res["mean_nll"]) and set(res) >= {"single_doc", "multi_doc"}
+    assert res["single_doc"]["tokens"][0] == res["single_doc"]["tokens"][1] > 0
+    assert all(r > 0 for r in res["multi_doc"]["tokens_per_second"])
+    capped = _run("fot.eval", f"--workdir={workdir}", "--task=perplexity", f"--tokens_file={tmp_path / 't.npy'}",
+                  "--gin_bindings=perplexity_eval.sizes = [64]", "--gin_bindings=perplexity_eval.capacity = 32")
+    assert capped.returncode == 0, capped.stderr[-2000:]
+    assert json.loads(capped.stdout.strip().splitlines()[-1])["memory_tokens"] == [32]
     bad = _run("fot.eval", f"--workdir={workdir}", "--task=perplexity", f"--tokens_file={tmp_path / 't.npy'}",
-               "--gin_bindings=perplexity_eval.sizes = [64]", "--gin_bindings=perplexity_eval.capacity = 32")
+               "--gin_bindings=perplexity_eval.sizes = [64]", "--gin_bindings=perplexity_eval.capacity = 0")
     assert bad.returncode == 2 and "capacity" in bad.stderr
+
+
+BASELINE_GIN = TINY_GIN.replace("WINDOW = 16\nPACK = 2", "WINDOW = 32\nPACK = 1").replace(
+    "ModelConfig.mem_layers = (1,)", "ModelConfig.mem_layers = ()\ntrain.curriculum = @ConstantD()\nConstantD.d = 0")
+
+
+def test_dictionary_baseline_workdir(workdir, tmp_path):
+    """--baseline_workdir adds the whole-document baseline (a run without memory layers) to the curve."""
+    (tmp_path / "base.gin").write_text(BASELINE_GIN)
+    r = _run("fot.train", f"--gin_file={tmp_path / 'base.gin'}", f"--workdir={tmp_path / 'base'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = _run("fot.eval", f"--workdir={workdir}", "--task=dictionary", "--top_k=8",
+             f"--baseline_workdir={tmp_path / 'base'}", "--gin_bindings=dictionary_eval.sizes = [16, 64]",
+             "--gin_bindings=dictionary_eval.num_docs = 2", "--gin_bindings=dictionary_eval.baseline_max_tokens = 40")
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["sizes"] == [16, 64] and line["baseline_accuracy"][1] is None  # 64 + 16 > 40 tokens
+    assert 0 <= line["baseline_accuracy"][0] <= 1 and line["baseline_step"] == 2
+    assert len(line["fot_dense_accuracy"]) == 2 and "tokens/s" in r.stderr  # the progress line
 
 
 def test_bad_inputs_fail_clearly(workdir, tmp_path):
@@ -108,6 +133,11 @@ def test_bad_inputs_fail_clearly(workdir, tmp_path):
         ([f"--workdir={workdir}", "--task=passkey"], "vocab_size"),  # byte fallback needs 259 ids
         ([f"--workdir={workdir}", "--task=dictionary", "--temperature_scale=0"], "--temperature_scale must be > 0"),
         ([f"--workdir={workdir}", "--task=dictionary", "--temperature_scale=2"], "needs a model with qk_norm"),
+        ([f"--workdir={workdir}", "--task=dictionary", "--gin_bindings=dictionary_eval.sizes = [16, 65536]"],
+         "unique-key limit"),
+        ([f"--workdir={workdir}", "--task=dictionary", "--top_k=32", "--gin_bindings=dictionary_eval.sizes = [16]"],
+         "top_k=32 is larger than the memory"),
+        ([f"--workdir={workdir}", "--task=perplexity", "--baseline_workdir=/x"], "--baseline_workdir applies"),
     ]
     empty = tmp_path / "no_ckpt"
     empty.mkdir()

@@ -6,7 +6,9 @@ Restores the latest checkpoint of ``W`` (``W/checkpoints``, orbax) with the run'
 
 Tasks (library functions in ``fot.eval.<task>``; their keyword arguments are gin-configurable as
 ``dictionary_eval.*``, ``passkey_eval.*``, ``perplexity_eval.*``, ``distraction_eval.*``):
-  dictionary   accuracy vs dictionary tokens in memory, FoT vs the same model without memory
+  dictionary   accuracy vs dictionary tokens in memory: FoT top-k, FoT dense, the same model with its
+               memory off, and with --baseline_workdir=B a standard transformer (run B) reading the
+               whole document as local context
   passkey      Landmark/LongLLaMA passkey prompt, exact match per context length
   perplexity   single-doc / multi-doc NLL vs memory size (``--tokens_file=F.npy`` or ``--seqio_task``)
   distraction  positive attention mass r_d in a memory layer
@@ -46,6 +48,9 @@ flags.DEFINE_string("tokens_file", None, "perplexity/distraction: 1-D .npy of to
 flags.DEFINE_integer("doc_separator", None, "Split --tokens_file into documents after this id.")
 flags.DEFINE_string("seqio_task", None, "perplexity/distraction: registered seqio task/mixture name.")
 flags.DEFINE_string("split", "validation", "Split of --seqio_task.")
+flags.DEFINE_string("baseline_workdir", None, "dictionary: a run without memory (e.g. gin/runs/"
+                    "dictionary_baseline_cpu.gin) evaluated with the whole document as local context.")
+flags.DEFINE_integer("baseline_step", None, "Checkpoint step of --baseline_workdir (default: latest).")
 
 
 def _fail(message, code: int = EXIT_CONFIG) -> None:
@@ -127,6 +132,13 @@ def run(task: str, workdir: str) -> dict:
         raise EvalError(f"--top_k must be >= 1, got {FLAGS.top_k}")
     if FLAGS.temperature_scale is not None and not FLAGS.temperature_scale > 0:
         raise EvalError(f"--temperature_scale must be > 0, got {FLAGS.temperature_scale}")
+    baseline = None
+    if task == "dictionary" and FLAGS.baseline_workdir:
+        # Loaded first: loading a run replaces the gin config, and the evaluated run's must stay active.
+        b_model, b_params, b_step = load_run(FLAGS.baseline_workdir, FLAGS.baseline_step)
+        baseline = (b_model, b_params)
+    elif FLAGS.baseline_workdir:
+        raise EvalError("--baseline_workdir applies to --task=dictionary only")
     model, params, step = load_run(workdir, FLAGS.step, FLAGS.gin_bindings, FLAGS.gin_file,
                                    FLAGS.gin_search_paths)
     import gin
@@ -148,7 +160,9 @@ def run(task: str, workdir: str) -> dict:
             derived[k] = _train_data_param(gin, k)
         derived["vocab_size"] = model.config.vocab_size
         if seq_len is not None:
-            derived["sizes"] = [seq_len * 2 ** i for i in range(0, 10)]
+            kv = (derived["key_len"] or 4, derived["value_len"] or 4, model.config.vocab_size)
+            derived["sizes"] = [n for n in (seq_len * 2 ** i for i in range(0, 10))
+                                if dictionary.size_fits(n, seq_len, *kv)]
     if task == "passkey" and seq_len is not None:
         derived["last_context_length"] = seq_len // 2
         derived["context_lengths"] = [seq_len * 2 ** i for i in (1, 2, 3, 4)]
@@ -167,6 +181,8 @@ def run(task: str, workdir: str) -> dict:
     missing = [k for k in ("window",) if k not in kwargs and not _bound(gin, f"{name}.{k}")]
     if missing:
         raise EvalError(f"cannot infer {missing} from the training config; bind {name}.{missing[0]}")
+    if baseline is not None:
+        kwargs["baseline"] = baseline
     args = (model, params)
     if task in ("perplexity", "distraction"):
         win = kwargs.get("window") or _resolve(gin, gin.query_parameter(f"{name}.window"))
@@ -178,6 +194,8 @@ def run(task: str, workdir: str) -> dict:
     result["checkpoint_step"] = step
     if FLAGS.temperature_scale is not None:
         result["temperature_scale"] = FLAGS.temperature_scale
+    if baseline is not None:
+        result["baseline_workdir"], result["baseline_step"] = os.path.abspath(FLAGS.baseline_workdir), b_step
     result["workdir"] = os.path.abspath(workdir)
     out_json = os.path.join(os.path.abspath(workdir), f"results_{task}.json")
     with open(out_json, "w") as f:

@@ -4,26 +4,36 @@ Input: a list of documents (1-D int token arrays): from ``--tokens_file=F.npy`` 
 ``doc_separator`` ids when given, else one document) or from a seqio task through the data
 pipeline (``fot.data.pipeline.make_provider``, imported lazily).
 
-* single-doc (paper §5 "memory cleared per document"): every document is cut into contexts of
-  ``size + window`` tokens; each context starts from an empty memory, streams ``size`` tokens into
-  memory window by window and is scored on all its tokens. A context that needs more memory than the
-  store's ``capacity`` is an error (the result would silently reflect a truncated memory).
-* multi-doc: all documents are concatenated into one stream processed with a FIFO memory of ``size``
-  slots that is never reset (other documents stay in memory as distractors).
+Every size scores the SAME next-token predictions; only what the memory holds changes. The memory of
+size ``m`` is a FIFO of ``m`` slots (``min(size, capacity)`` when ``capacity`` is given; 0 = no memory):
 
-Every token after the first of its context/stream is predicted; the JSON reports the mean next-token
-NLL (nats) and perplexity per size.
+* single-doc (paper §5: memory cleared per document): in every document longer than ``score_from``
+  (default: the largest memory), the predictions at positions ``score_from ..`` are scored (at most
+  ``max_tokens`` in all, spread evenly over the documents). For memory ``m`` the ``min(m, score_from)``
+  tokens before ``score_from`` are prefilled into an empty memory (:meth:`MemoryInference.fill`), then
+  the scored windows stream through the model, each appended to memory after it is scored — so every
+  scored window sees the up to ``m`` tokens of its own document right before it.
+* multi-doc: one stream of many documents (each cut to its first ``ceil((warm-up + max_tokens) /
+  num_docs)`` tokens so that the stream holds them all; whole documents when ``max_tokens`` is None).
+  The first ``warm-up`` = largest memory tokens of the stream are context only; the ``max_tokens``
+  predictions after them are scored, with a memory of the ``m`` stream tokens before each window —
+  other documents included (distractors), never reset.
+
+The JSON reports per mode and size the mean next-token NLL (nats), perplexity, scored tokens
+(identical across sizes), tokens processed per second and the memory tokens held.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fot.inference.windowed import MemoryInference, WindowedConfig
+from fot.eval import resources
 from fot.eval.plotting import line_plot
+from fot.inference.windowed import MemoryInference, WindowedConfig
 
 
 def load_tokens_file(path: str, doc_separator: int | None = None, min_doc_len: int = 2) -> list[np.ndarray]:
@@ -67,94 +77,169 @@ def _token_nll(logits, targets):
     return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-def _nll_rows(runner: MemoryInference, rows: np.ndarray, mask: np.ndarray, capacity: int,
-              reset_every: int | None) -> tuple[float, int]:
-    """Sum of NLL and count over valid next-token predictions of ``rows [B, T]`` streamed window by window.
+def _round_up(x: int, m: int) -> int:
+    return -(-int(x) // m) * m
 
-    ``reset_every``: empty the memory every that many tokens (single-doc contexts), None = never.
-    """
+
+def plan_single_doc(docs: Sequence[np.ndarray], score_from: int, max_tokens: int | None) -> list[tuple[int, int]]:
+    """``[(doc index, scored predictions)]`` for the documents longer than ``score_from + 1``: predictions
+    at positions ``score_from .. score_from + n - 1`` (of the next token), at most ``max_tokens`` in all,
+    spread evenly (every document gets ``ceil(max_tokens / eligible)`` at most)."""
+    eligible = [i for i, d in enumerate(docs) if len(d) - 1 > score_from]
+    if not eligible:
+        return []
+    cap = None if not max_tokens else -(-int(max_tokens) // len(eligible))
+    out = []
+    for i in eligible:
+        n = len(docs[i]) - 1 - score_from
+        out.append((i, n if cap is None else min(n, cap)))
+    return out
+
+
+def multi_doc_stream(docs: Sequence[np.ndarray], need: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens, doc_index)`` int32 [T]: the documents in order, each cut to its first
+    ``ceil(need / num_docs)`` tokens (at least 2) so that a stream of ``need`` tokens holds all of them
+    (``need`` None: whole documents). Short documents leave their share to the ones after them."""
+    parts, ids, have = [], [], 0
+    for i, d in enumerate(docs):
+        if need is not None:
+            if have >= need:
+                break
+            left = len(docs) - i
+            d = d[:max(2, -(-(need - have) // left))]
+        parts.append(np.asarray(d, np.int32))
+        ids.append(np.full(len(d), i, np.int32))
+        have += len(d)
+    return np.concatenate(parts), np.concatenate(ids)
+
+
+def _score_rows(runner: MemoryInference, rows: np.ndarray, mask: np.ndarray, memory: int, prefill: int,
+                tick=None) -> tuple[float, int]:
+    """Sum of NLL and count of the predictions at positions ``>= prefill`` of ``rows [B, T]`` (padding
+    where ``mask`` is False). Tokens ``[0, prefill)`` are prefilled into a FIFO memory of ``memory``
+    slots (0: no memory), then windows of ``runner.config.window`` stream from ``prefill`` on, each
+    scored, then appended."""
     b, t = rows.shape
     w = runner.config.window
-    stores = runner.init_memory(b, capacity)
+    stores = {}
+    if memory:
+        stores = runner.init_memory(b, memory)
+        if prefill:
+            stores = runner.fill(stores, rows[:, :prefill], mask[:, :prefill])
+    if tick is not None:
+        tick(b * prefill)
     total, count = 0.0, 0
-    for s in range(0, t, w):
+    for s in range(prefill, t - 1, w):
         e = min(s + w, t)
-        tok = np.pad(rows[:, s:e], [(0, 0), (0, w - (e - s))])
-        km = np.pad(mask[:, s:e], [(0, 0), (0, w - (e - s))])
-        reset = None
-        if reset_every is not None and s % reset_every == 0 and s > 0:
-            reset = np.ones((b,), bool)
-        logits, stores, _ = runner.step(stores, tok, key_mask=km, reset_rows=reset)
-        # predict token j+1 from position j, inside this window and across into the next one
-        tgt = np.pad(rows[:, s + 1:e + 1], [(0, 0), (0, w - (min(e + 1, t) - (s + 1)))])
-        valid = np.pad(mask[:, s + 1:e + 1] & mask[:, s:min(e, t - 1)], [(0, 0), (0, w - (min(e + 1, t) - (s + 1)))])
-        if reset_every is not None:
-            last = ((np.arange(s, s + w) + 1) % reset_every) == 0  # next token starts a new context
-            valid = valid & ~last[None, :]
+        pad = [(0, 0), (0, w - (e - s))]
+        tok = np.pad(rows[:, s:e], pad)
+        logits, stores, _ = runner.step(stores, tok, key_mask=np.pad(mask[:, s:e], pad))
+        nxt = min(e + 1, t)  # predict token j+1 from position j, across into the next window
+        tgt = np.pad(rows[:, s + 1:nxt], [(0, 0), (0, w - (nxt - s - 1))])
+        valid = np.pad(mask[:, s + 1:nxt] & mask[:, s:nxt - 1], [(0, 0), (0, w - (nxt - s - 1))])
         nll = np.asarray(_token_nll(logits, jnp.asarray(tgt)))
         total += float(np.sum(nll * valid))
         count += int(valid.sum())
+        if tick is not None:
+            tick(b * (e - s))
     return total, count
+
+
+def _check(sizes, window, modes, top_k, capacity):
+    if not sizes:
+        raise ValueError("perplexity_eval.sizes must name at least one memory size")
+    bad = [m for m in modes if m not in ("single_doc", "multi_doc")]
+    if bad or not modes:
+        raise ValueError(f"perplexity_eval.modes must be a non-empty subset of ('single_doc', 'multi_doc'), "
+                         f"got {list(modes)}")
+    if min(int(s) for s in sizes) < 0:
+        raise ValueError(f"perplexity_eval.sizes must be >= 0, got {list(sizes)}")
+    if capacity is not None and int(capacity) < 1:
+        raise ValueError(f"perplexity_eval.capacity must be >= 1 (or None), got {capacity}")
+    sizes = [_round_up(s, window) for s in sizes]
+    mem = [s if capacity is None else min(s, _round_up(capacity, window)) for s in sizes]
+    pos = [m for m in mem if m > 0]
+    if top_k is not None and pos and top_k > min(pos):
+        raise ValueError(f"top_k={top_k} is larger than the memory at size {min(pos)} ({min(pos)} tokens); "
+                         "lower top_k or drop the smaller sizes")
+    return sizes, mem
 
 
 def evaluate(model, params, docs: Sequence[np.ndarray], *, window: int, sizes: Sequence[int],
              modes: Sequence[str] = ("single_doc", "multi_doc"), top_k: int | None = None,
              capacity: int | None = None, max_tokens: int | None = 1 << 16, rows: int = 8,
-             mem_dtype: str = "float32", mesh=None) -> dict[str, Any]:
-    """Mean NLL / perplexity per memory size and mode. ``sizes``: memory tokens (multiples of
-    ``window`` after rounding up). ``capacity`` bounds the single-doc store (default: largest size);
-    ``max_tokens`` caps the evaluated tokens per mode."""
-    if not sizes:
-        raise ValueError("sizes must name at least one memory size")
-    bad = [m for m in modes if m not in ("single_doc", "multi_doc")]
-    if bad or not modes:
-        raise ValueError(f"modes must be a non-empty subset of ('single_doc', 'multi_doc'), got {list(modes)}")
-    sizes = [int(-(-int(s) // window) * window) for s in sizes]
-    if min(sizes) < 0:
-        raise ValueError(f"sizes must be >= 0, got {sizes}")
-    cap_single = max(sizes) if capacity is None else int(capacity)
-    if "single_doc" in modes and max(sizes) > cap_single:
-        raise ValueError(f"single-doc context of {max(sizes)} memory tokens (+ a window of {window}) is longer "
-                         f"than the memory capacity {cap_single}; raise capacity or lower sizes")
-    result: dict[str, Any] = {"task": "perplexity", "sizes": sizes, "window": window, "top_k": top_k,
-                              "num_docs": len(docs)}
+             mem_dtype: str = "float32", score_from: int | None = None, progress: bool = True,
+             mesh=None) -> dict[str, Any]:
+    """Mean NLL / perplexity per memory size and mode (module docstring). ``sizes``: memory tokens
+    (rounded up to multiples of ``window``). ``capacity``: FIFO slots of the memory for every size (a
+    size above it keeps only its newest ``capacity`` tokens; ``memory_tokens`` in the result); None =
+    each size. ``max_tokens``: scored predictions per mode (None: all). ``score_from``: single-doc
+    scored positions start (default: the largest memory, so every size can fill its memory from the
+    document; rounded up to a window multiple). ``rows``: single-doc documents per batch."""
+    sizes, mem = _check(sizes, window, modes, top_k, capacity)
+    warm = _round_up(max(mem) if score_from is None else int(score_from), window)
+    runners = {}
+
+    def runner(m):
+        key = m > 0
+        if key not in runners:
+            runners[key] = MemoryInference(model, params, WindowedConfig(
+                window=window, top_k=top_k, mem_dtype=mem_dtype, use_memory=key), mesh=mesh)
+        return runners[key]
+
+    result: dict[str, Any] = {"task": "perplexity", "sizes": sizes, "memory_tokens": mem, "window": window,
+                              "top_k": top_k, "capacity": capacity, "num_docs": len(docs),
+                              "max_tokens": max_tokens, "mem_dtype": mem_dtype}
     for mode in modes:
-        nlls, counts = [], []
-        for size in sizes:
-            runner = MemoryInference(model, params, WindowedConfig(
-                window=window, top_k=top_k, mem_dtype=mem_dtype, use_memory=size > 0), mesh=mesh)
+        if mode == "single_doc":
+            plan = plan_single_doc(docs, warm, max_tokens)
+            if not plan:
+                raise ValueError(f"single-doc: no document is longer than score_from={warm} + 1 tokens "
+                                 f"(longest: {max(len(d) for d in docs)}); lower perplexity_eval.score_from "
+                                 "or the sizes, or evaluate modes=['multi_doc']")
+            work = [sum(min(m, warm) + n for _, n in plan) for m in mem]
+            extra = {"score_from": warm, "scored_docs": len(plan)}
+        else:
+            warm_m = _round_up(max(mem), window)
+            stream, ids = multi_doc_stream(docs, None if not max_tokens else warm_m + int(max_tokens) + 1)
+            if len(stream) - 1 <= warm_m:
+                raise ValueError(f"multi-doc: the documents hold {len(stream)} tokens, not more than the "
+                                 f"{warm_m}-token warm-up (the largest memory); pass more documents or lower sizes")
+            n_scored = len(stream) - 1 - warm_m if not max_tokens else min(int(max_tokens), len(stream) - 1 - warm_m)
+            work = [m + n_scored for m in mem]
+            extra = {"warmup": warm_m, "stream_docs": int(len(np.unique(ids[:warm_m + n_scored + 1]))),
+                     "scored_docs": int(len(np.unique(ids[warm_m + 1:warm_m + n_scored + 1])))}
+        prog = resources.Progress(sum(work), f"perplexity {mode}", enabled=progress)
+        nlls, counts, rates, secs = [], [], [], []
+        for size, m in zip(sizes, mem):
+            t0, done0 = time.perf_counter(), prog.done
+            tick = lambda n, size=size: prog.update(n, note=f"size {size:,}")  # noqa: E731
             if mode == "single_doc":
-                ctx = size + window
-                chunks = []
-                for d in docs:
-                    chunks += [d[i:i + ctx] for i in range(0, len(d) - 1, ctx)]
-                chunks = [c for c in chunks if len(c) >= 2]
-                if max_tokens:
-                    kept, n = [], 0
-                    for c in chunks:
-                        if n >= max_tokens:
-                            break
-                        kept.append(c)
-                        n += len(c)
-                    chunks = kept
+                pre = min(m, warm)
                 tot, cnt = 0.0, 0
-                for r in range(0, len(chunks), rows):
-                    group = chunks[r:r + rows]
-                    arr = np.zeros((len(group), ctx), np.int32)
-                    msk = np.zeros((len(group), ctx), bool)
-                    for i, c in enumerate(group):
-                        arr[i, :len(c)], msk[i, :len(c)] = c, True
-                    a, c = _nll_rows(runner, arr, msk, max(size, window), None)
+                for r in range(0, len(plan), rows):
+                    group = plan[r:r + rows]
+                    length = pre + max(n for _, n in group) + 1
+                    arr = np.zeros((len(group), length), np.int32)
+                    msk = np.zeros((len(group), length), bool)
+                    for j, (i, n) in enumerate(group):
+                        piece = docs[i][warm - pre:warm + n + 1]
+                        arr[j, :len(piece)], msk[j, :len(piece)] = piece, True
+                    a, c = _score_rows(runner(m), arr, msk, m, pre, tick)
                     tot, cnt = tot + a, cnt + c
             else:
-                stream = np.concatenate(list(docs))
-                if max_tokens:
-                    stream = stream[:max_tokens]
-                tot, cnt = _nll_rows(runner, stream[None], np.ones((1, len(stream)), bool),
-                                     max(size, window), None)
+                piece = stream[warm_m - m:warm_m + n_scored + 1][None]
+                tot, cnt = _score_rows(runner(m), piece, np.ones(piece.shape, bool), m, m, tick)
+            dt = time.perf_counter() - t0
             nlls.append(tot / max(cnt, 1))
             counts.append(cnt)
-        result[mode] = {"mean_nll": nlls, "perplexity": [float(np.exp(x)) for x in nlls], "tokens": counts}
+            secs.append(round(dt, 3))
+            rates.append(round((prog.done - done0) / max(dt, 1e-9), 1))
+        prog.close(note="done")
+        if len(set(counts)) > 1:  # by construction; a failure here is a bug, not bad input
+            raise AssertionError(f"{mode}: scored token counts differ across sizes: {counts}")
+        result[mode] = {"mean_nll": nlls, "perplexity": [float(np.exp(x)) for x in nlls], "tokens": counts,
+                        "tokens_per_second": rates, "seconds": secs, **extra}
     first = result[modes[0]]
     result["mean_nll"] = first["mean_nll"][-1]
     return result

@@ -28,6 +28,7 @@ import numpy as np
 
 from fot import memory as fmem
 from fot.model.config import check_token_ids
+from fot.inference import prefill
 
 _MODES = ("fot", "longllama")
 
@@ -131,11 +132,12 @@ class MemoryInference:
         self.model, self.params, self.config, self.mesh = model, params, config, mesh
         self.mcfg = model.config
         self.mem_layers = tuple(self.mcfg.mem_layers) if config.use_memory else ()
-        self._step = jax.jit(self._step_impl, static_argnames=("collect",), donate_argnums=(1,))
-        self._final_fn = jax.jit(self._final_impl, static_argnames=("collect",))
-        self._kv_fn = jax.jit(self._kv_impl)
-        self._append_fn = jax.jit(lambda s, k, v, m: self._constrain({0: fmem.append(s, k, v, m)})[0],
-                                  donate_argnums=(0,))
+        # Reading memory (the forward) and writing it (the append) are separate programs: fused in one,
+        # XLA copies the whole store every window (the read and the in-place write alias one buffer).
+        self._forward_fn = jax.jit(self._forward_impl, static_argnames=("collect",))
+        self._append_fn = jax.jit(self._append_impl, donate_argnums=(0,))
+        self._prefix_fn = jax.jit(self._prefix_impl, static_argnames=("hidden",))
+        self._mem_kv_fn = jax.jit(self._mem_kv_impl)
 
     # ---------------------------------------------------------------------------------------------
     def init_memory(self, batch_size: int, capacity: int) -> dict[int, fmem.MemoryStore]:
@@ -155,17 +157,22 @@ class MemoryInference:
             out[i] = dataclasses.replace(s, keys=k, values=v)
         return out
 
-    def _step_impl(self, params, stores, tokens, positions, key_mask, reset_rows, segment_ids,
-                   collect=False):
+    def _forward_impl(self, params, stores, tokens, positions, reset_rows, segment_ids, collect=False):
+        """Read-only: ``(logits, aux)`` of one window attending to ``stores`` (rows in ``reset_rows``
+        see an empty memory)."""
         if reset_rows is not None:
             stores = {i: fmem.reset(s, reset_rows) for i, s in stores.items()}
         memory = fmem.memory_views(stores) if stores else None
-        logits, aux = self.model.apply(
+        return self.model.apply(
             {"params": params}, tokens, positions=positions, segment_ids=segment_ids, memory=memory,
             top_k=self.config.top_k if memory else None, return_kv=True, mesh=self.mesh,
             collect_mem_mass=collect)
-        new = {i: fmem.append(s, *aux["mem_kv"][i], key_mask) for i, s in stores.items()}
-        return logits, self._constrain(new), aux
+
+    def _append_impl(self, stores, mem_kv, key_mask, reset_rows=None):
+        """Donated, in place: empty ``reset_rows``, then append each layer's window ``mem_kv[layer]``."""
+        if reset_rows is not None:
+            stores = {i: fmem.reset(s, reset_rows) for i, s in stores.items()}
+        return self._constrain({i: fmem.append(s, *mem_kv[i], key_mask) for i, s in stores.items()})
 
     def step(self, stores, tokens, *, key_mask=None, reset_rows=None, positions=None, segment_ids=None,
              collect_mem_mass: bool = False):
@@ -186,10 +193,13 @@ class MemoryInference:
         if key_mask is None:
             key_mask = jnp.ones((b, length), bool)
         rr = None if reset_rows is None else jnp.asarray(reset_rows, bool)
-        return self._step(self.params, stores, tokens, jnp.asarray(positions, jnp.int32),
-                          jnp.asarray(key_mask, bool), rr,
-                          None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
-                          collect=bool(collect_mem_mass))
+        logits, aux = self._forward_fn(self.params, stores, tokens, jnp.asarray(positions, jnp.int32), rr,
+                                       None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
+                                       collect=bool(collect_mem_mass))
+        if stores:
+            stores = self._append_fn(stores, {i: aux["mem_kv"][i] for i in stores},
+                                     jnp.asarray(key_mask, bool), rr)
+        return logits, stores, aux
 
     # ---------------------------------------------------------------------------------------------
     def plan(self, length: int, last_context_length: int | None = None) -> tuple[list[tuple[int, int]], int]:
@@ -269,14 +279,18 @@ class MemoryInference:
             result["mem_mass"] = masses
         return result
 
-    def fill(self, stores, tokens, key_mask=None, *, parallel: bool | None = None, windows_per_call: int = 64):
-        """Push ``tokens [B, N]`` (N a multiple of ``window``) into memory; logits are discarded.
+    def fill(self, stores, tokens, key_mask=None, *, parallel: bool | None = None,
+             windows_per_call: int | None = None, progress=None):
+        """Push ``tokens [B, N]`` (N a multiple of ``window``) into memory (memory prefill); no logits.
 
-        ``parallel`` (default: True iff the model has exactly one memory layer) runs the windows as
-        independent rows of large batches *without* memory: exact, because the keys/values of the lowest
-        memory layer are computed before its attention and never depend on memory. With several memory
-        layers the windows are streamed sequentially (``step``), as in :meth:`forward`.
-        Returns the new stores.
+        Default (``parallel`` None/True): :mod:`fot.inference.prefill` — the windows run as independent
+        rows of large batches through the layers below the first memory layer (``windows_per_call``
+        windows per row and call; default: ~64K tokens per call); with one memory layer its keys/values
+        follow directly (fully parallel), with several the memory layers stream window by window with
+        memory; layers above the last memory layer and the output head never run. Exact: the same memory
+        as streaming the windows through :meth:`step` (``parallel=False``, the whole model).
+        ``progress(tokens_done)`` is called after every call (per row: tokens of one row).
+        Returns the new stores (the input ``stores`` are donated).
         """
         check_token_ids(tokens, self.model.config.vocab_size, "MemoryInference.fill tokens")
         tokens = np.asarray(tokens, np.int32)
@@ -285,46 +299,74 @@ class MemoryInference:
         if n % w:
             raise ValueError(f"fill: length {n} is not a multiple of window={w}")
         key_mask = np.ones((b, n), bool) if key_mask is None else np.asarray(key_mask, bool)
+        if key_mask.shape != (b, n):
+            raise ValueError(f"fill: key_mask must have shape {(b, n)}, got {key_mask.shape}")
         if not self.mem_layers or n == 0:
             return stores
-        if parallel is None:
-            parallel = len(self.mem_layers) == 1
-        if not parallel:
+        if parallel is False:
             for s in range(0, n, w):
                 _, stores, _ = self.step(stores, tokens[:, s:s + w], key_mask=key_mask[:, s:s + w])
+                if progress is not None:
+                    progress(s + w)
             return stores
-        if len(self.mem_layers) != 1:
-            raise ValueError(f"fill(parallel=True) is exact only with one memory layer, model has "
-                             f"{list(self.mem_layers)}")
-        layer = self.mem_layers[0]
         nw = n // w
-        for j in range(0, nw, windows_per_call):
-            c = min(windows_per_call, nw - j)
-            rows = tokens[:, j * w:(j + c) * w].reshape(b * c, w)
-            k, v = self._kv_fn(self.params, jnp.asarray(rows))
-            shape = (b, c * w) + tuple(k.shape[2:])
-            stores = dict(stores)
-            stores[layer] = self._append_fn(stores[layer], k.reshape(shape), v.reshape(shape),
-                                            jnp.asarray(key_mask[:, j * w:(j + c) * w]))
+        per_call = windows_per_call or max(1, (1 << 16) // (b * w))
+        several = len(self.mem_layers) > 1
+        first = stores[self.mem_layers[0]]
+        pos, cap = int(first.write_pos), first.capacity  # host copy of the write pointer (one sync)
+        for j in range(0, nw, per_call):
+            c = min(per_call, nw - j)
+            rows = jnp.asarray(tokens[:, j * w:(j + c) * w].reshape(b * c, w))
+            x, (k, v) = self._prefix_fn(self.params, rows, hidden=several)
+            if several:
+                x = x.reshape((b, c) + x.shape[1:])
+                for t in range(c):
+                    s = (j + t) * w
+                    kv = self._mem_kv_fn(self.params, stores, x[:, t])
+                    stores = self._append_fn(stores, kv, jnp.asarray(key_mask[:, s:s + w]))
+            else:
+                shape = (b, c * w) + tuple(k.shape[2:])
+                k, v, km = k.reshape(shape), v.reshape(shape), key_mask[:, j * w:(j + c) * w]
+                # Pieces that end at the ring's end: every token lands in the slot a window-by-window
+                # append gives it, and a write never wraps (store.append's contiguous path).
+                off = 0
+                while off < c * w:
+                    piece = min(c * w - off, cap - pos)
+                    sl = slice(off, off + piece)
+                    stores = self._append_fn(stores, {self.mem_layers[0]: (k[:, sl], v[:, sl])},
+                                             jnp.asarray(km[:, sl]))
+                    pos, off = (pos + piece) % cap, off + piece
+            if progress is not None:
+                progress((j + c) * w)
         return stores
 
-    def _kv_impl(self, params, rows):
-        _, aux = self.model.apply({"params": params}, rows, return_kv=True, mesh=self.mesh)
-        return aux["mem_kv"][self.mem_layers[0]]
+    def _positions(self, rows):
+        return jnp.broadcast_to(jnp.arange(rows.shape[1], dtype=jnp.int32), rows.shape)
+
+    def _prefix_impl(self, params, rows, hidden=False):
+        """rows [R, w] → (input of the first memory layer [R, w, D] if ``hidden``, its (k, v))."""
+        pos = self._positions(rows)
+        x = prefill.hidden_below(self.mcfg, params, rows, pos, self.mem_layers[0], self.mesh)
+        return (x if hidden else None), prefill.first_memory_kv(self.mcfg, params, x, pos, self.mesh)
+
+    def _mem_kv_impl(self, params, stores, x):
+        """Read-only: memory-view (k, v) of every memory layer for one window x [B, w, D]."""
+        pos = self._positions(x[..., 0])
+        return prefill.memory_layers_kv(self.mcfg, params, x, pos, fmem.memory_views(stores),
+                                        self.config.top_k, self.mesh)
 
     def _final(self, stores, tok, km, collect):
         """The final window: attends to memory but is not appended to it (becomes the local cache)."""
         b, length = tok.shape
         pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        logits, aux = self._final_fn(self.params, stores, jnp.asarray(tok, jnp.int32), pos,
-                                     collect=bool(collect))
+        logits, aux = self._forward_fn(self.params, stores, jnp.asarray(tok, jnp.int32), pos, None, None,
+                                       collect=bool(collect))
         return logits, stores, aux
 
-    def _final_impl(self, params, stores, tokens, positions, collect=False):
-        memory = fmem.memory_views(stores) if stores else None
-        return self.model.apply({"params": params}, tokens, positions=positions, memory=memory,
-                                top_k=self.config.top_k if memory else None, return_kv=True,
-                                mesh=self.mesh, collect_mem_mass=collect)
+    def query(self, stores, tokens):
+        """Logits ``[B, L, V]`` of one window ``tokens [B, L]`` attending to ``stores``, which are left
+        unchanged (not donated, nothing appended): e.g. a query window after :meth:`fill`."""
+        return self._final(stores, tokens, None, False)[0]
 
 
 def num_windows(length: int, window: int) -> int:

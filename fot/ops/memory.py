@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from fot.ops import _checks
+from fot.ops import _checks, bits
 from fot.ops.attention import (F32, NEG, blockwise_attention, combine, fold_groups, full, no_blocks,
                                query_positions, segments, unfold_groups, _cotangent, _vma)
 from fot.ops.topk import running_topk
@@ -43,9 +43,8 @@ def _fetch_chunk(chunk):
         mem_k, mem_v = src
         (mask,) = aux
         start = j * chunk
-        return (lax.dynamic_slice_in_dim(mem_k, start, chunk, axis=1),
-                lax.dynamic_slice_in_dim(mem_v, start, chunk, axis=1),
-                lax.dynamic_slice_in_dim(mask, start, chunk, axis=1))
+        cut = lambda x: lax.dynamic_slice_in_dim(x, start, chunk, axis=1)  # noqa: E731
+        return bits.move(cut, mem_k), bits.move(cut, mem_v), cut(mask)
 
     def accumulate(dsrc, aux, j, dblock):  # transpose of fetch: add the chunk's cotangents in place
         start = j * chunk
@@ -61,7 +60,13 @@ def _fetch_tail(start):
     def fetch(src, aux, j):
         mem_k, mem_v = src
         (mask,) = aux
-        return mem_k[:, start:], mem_v[:, start:], mask[:, start:]
+        cut = lambda x: x[:, start:]  # noqa: E731
+        return bits.move(cut, mem_k), bits.move(cut, mem_v), cut(mask)
+
+    def accumulate(dsrc, aux, j, dblock):  # transpose of fetch (the bit-pattern slice has no derivative)
+        return tuple(acc.at[:, start:].add(g.astype(acc.dtype)) for acc, g in zip(dsrc, dblock))
+
+    fetch.accumulate = accumulate
     return fetch
 
 
@@ -102,7 +107,7 @@ def _select_topk(q, mem_k, mem_mask, top_k, scale, chunk):
     mk = lax.stop_gradient(mem_k)
 
     def score_fn(start, size):
-        kc = lax.dynamic_slice_in_dim(mk, start, size, axis=1).astype(q.dtype)  # [B,C,H,D], cast per chunk
+        kc = bits.move(lambda x: lax.dynamic_slice_in_dim(x, start, size, axis=1), mk).astype(q.dtype)  # [B,C,H,D]
         mc = lax.dynamic_slice_in_dim(mem_mask, start, size, axis=1)
         s = jnp.einsum("bhtd,bchd->bhtc", qh, kc, preferred_element_type=F32) * scale
         return jnp.where(mc[:, None, None, :], s, NEG)
@@ -124,7 +129,7 @@ def _take_slots(x, idx):
 
 @jax.custom_vjp
 def _gather_cast(x, idx, like):
-    return _take_slots(x, idx).astype(like.dtype)
+    return bits.move(_take_slots, x, idx).astype(like.dtype)
 
 
 def _gather_cast_fwd(x, idx, like):

@@ -1,0 +1,109 @@
+"""Memory prefill (MemoryInference.fill, fot.inference.prefill) against full forwards, and the inference
+programs' memory traffic (no whole-store copies)."""
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fot.inference import MemoryInference, WindowedConfig
+from fot.model import Decoder, ModelConfig
+
+W = 8
+V = 64
+
+
+def _model(mem_layers, num_layers=4, **kw):
+    cfg = ModelConfig(vocab_size=V, d_model=32, num_layers=num_layers, num_heads=2, mlp_dim=64,
+                      mem_layers=mem_layers, init_std=0.3, **kw)
+    model = Decoder(cfg)
+    return model, model.init(jax.random.PRNGKey(len(mem_layers)), jnp.zeros((1, W), jnp.int32))["params"]
+
+
+def _leaves(stores):
+    return {(i, f): np.asarray(getattr(s, f)) for i, s in stores.items()
+            for f in ("keys", "values", "mask", "write_pos", "evicted", "appended")}
+
+
+def _assert_same(a, b):
+    la, lb = _leaves(a), _leaves(b)
+    assert la.keys() == lb.keys()
+    for k in la:
+        np.testing.assert_allclose(la[k], lb[k], rtol=1e-5, atol=2e-5, err_msg=str(k))  # float32 rounding
+
+
+@pytest.mark.parametrize("mem_layers,top_k,capacity", [((1,), 3, 6 * W), ((1,), None, 4 * W),
+                                                       ((1, 2), 3, 6 * W), ((1, 2), None, 4 * W)])
+def test_fill_equals_full_forward_memory(rng, mem_layers, top_k, capacity):
+    """fill() (layers up to the last memory layer only) leaves exactly the memory of streaming every
+    window through the whole model (forward), also with masked keys and FIFO eviction."""
+    model, params = _model(mem_layers, qk_norm=True, mem_positional="none")
+    b, n = 2, 6 * W
+    tokens = rng.integers(0, V, (b, n)).astype(np.int32)
+    km = rng.random((b, n)) > 0.25
+    runner = MemoryInference(model, params, WindowedConfig(window=W, top_k=top_k, mem_dtype="float32"))
+    full = runner.forward(tokens, key_mask=km, stores=runner.init_memory(b, capacity))["stores"]
+    for per_call in (None, 2, 4):  # several calls, a partial last call
+        filled = runner.fill(runner.init_memory(b, capacity), tokens, km, windows_per_call=per_call)
+        _assert_same(filled, full)
+    # Layers above the last memory layer and the LM head are never touched: the fill runs without them.
+    top = max(mem_layers)
+    cut = {k: v for k, v in params.items() if not (k == "lm_head" or (k.startswith("layers_")
+                                                                      and int(k.split("_")[1]) > top))}
+    assert len(cut) < len(params)
+    lean = MemoryInference(model, cut, WindowedConfig(window=W, top_k=top_k, mem_dtype="float32"))
+    _assert_same(lean.fill(lean.init_memory(b, capacity), tokens, km), full)
+
+
+def test_fill_first_memory_layer_matches_single_window_decoder(rng):
+    """Independent reference: the first memory layer's keys/values of a window never depend on memory,
+    so each window's Decoder call alone (no memory) gives the stored slots."""
+    model, params = _model((2,))
+    b, n = 2, 4 * W
+    tokens = rng.integers(0, V, (b, n)).astype(np.int32)
+    runner = MemoryInference(model, params, WindowedConfig(window=W, mem_dtype="float32"))
+    st = runner.fill(runner.init_memory(b, n), tokens)[2]
+    for s in range(0, n, W):
+        _, aux = model.apply({"params": params}, jnp.asarray(tokens[:, s:s + W]), return_kv=True)
+        k, v = aux["mem_kv"][2]
+        np.testing.assert_allclose(np.asarray(st.keys)[:, s:s + W], np.asarray(k), rtol=1e-5, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(st.values)[:, s:s + W], np.asarray(v), rtol=1e-5, atol=2e-5)
+    assert np.asarray(st.mask).all()
+
+
+def test_fill_rejects_bad_shapes():
+    model, params = _model((1,))
+    runner = MemoryInference(model, params, WindowedConfig(window=W, mem_dtype="float32"))
+    with pytest.raises(ValueError, match="multiple of window"):
+        runner.fill(runner.init_memory(1, 4 * W), np.zeros((1, W + 1), np.int32))
+    with pytest.raises(ValueError, match="key_mask"):
+        runner.fill(runner.init_memory(1, 4 * W), np.zeros((1, W), np.int32), np.ones((1, 2 * W), bool))
+
+
+def _full_size(txt, shape):
+    """HLO instructions producing an array of exactly ``shape`` (any element type): '<type>[dims] <op>('."""
+    dims = ",".join(map(str, shape))
+    return re.findall(r"= (\w+)\[" + dims + r"\]\{[\d,]*\} (\w[\w-]*)\(", txt)
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_inference_programs_never_copy_or_upcast_the_store(top_k):
+    """Structural (timing-free) check of the compiled programs for a bf16 store: the window forward
+    only reads it (no whole-store copy, no whole-store float32 conversion) and the append writes it in
+    place (donated; no copy, no conversion)."""
+    model, params = _model((1,), num_layers=2)
+    runner = MemoryInference(model, params, WindowedConfig(window=W, top_k=top_k, mem_dtype="bfloat16"))
+    from fot.ops.memory import TOPK_CHUNK_MAX
+    m = 4 * TOPK_CHUNK_MAX  # several chunks: a chunk-sized conversion is not a whole-store one
+    stores = runner.init_memory(1, m)
+    tok = jnp.zeros((1, W), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(W, dtype=jnp.int32), (1, W))
+    shape = (1, m, 2, 16)
+    fwd = runner._forward_fn.lower(params, stores, tok, pos, None, None).compile().as_text()
+    kv = {1: (jnp.zeros((1, W, 2, 16)), jnp.zeros((1, W, 2, 16)))}
+    app = runner._append_fn.lower(stores, kv, jnp.ones((1, W), bool), None).compile().as_text()
+    for txt in (fwd, app):
+        ops = _full_size(txt, shape)
+        assert not [o for o in ops if o[0] == "f32" or o[1] in ("copy", "convert")], ops
+    assert "input_output_alias" in app.split("\n", 1)[0]  # the append is donated: written in place
