@@ -57,18 +57,23 @@ def dense_crossbatch(q, k, v, ek, ev, rows):
     return jnp.einsum("bhqk,bkhd->bqhd", p, vals)
 
 
-def _time_interleaved(cases, reps):
+def _time_interleaved(cases, reps, cpu_seconds=None):
     """cases: {key: (fn, args)} -> {key: seconds}. Warm up every case, then time them round-robin
     (rep 1 of every case, rep 2 of every case, ...) and keep each case's minimum, so a burst of load
-    from other processes hits all cases alike and ratios stay meaningful on a shared machine."""
+    from other processes hits all cases alike and ratios stay meaningful on a shared machine.
+    cpu_seconds: a dict that receives each case's minimum process CPU time (all threads) per call."""
     for fn, args in cases.values():
         jax.block_until_ready(fn(*args))
     best = {key: float("inf") for key in cases}
+    cpu = {key: float("inf") for key in cases}
     for _ in range(reps):
         for key, (fn, args) in cases.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             jax.block_until_ready(fn(*args))
             best[key] = min(best[key], time.perf_counter() - t0)
+            cpu[key] = min(cpu[key], time.process_time() - c0)
+    if cpu_seconds is not None:
+        cpu_seconds.update(cpu)
     return best
 
 
