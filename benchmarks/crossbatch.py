@@ -112,14 +112,20 @@ def step_model_config(name, **overrides):
     spec = STEP_MODELS[name][0]
     if isinstance(spec, dict):
         return ModelConfig(**spec, **overrides)
+    return gin_size_config(spec, **overrides)
+
+
+def gin_size_config(size_file, **overrides):
+    """fot.model.ModelConfig of gin/size/<size_file>, parsed with gin as fot.train does."""
     import gin
+    from fot.model import ModelConfig
 
     gin.clear_config()
     try:
         gin.external_configurable(ModelConfig, module="fot.model")
     except ValueError:  # already registered
         pass
-    gin.parse_config_file(os.path.join(SIZE_DIR, spec))
+    gin.parse_config_file(os.path.join(SIZE_DIR, size_file))
     cfg = gin.get_configurable("fot.model.ModelConfig")()
     gin.clear_config()
     return cfg.replace(**overrides)

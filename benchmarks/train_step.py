@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.crossbatch import SIZE_DIR, cyclic_rows, step_flops
+from benchmarks.crossbatch import cyclic_rows, gin_size_config, step_flops
 from fot.runtime import ENV, cpu_eigen_dots
 
 # name -> (gin size file, recipe d, recipe window, recipe pack, where the recipe comes from)
@@ -64,19 +64,8 @@ GIB = 2 ** 30
 
 
 def model_config(name, **overrides):
-    """fot.model.ModelConfig of a gin size file (parsed with gin, as fot.train does)."""
-    import gin
-    from fot.model import ModelConfig
-
-    gin.clear_config()
-    try:
-        gin.external_configurable(ModelConfig, module="fot.model")
-    except ValueError:  # already registered
-        pass
-    gin.parse_config_file(os.path.join(SIZE_DIR, MODELS[name][0]))
-    cfg = gin.get_configurable("fot.model.ModelConfig")()
-    gin.clear_config()
-    return cfg.replace(**overrides)
+    """fot.model.ModelConfig of a MODELS entry (its gin size file)."""
+    return gin_size_config(MODELS[name][0], **overrides)
 
 
 def default_shape(name, platform, batch=None, length=None):

@@ -10,9 +10,10 @@ from fot import ops
 from fot.ops import fused
 
 
-def _qkv(rng, b, tq, tk, h, d, dtype=jnp.float32):
-    mk = lambda t: jnp.asarray(rng.normal(size=(b, t, h, d)), dtype)  # noqa: E731
-    return mk(tq), mk(tk), mk(tk), mk(tq)
+def _qkv(rng, b, tq, tk, h, d, dtype=jnp.float32, hkv=None):
+    mk = lambda t, n: jnp.asarray(rng.normal(size=(b, t, n, d)), dtype)  # noqa: E731
+    hkv = hkv or h
+    return mk(tq, h), mk(tk, hkv), mk(tk, hkv), mk(tq, h)
 
 
 def _out_and_grads(impl, q, k, v, do, **kw):
@@ -26,6 +27,7 @@ CASES = {
     "segments": dict(tq=32, tk=32, seg=True, off=None),
     "cache_end_aligned": dict(tq=8, tk=40, seg=True, off=None),
     "q_offset": dict(tq=8, tk=40, seg=False, off="rows"),
+    "gqa_segments": dict(tq=32, tk=32, seg=True, off=None, hkv=2),  # 4 query heads on 2 kv heads
 }
 
 
@@ -34,7 +36,7 @@ CASES = {
 def test_fused_equals_blockwise_outputs_and_gradients(rng, case, dtype):
     c = CASES[case]
     b, h, d = 3, 4, 16
-    q, k, v, do = _qkv(rng, b, c["tq"], c["tk"], h, d, jnp.dtype(dtype))
+    q, k, v, do = _qkv(rng, b, c["tq"], c["tk"], h, d, jnp.dtype(dtype), c.get("hkv"))
     kw = {}
     if c["seg"]:  # two or three documents per row, as packed training rows
         kw["segment_ids"] = jnp.asarray(np.sort(rng.integers(1, 4, size=(b, c["tk"])), axis=1), jnp.int32)
@@ -93,11 +95,12 @@ def test_cudnn_request_without_cudnn_falls_back_to_blockwise(rng):
 
 
 def test_decoder_fused_equals_blockwise_training_and_cached_generation(rng):
-    """A decoder with a memory layer trained with crossbatch rows (memory layer: blockwise joint softmax;
+    """A GQA decoder (4 query heads on 2 kv heads) with a memory layer trained with crossbatch rows (memory layer: blockwise joint softmax;
     other layers: the chosen kernel) and a decode step against a local cache: same logits and gradients."""
     from fot.model import Decoder, ModelConfig
 
-    base = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, mlp_dim=64, mem_layers=(1,))
+    base = ModelConfig(vocab_size=64, d_model=32, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                       mem_layers=(1,))
     b, t = 4, 16
     tok = jnp.asarray(rng.integers(0, 64, size=(b, t)), jnp.int32)
     seg = jnp.asarray(np.sort(rng.integers(1, 3, size=(b, t)), axis=1), jnp.int32)
