@@ -57,18 +57,23 @@ def dense_crossbatch(q, k, v, ek, ev, rows):
     return jnp.einsum("bhqk,bkhd->bqhd", p, vals)
 
 
-def _time_interleaved(cases, reps):
+def _time_interleaved(cases, reps, cpu_seconds=None):
     """cases: {key: (fn, args)} -> {key: seconds}. Warm up every case, then time them round-robin
     (rep 1 of every case, rep 2 of every case, ...) and keep each case's minimum, so a burst of load
-    from other processes hits all cases alike and ratios stay meaningful on a shared machine."""
+    from other processes hits all cases alike and ratios stay meaningful on a shared machine.
+    cpu_seconds: a dict that receives each case's minimum process CPU time (all threads) per call."""
     for fn, args in cases.values():
         jax.block_until_ready(fn(*args))
     best = {key: float("inf") for key in cases}
+    cpu = {key: float("inf") for key in cases}
     for _ in range(reps):
         for key, (fn, args) in cases.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             jax.block_until_ready(fn(*args))
             best[key] = min(best[key], time.perf_counter() - t0)
+            cpu[key] = min(cpu[key], time.process_time() - c0)
+    if cpu_seconds is not None:
+        cpu_seconds.update(cpu)
     return best
 
 
@@ -107,14 +112,20 @@ def step_model_config(name, **overrides):
     spec = STEP_MODELS[name][0]
     if isinstance(spec, dict):
         return ModelConfig(**spec, **overrides)
+    return gin_size_config(spec, **overrides)
+
+
+def gin_size_config(size_file, **overrides):
+    """fot.model.ModelConfig of gin/size/<size_file>, parsed with gin as fot.train does."""
     import gin
+    from fot.model import ModelConfig
 
     gin.clear_config()
     try:
         gin.external_configurable(ModelConfig, module="fot.model")
     except ValueError:  # already registered
         pass
-    gin.parse_config_file(os.path.join(SIZE_DIR, spec))
+    gin.parse_config_file(os.path.join(SIZE_DIR, size_file))
     cfg = gin.get_configurable("fot.model.ModelConfig")()
     gin.clear_config()
     return cfg.replace(**overrides)

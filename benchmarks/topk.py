@@ -1,7 +1,8 @@
 """Exact top-k retrieval and memory-streaming throughput (one run, ratios measured side by side).
 
-    python -m benchmarks.topk            # 64K / 256K / 1M keys + 64K-token streaming (≈5 min, 2 cores)
-    python -m benchmarks.topk --quick    # 64K / 256K keys + 16K-token streaming
+    python -m benchmarks.topk            # 64K / 256K / 1M keys + streaming at 4K / 64K / 256K memory tokens
+    python -m benchmarks.topk --quick    # 64K / 256K keys + streaming at 4K / 64K
+    python -m benchmarks.topk --sizes 0 --stream_sizes 4096,65536,262144   # streaming only
 
 Part 1 — exact maximum-inner-product top-k, dim 128, k = 32, 256 queries, memories of 64K/256K/1M
 keys, float32:
@@ -14,9 +15,11 @@ keys, float32:
   Reported: queries/s, ratio to FAISS, extra memory (XLA ``memory_analysis().temp_size_in_bytes``,
   i.e. everything beyond inputs/outputs), and exactness against FAISS (max |Δscore|, index recall).
 
-Part 2 — streaming a long random-token document through the tiny memory model (fot.model.Decoder,
-window 256): tokens/s with exact top-k memory (fot.ops.memory_attention top_k: prefiltered running
-top-k), the same with the prefilter off and the old 2048-key selection chunk, dense memory, and no memory.
+Part 2 — streaming windows through a model whose memory holds exactly M tokens (4K / 64K / 256K; the
+store is pre-filled with random keys/values, every window reads all M slots and its append evicts the
+oldest window), for the tiny model (4 layers, d=128, 4 heads x 32, window 256) and the stdlib-sized model
+(gin/size/tiny_test.gin, window 128): tokens/s with exact top-k memory (k = 32), dense memory and no memory,
+timed round-robin; one "target met / NOT met" line per model and size (top-k >= 1.0x dense).
 """
 from __future__ import annotations
 
@@ -104,78 +107,128 @@ def _timed_faiss(index, q, k) -> float:
     return time.perf_counter() - t0
 
 
-def streaming(doc_len: int, *, window=256, top_k=32, seed=0):
-    """tokens/s for one ``doc_len``-token document through the tiny model (memory holds the whole doc)."""
-    import fot.ops.memory as opsmem
-    import fot.ops.topk as opstopk
+STREAM_MODELS = {  # name -> (ModelConfig kwargs or gin size file, window, description)
+    "tiny": (dict(vocab_size=256, d_model=128, num_layers=4, num_heads=4, mlp_dim=256, mem_layers=(2,)), 256,
+             "4 layers, d=128, 4 heads x 32, mem layer 2, window 256"),
+    "stdlib": ("tiny_test.gin", 128, "gin/size/tiny_test.gin as in gin/runs/stdlib_lm.gin: 2 layers, d=64, "
+                                     "4 heads x 16, mem layer 1, window 128, vocab 2048"),
+}
+
+
+def streaming(sizes, *, models=("tiny", "stdlib"), top_k=32, windows=4, reps=3, mem_dtype="float32", seed=0):
+    """tokens/s of windows streamed through a model whose memory holds exactly M tokens (the store is filled
+    with random keys/values, so every window reads M memory slots; each append evicts the oldest window):
+    exact top-k memory vs dense memory vs no memory, timed round-robin (min of `reps` runs of `windows`
+    windows each), per model and memory size M."""
+    import dataclasses
+
+    from benchmarks.crossbatch import gin_size_config
     from fot.inference.windowed import MemoryInference, WindowedConfig
     from fot.model import Decoder, ModelConfig
 
-    cfg = ModelConfig(vocab_size=256, d_model=128, num_layers=4, num_heads=4, mlp_dim=256,
-                      mem_layers=(2,))
-    model = Decoder(cfg)
-    tokens = np.random.default_rng(seed).integers(0, 256, (1, doc_len), dtype=np.int32)
-    params = model.init(jax.random.PRNGKey(seed), jnp.asarray(tokens[:, :window]))["params"]
-    out = {}
-    variants = (("top-k (k=%d)" % top_k, dict(top_k=top_k), None),
-                ("top-k unfiltered", dict(top_k=top_k), "unfiltered"),
-                ("dense", {}, None), ("no memory", dict(use_memory=False), None))
-    for name, kw, mode in variants:
-        saved = (opsmem.TOPK_CHUNK_MAX, opstopk.auto_group)
-        if mode == "unfiltered":  # the previous op: 2048-key chunks, lax.top_k over every chunk
-            opsmem.TOPK_CHUNK_MAX, opstopk.auto_group = opsmem.DEFAULT_CHUNK, (lambda size, k: 0)
-        runner = MemoryInference(model, params, WindowedConfig(window=window, capacity=doc_len,
-                                                               mem_dtype="float32", **kw))
-        warm = runner.init_memory(1, doc_len)
-        jax.block_until_ready(runner.step(warm, tokens[:, :window])[0])  # compile (traces with the setting)
-        opsmem.TOPK_CHUNK_MAX, opstopk.auto_group = saved
-        stores = runner.init_memory(1, doc_len)
-        t0 = time.perf_counter()
-        for s in range(0, doc_len, window):
-            logits, stores, _ = runner.step(stores, tokens[:, s:s + window])
-        jax.block_until_ready(logits)
-        out[name] = doc_len / (time.perf_counter() - t0)
-        print(f"[stream] {name}: {out[name]:.0f} tokens/s", flush=True)
-    return {"doc_len": doc_len, "window": window, "model": "4 layers, d=128, 4 heads, mem layer 2",
-            "tokens_per_s": out}
+    out = []
+    for name in models:
+        spec, window, desc = STREAM_MODELS[name]
+        cfg = ModelConfig(**spec) if isinstance(spec, dict) else gin_size_config(spec, vocab_size=2048)
+        model = Decoder(cfg)
+        rng = np.random.default_rng(seed)
+        tokens = rng.integers(0, cfg.vocab_size, (1, windows * window), dtype=np.int32)
+        params = model.init(jax.random.PRNGKey(seed), jnp.asarray(tokens[:, :window]))["params"]
+        for m in sizes:
+            runners = {"top-k": MemoryInference(model, params, WindowedConfig(window=window, capacity=m, top_k=top_k,
+                                                                             mem_dtype=mem_dtype)),
+                       "dense": MemoryInference(model, params, WindowedConfig(window=window, capacity=m,
+                                                                             mem_dtype=mem_dtype)),
+                       "no memory": MemoryInference(model, params, WindowedConfig(window=window, use_memory=False))}
+
+            def full_stores(runner):
+                stores = runner.init_memory(1, m)
+                out = {}
+                for i, st in stores.items():
+                    key = jax.random.PRNGKey(i)
+                    kk, kv = jax.random.normal(key, (2,) + st.keys.shape, jnp.float32)
+                    out[i] = dataclasses.replace(st, keys=kk.astype(st.keys.dtype), values=kv.astype(st.values.dtype),
+                                                 mask=jnp.ones_like(st.mask))
+                return out
+
+            def run(runner):
+                stores = full_stores(runner) if runner.mem_layers else {}
+                jax.block_until_ready(stores)
+                t0 = time.perf_counter()
+                for w in range(windows):
+                    logits, stores, _ = runner.step(stores, tokens[:, w * window:(w + 1) * window])
+                jax.block_until_ready(logits)
+                return time.perf_counter() - t0
+
+            for r in runners.values():  # compile and warm up
+                run(r)
+            best = {k: float("inf") for k in runners}
+            for _ in range(reps):
+                for k, r in runners.items():
+                    best[k] = min(best[k], run(r))
+            tps = {k: windows * window / v for k, v in best.items()}
+            row = {"model": name, "model_desc": desc, "memory_tokens": m, "window": window, "top_k": top_k,
+                   "tokens_per_s": tps, "topk_vs_dense": tps["top-k"] / tps["dense"], "load": _load()}
+            out.append(row)
+            print(f"[stream] {name} M={m}: top-k {tps['top-k']:.0f}, dense {tps['dense']:.0f}, no memory "
+                  f"{tps['no memory']:.0f} tokens/s (top-k/dense {row['topk_vs_dense']:.2f}, {row['load']})",
+                  flush=True)
+    return {"mem_dtype": mem_dtype, "windows": windows, "reps": reps, "rows": out}
+
+
+def _load():
+    try:
+        with open("/proc/loadavg") as f:
+            return "load " + " ".join(f.read().split()[:3])
+    except OSError:  # pragma: no cover - not Linux
+        return "load unknown"
 
 
 def print_report(res) -> None:
-    r = res["retrieval"]
-    print(f"\nExact top-k: dim {r['dim']}, k {r['k']}, {r['queries']} queries, float32, "
-          f"{r['threads']} threads (XLA and FAISS), ops chunk {r['chunk']}")
-    print(f"{'keys':>9} {'method':<22} {'queries/s':>10} {'x FAISS':>8} {'extra MiB':>10} "
-          f"{'max|dS|':>9} {'recall':>7}")
-    for row in r["rows"]:
-        print(f"{row['keys']:>9} {'FAISS IndexFlatIP':<22} {row['faiss_qps']:>10.1f} {1.0:>8.2f} "
-              f"{'-':>10} {'-':>9} {'-':>7}")
-        for name, v in row.items():
-            if isinstance(v, dict):
-                print(f"{'':>9} {name:<22} {v['qps']:>10.1f} {v['vs_faiss']:>8.2f} {v['temp_MiB']:>10.1f} "
-                      f"{v['max_abs_score_err']:>9.1e} {v['recall']:>7.3f}")
+    r = res.get("retrieval")
+    if r:
+        print(f"\nExact top-k: dim {r['dim']}, k {r['k']}, {r['queries']} queries, float32, "
+              f"{r['threads']} threads (XLA and FAISS), ops chunk {r['chunk']}")
+        print(f"{'keys':>9} {'method':<22} {'queries/s':>10} {'x FAISS':>8} {'extra MiB':>10} "
+              f"{'max|dS|':>9} {'recall':>7}")
+        for row in r["rows"]:
+            print(f"{row['keys']:>9} {'FAISS IndexFlatIP':<22} {row['faiss_qps']:>10.1f} {1.0:>8.2f} "
+                  f"{'-':>10} {'-':>9} {'-':>7}")
+            for name, v in row.items():
+                if isinstance(v, dict):
+                    print(f"{'':>9} {name:<22} {v['qps']:>10.1f} {v['vs_faiss']:>8.2f} {v['temp_MiB']:>10.1f} "
+                          f"{v['max_abs_score_err']:>9.1e} {v['recall']:>7.3f}")
     s = res.get("streaming")
     if s:
-        print(f"\nStreaming a {s['doc_len']}-token document, window {s['window']} ({s['model']}):")
-        base = s["tokens_per_s"]["no memory"]
-        for name, tps in s["tokens_per_s"].items():
-            print(f"  {name:<14} {tps:>10.0f} tokens/s  ({tps / base:.2f}x of no memory)")
+        print(f"\nStreaming windows through a model whose memory holds M tokens ({s['mem_dtype']} store, min of "
+              f"{s['reps']} x {s['windows']} windows):")
+        for row in s["rows"]:
+            t = row["tokens_per_s"]
+            print(f"  {row['model']:>6} M={row['memory_tokens']:>7}: top-k {t['top-k']:>8.0f}  dense {t['dense']:>8.0f}  "
+                  f"no memory {t['no memory']:>8.0f} tokens/s  top-k/dense {row['topk_vs_dense']:.2f}")
+        for row in s["rows"]:
+            ok = row["topk_vs_dense"] >= 1.0
+            print(f"top-k streaming >= 1.0x dense tokens/s, {row['model']} model, {row['memory_tokens']} memory tokens: "
+                  f"{row['topk_vs_dense']:.2f}x: {'target met' if ok else 'target NOT met'}")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="64K/256K keys, 16K-token stream")
+    p.add_argument("--quick", action="store_true", help="64K/256K keys; streaming at 4K/64K memory tokens")
     p.add_argument("--sizes", default=None, help="comma-separated memory sizes (keys)")
-    p.add_argument("--stream_len", type=int, default=None)
+    p.add_argument("--stream_sizes", default=None, help="memory sizes for the streaming part (0 = skip it)")
+    p.add_argument("--stream_models", default="tiny,stdlib")
     p.add_argument("--chunk", type=int, default=16384, help="fot.ops.topk_scores chunk_size")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
-    sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else (
+    sizes = [int(x) for x in a.sizes.split(",") if int(x) > 0] if a.sizes is not None else (
         [65536, 262144] if a.quick else [65536, 262144, 1048576])
-    stream_len = a.stream_len if a.stream_len is not None else (16384 if a.quick else 65536)
-    res = {"retrieval": retrieval(sizes, chunk=a.chunk, repeats=a.repeats)}
-    if stream_len > 0:
-        res["streaming"] = streaming(stream_len)
+    stream = a.stream_sizes if a.stream_sizes is not None else ("4096,65536" if a.quick else "4096,65536,262144")
+    stream = [int(x) for x in stream.split(",") if int(x) > 0]
+    res = {"retrieval": retrieval(sizes, chunk=a.chunk, repeats=a.repeats)} if sizes else {}
+    if stream:
+        res["streaming"] = streaming(stream, models=a.stream_models.split(","))
     print_report(res)
     if a.json:
         with open(a.json, "w") as f:

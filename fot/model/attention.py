@@ -121,7 +121,8 @@ class Attention(nn.Module):
                                                     extra_key_mask=extra_key_mask, segment_ids=segment_ids,
                                                     scale=scale, mesh=self.mesh, include_local=False,
                                                     block_rows=cfg.crossbatch_block_rows)
-                local = ops.causal_attention(q_loc, k_loc, v, segment_ids=segment_ids, scale=scale)
+                local = ops.causal_attention(q_loc, k_loc, v, segment_ids=segment_ids, scale=scale,
+                                             implementation=cfg.attention_impl)
                 mask = jnp.ones(x.shape[:2], bool) if extra_key_mask is None else extra_key_mask
                 rows_ok = jnp.take(mask.any(-1), jnp.clip(extra_rows, 0, b - 1), axis=0) & (extra_rows >= 0)
                 gate = gate * rows_ok.any(-1)[:, None, None, None]
@@ -139,11 +140,13 @@ class Attention(nn.Module):
                 mem_only = ops.crossbatch_attention(q_loc, k_loc, v, mem_k, mem_v, own_row,
                                                     extra_key_mask=mem_mask, scale=scale, mesh=self.mesh,
                                                     include_local=False)
-                local = ops.causal_attention(q_loc, k_all, v_all, segment_ids=seg_all, scale=scale)
+                local = ops.causal_attention(q_loc, k_all, v_all, segment_ids=seg_all, scale=scale,
+                                             implementation=cfg.attention_impl)
                 gate = gate * mem_mask.any(-1)[:, None, None, None]
                 out = self._mix(gate, mem_only, local)
         else:
-            out = ops.causal_attention(q_loc, k_all, v_all, segment_ids=seg_all, scale=scale)
+            out = ops.causal_attention(q_loc, k_all, v_all, segment_ids=seg_all, scale=scale,
+                                       implementation=cfg.attention_impl)
 
         if self.collect_stats:
             if stats is not None:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fot.ops.crossbatch import check_block_rows
+from fot.ops.fused import check_implementation
 
 _POSITIONAL = ("as_first", "none")
 _QK_SCALE_PARAMS = ("linear", "log")
@@ -52,6 +53,10 @@ class ModelConfig:
         layers (``fot.ops.crossbatch_attention(block_rows=...)``; ``None`` = the op's default: 1 on CPU,
         1024 // context length on accelerators). Exact for any value; only speed and memory (which grows
         with it, not with the number of extra contexts) change.
+      attention_impl: local causal attention kernel of non-memory layers (``fot.ops.causal_attention(
+        implementation=...)``): ``"auto"`` (cuDNN flash attention on GPU for bf16/f16 compute, fot's
+        blockwise kernel elsewhere), ``"blockwise"``, ``"xla"`` or ``"cudnn"``. Same results to the dtype's
+        tolerance; memory layers' joint softmax always uses the blockwise kernel.
     """
 
     vocab_size: int
@@ -77,6 +82,7 @@ class ModelConfig:
     qk_scale_param: str = "linear"
     qk_scale_n_ref: int | None = None
     crossbatch_block_rows: int | None = None
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim"):
@@ -131,6 +137,7 @@ class ModelConfig:
             except TypeError as e:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r} is not a dtype name") from e
         check_block_rows(self.crossbatch_block_rows, "ModelConfig.crossbatch_block_rows")
+        check_implementation(self.attention_impl, "ModelConfig.attention_impl")
         if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
             raise ValueError("rope_theta, norm_eps and init_std must be > 0, got "
                              f"{self.rope_theta}, {self.norm_eps}, {self.init_std}")

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fot.ops import _checks
+from fot.ops import _checks, fused
 
 F32 = jnp.float32
 NEG = -1e30  # finite "minus infinity": masked logits; log-sum-exp of a query with no visible key
@@ -261,13 +261,16 @@ def _default_scale(q, scale):
     return q.shape[-1] ** -0.5 if scale is None else scale
 
 
-def causal_attention(q, k, v, *, segment_ids=None, scale=None, q_offset=None, return_stats=False):
+def causal_attention(q, k, v, *, segment_ids=None, scale=None, q_offset=None, return_stats=False,
+                     implementation="auto"):
     """Causal local attention (non-memory layers).
 
     q [B,Tq,H,Dh], k/v [B,Tk,Hkv,Dh] with Tk >= Tq and H a multiple of Hkv (grouped-query attention: query
     head h uses kv head h // (H / Hkv)); query i sits at key position Tk - Tq + i (END alignment,
     as with a KV cache) or q_offset + i (q_offset: int or int [B]). segment_ids int [B,Tk] (keys; queries
     use the ids at their own positions): attention only within equal ids. Softmax in float32.
+    implementation: "auto" | "blockwise" | "xla" | "cudnn" (fot.ops.fused: a fused kernel where it is
+    faster, i.e. cuDNN on GPU for bf16/f16 inputs; the blockwise kernel otherwise; same results).
     Returns [B,Tq,H,Dh] in q.dtype (and {"mem_mass": zeros [B,Tq,H]} with return_stats).
     """
     _checks.check_qkv(q, k, v)
@@ -276,7 +279,14 @@ def causal_attention(q, k, v, *, segment_ids=None, scale=None, q_offset=None, re
         raise ValueError(f"k must have at least as many keys as q has queries, got q {q.shape}, k {k.shape}")
     q_pos = query_positions(q, k, q_offset)
     seg_q, seg_k = segments(segment_ids, q_pos, k)
-    o, _, mass = blockwise_attention(q, k, v, q_pos, seg_q, seg_k, (), (), fetch=no_blocks, n_blocks=0,
-                                     scale=_default_scale(q, scale))
+    impl = fused.resolve(implementation, q.dtype)
+    o = None
+    if impl != "blockwise":
+        o = fused.fused_attention(q, k, v, _local_mask_h(q_pos, seg_q, seg_k), scale=_default_scale(q, scale),
+                                  implementation=impl, causal=q_offset is None and k.shape[1] == q.shape[1])
+        mass = jnp.zeros(q.shape[:3], F32)
+    if o is None:
+        o, _, mass = blockwise_attention(q, k, v, q_pos, seg_q, seg_k, (), (), fetch=no_blocks, n_blocks=0,
+                                         scale=_default_scale(q, scale))
     o = o.astype(q.dtype)
     return (o, {"mem_mass": mass}) if return_stats else o

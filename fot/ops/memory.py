@@ -19,23 +19,46 @@ from jax.sharding import PartitionSpec as P
 from fot.ops import _checks, bits
 from fot.ops.attention import (F32, NEG, blockwise_attention, combine, fold_groups, full, no_blocks,
                                query_positions, segments, unfold_groups, _cotangent, _vma)
-from fot.ops.topk import running_topk
+from fot.ops.topk import running_topk, tournament_plan, tournament_topk
 
 DEFAULT_CHUNK = 2048
 TOPK_CHUNK_MAX = 8192  # default top-k selection chunk grows up to this while a score block stays small
 TOPK_BLOCK_ELEMS = 2 ** 23  # (32 MiB float32 per [B,H,T,chunk] score block)
+# XLA:CPU: score blocks beyond a few MiB run several times slower (fresh large temporaries page-fault on
+# every call, and the dot writes them out of cache): at 1024 queries x 64K memory keys, dense memory
+# attention took 1.9 s with 2048-key chunks (8 MiB blocks) and 0.13 s with 512-key chunks (2 MiB), one run
+# (BUILD_NOTES "Speed where users feel it"). On CPU, default chunks keep blocks at or below these sizes.
+CPU_DENSE_BLOCK_ELEMS = 2 ** 19  # 2 MiB float32
+CPU_TOPK_BLOCK_ELEMS = 2 ** 20  # 4 MiB: the top-k merge costs per chunk, so its chunks stay a bit larger
+CPU_MIN_CHUNK = 128
 
 
-def topk_chunk(chunk_size, b, h, t):
-    """Selection chunk for top-k: chunk_size if given; else the largest power-of-two multiple of
-    DEFAULT_CHUNK up to TOPK_CHUNK_MAX whose [B,H,T,chunk] float32 score block has <= TOPK_BLOCK_ELEMS
-    elements (larger chunks let the grouped-maxima prefilter of fot.ops.topk pay off)."""
-    if chunk_size is not None:
-        return chunk_size
-    chunk = DEFAULT_CHUNK
-    while chunk * 2 <= TOPK_CHUNK_MAX and b * h * t * chunk * 2 <= TOPK_BLOCK_ELEMS:
+def _pow2_chunk(queries, block_elems, lo, hi):
+    """Largest power of two in [lo, hi] with queries * chunk <= block_elems (lo if none)."""
+    chunk = lo
+    while chunk * 2 <= hi and queries * chunk * 2 <= block_elems:
         chunk *= 2
     return chunk
+
+
+def dense_chunk(b, h, t, platform=None):
+    """Default dense memory chunk for b*h*t queries: DEFAULT_CHUNK on accelerators; on CPU the largest power
+    of two in [CPU_MIN_CHUNK, DEFAULT_CHUNK] whose [B,H,T,chunk] score block has <= CPU_DENSE_BLOCK_ELEMS."""
+    if (jax.default_backend() if platform is None else platform) != "cpu":
+        return DEFAULT_CHUNK
+    return _pow2_chunk(b * h * t, CPU_DENSE_BLOCK_ELEMS, CPU_MIN_CHUNK, DEFAULT_CHUNK)
+
+
+def topk_chunk(chunk_size, b, h, t, platform=None):
+    """Selection chunk for top-k: chunk_size if given; else on accelerators the largest power-of-two
+    multiple of DEFAULT_CHUNK up to TOPK_CHUNK_MAX whose [B,H,T,chunk] float32 score block has <=
+    TOPK_BLOCK_ELEMS elements (larger chunks let the grouped-maxima prefilter of fot.ops.topk pay off); on
+    CPU the largest power of two in [8 * CPU_MIN_CHUNK, TOPK_CHUNK_MAX] with <= CPU_TOPK_BLOCK_ELEMS."""
+    if chunk_size is not None:
+        return chunk_size
+    if (jax.default_backend() if platform is None else platform) == "cpu":
+        return _pow2_chunk(b * h * t, CPU_TOPK_BLOCK_ELEMS, 8 * CPU_MIN_CHUNK, TOPK_CHUNK_MAX)
+    return _pow2_chunk(b * h * t, TOPK_BLOCK_ELEMS, DEFAULT_CHUNK, TOPK_CHUNK_MAX)
 
 
 def _fetch_chunk(chunk):
@@ -99,12 +122,34 @@ def _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk):
     return parts
 
 
-def _select_topk(q, mem_k, mem_mask, top_k, scale, chunk):
+TOPK_METHODS = ("auto", "merge", "tournament")
+
+
+def choose_topk_method(method, m, queries, k, platform=None):
+    """("merge", None) or ("tournament", (tile, group)) for a top-k over m memory slots: "auto" is the
+    tournament on CPU (fot.ops.topk.tournament_topk: no lax.top_k, which XLA:CPU runs as a sort) when
+    fot.ops.topk.tournament_plan finds a tile, the running lax.top_k merge elsewhere."""
+    if method not in TOPK_METHODS:
+        raise ValueError(f"topk_method must be one of {TOPK_METHODS}, got {method!r}")
+    if method == "auto":
+        method = "tournament" if (jax.default_backend() if platform is None else platform) == "cpu" else "merge"
+    plan = tournament_plan(m, queries, k) if method == "tournament" else None
+    return ("tournament", plan) if plan is not None else ("merge", None)
+
+
+def _select_topk(q, mem_k, mem_mask, top_k, scale, chunk, method="auto"):
     """Exact top-k memory slots per (b, t, h) by <q, mem_k>: (valid bool, idx int32) [B,T,H,K].
-    mem_k [B,M,Hkv,D]: the G = H / Hkv query heads of a kv head are scored together (folded into T)."""
+    mem_k [B,M,Hkv,D]: the G = H / Hkv query heads of a kv head are scored together (folded into T).
+    method: see :func:`choose_topk_method` (both give the same slots, ties aside)."""
     g = q.shape[2] // mem_k.shape[2]
     qh = fold_groups(jnp.swapaxes(lax.stop_gradient(q), 1, 2), g)  # [B,Hkv,G*T,D]
     mk = lax.stop_gradient(mem_k)
+    how, plan = choose_topk_method(method, mem_k.shape[1], qh.shape[0] * qh.shape[1] * qh.shape[2], top_k)
+    if how == "tournament" and scale > 0:  # ranking by <q, k> = ranking by scale * <q, k>
+        vals, idx = tournament_topk(qh, mk, mem_mask, top_k, tile=plan[0], group=plan[1],
+                                    vma=_vma(q, mem_k, mem_mask))
+        vals, idx = unfold_groups(vals, g), unfold_groups(idx, g)  # [B,H,T,K]
+        return jnp.swapaxes(vals > NEG / 2, 1, 2), jnp.swapaxes(idx, 1, 2)
 
     def score_fn(start, size):
         kc = bits.move(lambda x: lax.dynamic_slice_in_dim(x, start, size, axis=1), mk).astype(q.dtype)  # [B,C,H,D]
@@ -170,12 +215,12 @@ def _selected_part(q, sel_k, sel_v, valid, scale):
 
 
 def _memory_unsharded(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, scale, chunk,
-                      include_local):
+                      include_local, topk_method="auto"):
     parts = [_local_part(q, k, v, segment_ids, scale)] if include_local else []
     if top_k is None:
         parts += _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk)
     elif mem_k.shape[1]:
-        valid, idx = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk)
+        valid, idx = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk, topk_method)
         sel_k, sel_v = _gather_slots(mem_k, idx, q.dtype), _gather_slots(mem_v, idx, q.dtype)
         parts.append(_selected_part(q, sel_k, sel_v, valid, scale))
     if not parts:
@@ -186,7 +231,7 @@ def _memory_unsharded(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, sc
 
 
 def _memory_shard_body(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, scale, chunk, include_local,
-                       model_axis):
+                       model_axis, topk_method="auto"):
     local = [_local_part(q, k, v, segment_ids, scale)] if include_local else []
     if top_k is None:
         mem_parts = _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk)
@@ -204,7 +249,7 @@ def _memory_shard_body(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, s
         lse_m = mx + jnp.log(safe)
         mem_part = (o_m, lse_m, mass_m)
     else:
-        valid, idx = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk)
+        valid, idx = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk, topk_method)
         vals = jnp.where(valid, jnp.einsum("bthd,bthkd->bthk", lax.stop_gradient(q),
                                            lax.stop_gradient(_gather_slots(mem_k, idx, q.dtype)),
                                            preferred_element_type=F32) * scale, NEG)
@@ -223,7 +268,7 @@ def _memory_shard_body(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, s
 
 def memory_attention(q, k, v, mem_k, mem_v, *, mem_mask=None, top_k=None, segment_ids=None, scale=None,
                      mesh=None, chunk_size=None, include_local=True, return_stats=False, data_axis="data",
-                     model_axis="model"):
+                     model_axis="model", topk_method="auto"):
     """Joint softmax over causal local keys and external memory keys.
 
     q [B,Tq,H,Dh]; k, v [B,Tk,Hkv,Dh] (Tk >= Tq, queries aligned to the END of the keys); mem_k, mem_v
@@ -231,12 +276,16 @@ def memory_attention(q, k, v, mem_k, mem_v, *, mem_mask=None, top_k=None, segmen
     kv head h // (H / Hkv); K/V are never repeated, top-k is chosen per query head); mem_mask bool [B,M] (valid slots); segment_ids int [B,Tk].
     mem_k/mem_v may have another dtype than q (e.g. a bf16 memory with float32 queries): they are cast to
     q.dtype one chunk (or one gathered selection) at a time, never as a whole; same result as casting first.
-    top_k=None: all valid memory keys (streamed in chunks of `chunk_size`, default 2048, with an online
+    top_k=None: all valid memory keys (streamed in chunks of `chunk_size`, default `dense_chunk`: 2048 on
+    accelerators, 128..2048 keys on CPU so a score block stays in cache; with an online
     softmax). top_k=K: per (b,t,h) the K valid memory keys with the largest <q, mem_k> (exact; fewer valid
     -> all valid), found with a chunked running lax.top_k with the exact grouped-maxima prefilter of
-    fot.ops.topk (no [B,T,H,M] tensor; default chunk: `topk_chunk`, 2048..8192), then one softmax with the
+    fot.ops.topk (no [B,T,H,M] tensor; default chunk: `topk_chunk`, 2048..8192; 1024..8192 on CPU), then one softmax with the
     local keys. Gradients reach q and the selected mem_k/mem_v (their scores are recomputed from gathered keys).
-    include_local=False: memory keys only. mesh: see module docstring (memory length over `model_axis`,
+    topk_method: "auto" (CPU: the tournament of fot.ops.topk.tournament_topk, k rounds of max reductions
+    after one matmul pass, because XLA:CPU runs lax.top_k as a sort; elsewhere the running lax.top_k merge),
+    "merge" or "tournament" (same slots; choose_topk_method falls back to the merge for memory lengths
+    without a power-of-two tile). include_local=False: memory keys only. mesh: see module docstring (memory length over `model_axis`,
     batch over `data_axis`; M and B must divide the axis sizes).
     Returns [B,Tq,H,Dh] in q.dtype; with return_stats also {"mem_mass": float32 [B,Tq,H]}.
     """
@@ -250,13 +299,15 @@ def memory_attention(q, k, v, mem_k, mem_v, *, mem_mask=None, top_k=None, segmen
     elif top_k is not None:
         chunk = topk_chunk(None, q.shape[0], q.shape[2], q.shape[1])
     else:
-        chunk = DEFAULT_CHUNK
+        chunk = dense_chunk(q.shape[0], q.shape[2], q.shape[1])
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if mem_mask is None:
         mem_mask = jnp.ones(mem_k.shape[:2], bool)
     if segment_ids is None:
         segment_ids = jnp.zeros(k.shape[:2], jnp.int32)
-    kw = dict(top_k=top_k, scale=scale, chunk=chunk, include_local=include_local)
+    if topk_method not in TOPK_METHODS:
+        raise ValueError(f"topk_method must be one of {TOPK_METHODS}, got {topk_method!r}")
+    kw = dict(top_k=top_k, scale=scale, chunk=chunk, include_local=include_local, topk_method=topk_method)
     args = (q, k, v, mem_k, mem_v, mem_mask, segment_ids)
     if mesh is None or _checks.mesh_axis(mesh, model_axis) is None:
         if mesh is not None:

@@ -120,3 +120,106 @@ def topk_scores(queries, keys, k, *, chunk_size=DEFAULT_CHUNK, key_mask=None, gr
     if group is not None and (not isinstance(group, int) or group < 0):
         raise ValueError(f"group must be None or an int >= 0, got {group!r}")
     return _topk_scores(queries, keys, key_mask, k, int(chunk_size), group)
+
+
+# --- Tournament selection (XLA:CPU) ------------------------------------------------------------------------
+# XLA:CPU lowers lax.top_k to a comparator sort: ~40 ns per input element on the shared 2-core test machine
+# while a whole dense memory-attention step costs ~2 ns per (query, key) at head_dim 32, so any selection
+# that feeds every chunk through lax.top_k is slower than dense. The tournament below uses only max
+# reductions over small arrays: k rounds, each taking the largest remaining score of every query (BUILD_NOTES
+# "Speed where users feel it").
+CPU_TILE_ELEMS = 2 ** 19  # [queries, tile] score tile of the first pass (2 MiB float32, in cache)
+CPU_GROUP_ELEMS = 2 ** 22  # [queries, M / group] group maxima kept between the passes (16 MiB)
+
+
+def first_argmax(x):
+    """(max, first index of the max) over the last axis, as two plain reductions (XLA:CPU runs argmax's
+    (value, index) pair reduction several times slower)."""
+    mx = x.max(-1)
+    it = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return mx, jnp.min(jnp.where(x == mx[..., None], it, x.shape[-1]), -1)
+
+
+def tournament_plan(m, queries, k):
+    """(tile, group) for :func:`tournament_topk` over m keys and `queries` queries, or None when the
+    tournament would be slow (m has no power-of-two tile of at least 16 keys while m > 256). tile: the
+    largest power of two dividing m with a [queries, tile] score tile of at most CPU_TILE_ELEMS (>= 128
+    keys when m allows); group: a power of two dividing tile with [queries, m / group] maxima of at most
+    CPU_GROUP_ELEMS elements (8..tile)."""
+    target = 128
+    while target * 2 <= 4096 and queries * target * 2 <= CPU_TILE_ELEMS:
+        target *= 2
+    tile = 1
+    while tile * 2 <= target and m % (tile * 2) == 0:
+        tile *= 2
+    if tile < 16 and m > 256:
+        return None
+    group = min(8, tile)
+    while group * 2 <= tile and queries * (m // group) > CPU_GROUP_ELEMS:
+        group *= 2
+    return tile, group
+
+
+def tournament_topk(qh, keys, key_mask, k, *, tile, group, vma=frozenset()):
+    """Exact top-k keys per query by inner product <q, key>, best first, without lax.top_k.
+
+    qh [B,Hk,Q,D] queries (each head's queries score its own keys); keys [B,M,Hk,D] (any float dtype, cast
+    per tile to qh.dtype); key_mask bool [B,M]; tile | M, group | tile. Returns (vals float32, idx int32)
+    [B,Hk,Q,k]; slots beyond the number of valid keys hold vals <= NEG/2.
+
+    Pass 1 streams tiles of `tile` keys through one matmul each (the mask enters as an extra bias column)
+    and keeps only the maximum of every group of `group` keys and of every tile. Then k rounds: per query
+    the tile with the largest remaining maximum, its group with the largest remaining maximum, the group's
+    keys re-scored from a gather (group x D values per query), the best key not yet taken; the group's and
+    tile's maxima are updated. A key is taken once (positions are checked against the keys already taken),
+    so ties are handled; the two evaluations of a score (tile matmul, re-score) may differ in the last
+    float32 bits, so keys whose scores tie to within that rounding may be taken in either order.
+    """
+    b, hk, q, d = qh.shape
+    m = keys.shape[1]
+    nt, gpt = m // tile, tile // group
+    qt = b * hk * q
+    bias = jnp.where(key_mask, 0.0, NEG).astype(jnp.float32)  # [B, M]
+    qb = jnp.concatenate([qh, jnp.ones(qh.shape[:-1] + (1,), qh.dtype)], -1)  # [B,Hk,Q,D+1]
+
+    def pass1(_, i):
+        kc = lax.dynamic_slice_in_dim(keys, i * tile, tile, axis=1).astype(qh.dtype)  # [B,C,Hk,D]
+        bc = lax.dynamic_slice_in_dim(bias, i * tile, tile, axis=1).astype(qh.dtype)
+        kb = jnp.concatenate([jnp.swapaxes(kc, 1, 2), jnp.broadcast_to(bc[:, None, :, None], (b, hk, tile, 1))], -1)
+        s = jnp.einsum("bhqd,bhcd->bhqc", qb, kb, preferred_element_type=jnp.float32)  # [B,Hk,Q,C]
+        gmax = s.reshape(qt, gpt, group).max(-1)
+        return None, (gmax, gmax.max(-1))
+
+    _, (gm, tm) = lax.scan(pass1, None, jnp.arange(nt, dtype=jnp.int32))  # [nt, Qt, gpt], [nt, Qt]
+    tm = tm.T  # [Qt, nt]
+    bi = jnp.repeat(jnp.arange(b, dtype=jnp.int32), hk * q)[:, None]
+    hi = jnp.tile(jnp.repeat(jnp.arange(hk, dtype=jnp.int32), q), b)[:, None]
+    qf = qh.reshape(qt, d)
+    qi = jnp.arange(qt, dtype=jnp.int32)
+    in_group = jnp.arange(group, dtype=jnp.int32)
+    in_tile = jnp.arange(gpt, dtype=jnp.int32)
+    slots = jnp.arange(k, dtype=jnp.int32)[None, :, None]
+
+    def rnd(state, r):
+        gm, tm, vals, idx = state
+        _, ti = first_argmax(tm)  # [Qt] tile
+        cand = gm[ti, qi]  # [Qt, gpt]
+        _, w = first_argmax(cand)
+        pos = (ti * tile + w * group)[:, None] + in_group  # [Qt, group] key positions
+        kg = keys[bi, pos, hi].astype(qh.dtype)  # [Qt, group, D]
+        s = jnp.einsum("qd,qgd->qg", qf, kg, preferred_element_type=jnp.float32) + bias[bi, pos]
+        taken = ((idx[:, :, None] == pos[:, None, :]) & (slots < r)).any(1)
+        s = jnp.where(taken, -jnp.inf, s)
+        v, p = first_argmax(s)
+        rest = jnp.where(in_group == p[:, None], -jnp.inf, s).max(-1)
+        gm = gm.at[ti, qi, w].set(rest)
+        tm = tm.at[qi, ti].set(jnp.where(in_tile == w[:, None], rest[:, None], cand).max(-1))
+        return (gm, tm, vals.at[:, r].set(v), idx.at[:, r].set(pos[qi, p])), None
+
+    from fot.ops.attention import full
+    vals = full((qt, k), NEG, vma)
+    idx = jnp.full((qt, k), -1, jnp.int32)
+    if vma:
+        idx = lax.pcast(idx, tuple(sorted(vma)), to="varying")
+    (_, _, vals, idx), _ = lax.scan(rnd, (gm, tm, vals, idx), jnp.arange(k, dtype=jnp.int32))
+    return vals.reshape(b, hk, q, k), idx.reshape(b, hk, q, k)
