@@ -51,23 +51,24 @@ def test_single_process_is_the_identity():
     batch = {"inputs": np.arange(32).reshape(16, 2)}
     assert multihost.local_rows(batch, sharding, 16) is batch
     state = {"kind": "segmenter", "step": 3}
-    assert multihost.gather_cursor(state) is state and multihost.local_cursor(state) is state
+    assert multihost.gather_cursor(state, sharded=True) is state and multihost.local_cursor(state) is state
     vote = multihost.StopVote(sharding, 16)
     assert not vote.multi and vote.result(vote.cast(2)) == 2
     multihost.check_whole_packs(sharding, 16, 2)  # all rows on this process: nothing to split
 
 
 def test_local_cursor_rules(monkeypatch):
-    per = {"kind": multihost.PER_PROCESS, "states": [{"lanes": [0]}, {"lanes": [1]}]}
-    same = {"kind": multihost.PER_PROCESS, "states": [{"step": 5}, {"step": 5}]}
+    shards = {"kind": multihost.PER_PROCESS, "sharded": True, "states": [{"lanes": [0]}, {"lanes": [0]}]}
+    same = {"kind": multihost.PER_PROCESS, "sharded": False, "states": [{"step": 5}, {"step": 5}]}
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(jax, "process_index", lambda: 1)
-    assert multihost.local_cursor(per) == {"lanes": [1]}  # same process count: own lanes
+    assert multihost.local_cursor(shards) is shards["states"][1]  # same process count: its own lanes
     monkeypatch.setattr(jax, "process_count", lambda: 1)
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     assert multihost.local_cursor(same) == {"step": 5}  # process-independent iterator: any count
-    with pytest.raises(ValueError, match="lanes of 2 processes"):
-        multihost.local_cursor(per)
+    with pytest.raises(ValueError, match="shards and lanes of 2 processes; this run has 1"):
+        multihost.local_cursor(shards)  # equal-looking cursors of different shards are still refused
+    assert multihost.local_cursor({"step": 7}) == {"step": 7}  # saved by one process
 
 
 def test_whole_packs_check_names_the_split_rows(monkeypatch):
@@ -109,39 +110,125 @@ def test_cluster_detection_follows_jax(monkeypatch):
 
 
 # --------------------------------------------------------------------------- several processes (slow)
+def wait_for_step(group, step, timeout=600):
+    """Block until process 0 has printed its progress line for ``step`` (all processes still alive)."""
+    deadline = time.monotonic() + timeout
+    while f"step {step}/" not in group.read(0, "out"):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in group.procs), \
+            group.read(0, "err")[-3000:] + group.read(1, "err")[-3000:]
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_two_processes_equal_one_and_resume_on_one(tmp_path):
-    """2 processes x 4 devices train 3 crossbatch steps whose extra contexts cross the process boundary:
-    losses equal the 1-process 8-device run; one checkpoint directory per step; metrics, config and
-    results written once; then 1 process (8 devices) resumes the 2-process checkpoint and continues
-    with the uninterrupted run's losses."""
+    """2 processes x 4 devices train crossbatch steps whose extra contexts cross the process boundary
+    until process 1 alone gets SIGTERM: both stop at the same step and save; losses equal the 1-process
+    8-device run's; one checkpoint directory per step; metrics, config and results written once. Then
+    1 process (8 devices) resumes the 2-process checkpoint with the uninterrupted run's losses."""
     from fot.ops import crossbatch_plan
 
-    plan = np.asarray(crossbatch_plan(ROWS, D, pack=2))
-    assert np.any(plan[ROWS // 2:] >= 0) and np.any((plan[ROWS // 2:] >= 0) & (plan[ROWS // 2:] < ROWS // 2)), \
-        "the test must use extra contexts that live on the other process"
-    full, multi = tmp_path / "one_process", tmp_path / "two_processes"
-    run(tmp_path, "full", full, 6, 1, 8)
-    ref = losses(full)
-    assert sorted(ref) == [1, 2, 3, 4, 5, 6]
-
-    logs = run(tmp_path, "two", multi, 3, 2, 4)
-    got = losses(multi)
-    assert sorted(got) == [1, 2, 3]
-    np.testing.assert_allclose([got[s] for s in (1, 2, 3)], [ref[s] for s in (1, 2, 3)], rtol=2e-6)
-    assert sorted(os.listdir(multi / "checkpoints")) == ["2", "3"]
-    assert (multi / "config.gin").is_file() and json.loads((multi / "results.json").read_text())["step"] == 3
-    (out0, _), (out1, _) = logs
-    assert "step 3/3" in out0 and out0.strip().splitlines()[-1].startswith("{")
+    plan = np.asarray(crossbatch_plan(ROWS, D, pack=2))[ROWS // 2:]  # rows of process 1
+    assert np.any((plan >= 0) & (plan < ROWS // 2)), "extra contexts must live on the other process"
+    multi = tmp_path / "two_processes"
+    with Group(train_args(multi, 1000), 2, 4, str(tmp_path / "two")) as g:
+        wait_for_step(g, 3)
+        g.kill(1, signal.SIGTERM)  # a preemption notice reaching one host only
+        codes = g.wait(600)
+        (out0, err0), (out1, err1) = [(g.read(i, "out"), g.read(i, "err")) for i in range(2)]
+    assert codes == [0, 0], f"exit codes {codes}\n{err0[-3000:]}\n{err1[-3000:]}"
+    results = json.loads((multi / "results.json").read_text())
+    stop = results["step"]
+    assert results["stopped"] == "preempted" and 3 <= stop < 1000
+    assert f"saved checkpoint at step {stop}" in out0 and out0.strip().splitlines()[-1] == json.dumps(
+        results, sort_keys=True)
     printed = [line for line in out1.splitlines() if line.strip() and not line.startswith("[Gloo]")]
     assert not printed, f"process 1 printed: {printed[:5]}"  # gloo's own connection lines aside
+    assert (multi / "config.gin").is_file()
     assert len([f for f in os.listdir(multi) if f.startswith("events.out.tfevents")]) == 1
-
-    run(tmp_path, "resume", multi, 6, 1, 8)
+    expected_ckpts = sorted({s for s in range(2, stop + 1, 2)} | {stop})
+    assert sorted(int(c) for c in os.listdir(multi / "checkpoints")) == expected_ckpts
     got = losses(multi)
-    assert sorted(got) == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose([got[s] for s in (4, 5, 6)], [ref[s] for s in (4, 5, 6)], rtol=2e-6)
-    assert sorted(os.listdir(multi / "checkpoints")) == ["2", "3", "4", "6"]
+    assert sorted(got) == list(range(1, stop + 1))
+
+    full = tmp_path / "one_process"
+    run(tmp_path, "full", full, stop + 3, 1, 8)
+    ref = losses(full)
+    np.testing.assert_allclose([got[s] for s in range(1, stop + 1)], [ref[s] for s in range(1, stop + 1)],
+                               rtol=2e-6)
+    run(tmp_path, "resume", multi, stop + 3, 1, 8)
+    got = losses(multi)
+    assert sorted(got) == list(range(1, stop + 4))
+    np.testing.assert_allclose([got[s] for s in range(stop + 1, stop + 4)],
+                               [ref[s] for s in range(stop + 1, stop + 4)], rtol=2e-6)
+
+    # fot.eval on 2 processes: both evaluate, process 0 alone prints and writes; same numbers as on 1.
+    evaluated = {}
+    for n in (1, 2):
+        argv = [sys.executable, "-m", "fot.eval", f"--workdir={multi}", "--task=dictionary",
+                "--gin_bindings=dictionary_eval.sizes = [16, 32]"]
+        with Group(argv, n, 8 // n, str(tmp_path / f"eval{n}")) as g:
+            codes = g.wait(600)
+            outs = [[line for line in g.read(i, "out").splitlines() if line.startswith("{")] for i in range(n)]
+            assert codes == [0] * n, g.read(0, "err")[-3000:]
+        assert len(outs[0]) == 1 and all(not o for o in outs[1:])
+        evaluated[n] = json.loads(outs[0][0])
+        assert json.loads((multi / "results_dictionary.json").read_text()) == evaluated[n]
+    assert evaluated[1]["fot_accuracy"] == evaluated[2]["fot_accuracy"]
+    assert evaluated[1]["checkpoint_step"] == evaluated[2]["checkpoint_step"] == stop + 3
+
+
+SEQIO_SCRIPT = r"""
+import sys
+import numpy as np
+from fot.parallel import multihost
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+multihost.initialize(args["coordinator_address"], int(args["num_processes"]), int(args["process_id"]))
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+from fot.data import pipeline
+from fot.data.tasks import register_dictionary_task
+from fot.parallel import make_mesh
+from fot.training.step import put_batch
+
+task = register_dictionary_task("multihost_dictionary", docs_per_epoch=64, key_len=1, value_len=1,
+                                vocab_size=16, doc_len=32, query_len=16)
+kw = dict(batch_size=8, seq_len=16, pack=2, add_bos=False, add_eos=False, boundary="pad", prefetch=0)
+it = pipeline.make_iterator(task, **kw)                     # this process's shard (jax.process_index())
+sharding = NamedSharding(make_mesh({"data": -1}), PartitionSpec("data"))
+assert it.local_batch_size == 4 and it.batch_size == 8
+seen = []
+for _ in range(3):
+    batch = put_batch(next(it), sharding, it.batch_size)
+    seen.append({k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items()})
+cursor = multihost.gather_cursor(it.get_state(), sharded=True)
+# Reference: both shards' iterators in this one process; the global batch is their rows in process order.
+refs = [pipeline.make_iterator(task, shard_info=(i, 2), **kw) for i in range(2)]
+for got in seen:
+    parts = [next(r) for r in refs]
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, np.concatenate([p[k] for p in parts]), err_msg=k)
+resumed = pipeline.make_iterator(task, **kw)
+resumed.set_state(multihost.local_cursor(cursor))        # this process's lanes from the gathered cursor
+nxt, ref = next(resumed), [next(r) for r in refs][jax.process_index()]
+for k in ref:
+    np.testing.assert_array_equal(nxt[k], ref[k], err_msg=k)
+assert len(cursor["states"]) == 2 and cursor["sharded"]
+print("seqio-multihost-ok", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.seqio
+def test_seqio_pipeline_feeds_each_process_its_shard(tmp_path):
+    """The seqio pipeline on 2 processes: each reads its document shard; the global batch is the two
+    shards' rows in process order (equal to both shards' iterators run in one process); the gathered
+    cursor resumes each process on its own lanes."""
+    with Group([sys.executable, "-c", SEQIO_SCRIPT], 2, 4, str(tmp_path / "logs")) as g:
+        codes = g.wait(600)
+        logs = [g.read(i, "out") + g.read(i, "err")[-3000:] for i in range(2)]
+    assert codes == [0, 0], "\n".join(logs)
+    assert all("seqio-multihost-ok" in log for log in logs)
 
 
 @pytest.mark.slow
@@ -149,11 +236,7 @@ def test_killed_process_stops_the_other(tmp_path):
     """SIGKILL process 1 mid-run: process 0 exits non-zero within 60 s with JAX's line naming the cause."""
     with Group(train_args(tmp_path / "run", 100000, "--gin_bindings=train.checkpoint_every = 100000"), 2, 4,
                str(tmp_path / "logs")) as g:
-        deadline = time.monotonic() + 600
-        while "step 3/" not in g.read(0, "out"):
-            assert time.monotonic() < deadline and all(p.poll() is None for p in g.procs), \
-                g.read(0, "err")[-3000:] + g.read(1, "err")[-3000:]
-            time.sleep(0.5)
+        wait_for_step(g, 3)
         g.kill(1, signal.SIGKILL)
         t_kill = time.monotonic()
         codes = g.wait(120, stop_on_failure=False)

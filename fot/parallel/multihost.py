@@ -178,33 +178,39 @@ def _allgather_bytes(payload: bytes) -> list[bytes]:
     return [gathered[i, :int(s)].tobytes() for i, s in enumerate(sizes)]
 
 
-def gather_cursor(state: Any) -> Any:
+def gather_cursor(state: Any, *, sharded: bool) -> Any:
     """The data cursors of all processes as one JSON object (collective: every process calls it).
 
-    One process: ``state`` unchanged. Several: ``{"kind": "per_process", "states": [s_0, s_1, ...]}``.
+    sharded: the iterator reads a per-process share of the data (the seqio pipeline's document shard
+    and lanes), so its cursor only makes sense on the same process; False for iterators whose batches
+    do not depend on the process (the dictionary generator: every process computes the global batch).
+    One process: ``state`` unchanged. Several: ``{"kind": "per_process", "sharded": ..., "states":
+    [s_0, s_1, ...]}``.
     """
     if jax.process_count() == 1:
         return state
     states = [json.loads(b.decode()) for b in _allgather_bytes(json.dumps(state, sort_keys=True).encode())]
-    return {"kind": PER_PROCESS, "states": states}
+    return {"kind": PER_PROCESS, "sharded": bool(sharded), "states": states}
 
 
 def local_cursor(cursor: Any) -> Any:
     """This process's cursor from a checkpointed one (:func:`gather_cursor`).
 
-    Same number of processes: this process's own state. Otherwise the states must all be equal
-    (iterators whose cursor does not depend on the process, e.g. the dictionary generator: it
-    then resumes on any number of processes); else ValueError naming the mismatch.
+    Same number of processes: this process's own state. Another number: the common state of a
+    process-independent iterator (it resumes on any number of processes); ValueError for a sharded
+    one (its document shards and lanes are per process: exact resume needs the same process count;
+    the device count may change).
     """
-    states = cursor["states"] if isinstance(cursor, Mapping) and cursor.get("kind") == PER_PROCESS else [cursor]
-    n, me = jax.process_count(), jax.process_index()
+    if not (isinstance(cursor, Mapping) and cursor.get("kind") == PER_PROCESS):
+        return cursor  # saved by one process
+    states, n = cursor["states"], jax.process_count()
     if len(states) == n:
-        return states[me]
-    if all(s == states[0] for s in states):
-        return states[0]
-    raise ValueError(f"the checkpoint's data cursor holds the lanes of {len(states)} processes with different "
-                     f"documents; this run has {n} processes. A process-sharded pipeline (seqio) resumes "
-                     f"exactly only with the same number of processes (the device count may change)")
+        return states[jax.process_index()]
+    if cursor.get("sharded", True) or any(s != states[0] for s in states):
+        raise ValueError(f"the checkpoint's data cursor holds the document shards and lanes of {len(states)} "
+                         f"processes; this run has {n}. A process-sharded pipeline (seqio) resumes exactly "
+                         f"only with the same number of processes (the device count may change)")
+    return states[0]
 
 
 class StopVote:

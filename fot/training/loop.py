@@ -169,6 +169,7 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
                 multihost.check_whole_packs(batch_sharding, int(it.batch_size), int(getattr(it, "pack", 1)))
             except ValueError as e:
                 raise ConfigError(f"{name}: {e}") from None
+    sharded = int(getattr(data, "local_batch_size", batch_size)) < batch_size  # per-process data shard
     ckpt = Checkpointer(workdir, every=checkpoint_every, keep=keep_checkpoints, async_save=async_checkpointing)
     primary = multihost.is_primary()  # the only process that writes console lines, metrics, config, results
     log = MetricsLogger(workdir, total_steps, stream=stream, active=primary)
@@ -284,9 +285,9 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
                 log.message(f"eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()))
             if ckpt.due(step):
                 process()
-                ckpt.save(step, state, multihost.gather_cursor(data.get_state()), curriculum.get_state())
+                ckpt.save(step, state, multihost.gather_cursor(data.get_state(), sharded=sharded), curriculum.get_state())
         process()
-        ckpt.save(step, state, multihost.gather_cursor(data.get_state()), curriculum.get_state())
+        ckpt.save(step, state, multihost.gather_cursor(data.get_state(), sharded=sharded), curriculum.get_state())
         if stopped == "preempted":
             ckpt.wait()
             log.message(f"stop signal received: saved checkpoint at step {step}, exiting")
