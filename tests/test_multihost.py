@@ -245,3 +245,32 @@ def test_killed_process_stops_the_other(tmp_path):
     assert codes[0] not in (None, 0), f"process 0: {codes[0]} after {waited:.0f} s\n{err[-3000:]}"
     assert waited < 60
     assert "another task died" in err or "detected fatal errors" in err, err[-3000:]
+
+
+@pytest.mark.parametrize("name,chips,fsdp", [("tpu_v4_8", 4, False), ("tpu_v4_32", 16, True),
+                                             ("tpu_v5e_16", 16, True), ("tpu_v5p_64", 32, True)])
+def test_slice_mesh_files(name, chips, fsdp):
+    """Each slice's mesh file composes with a run file and spans exactly the slice's chips (a wrong slice
+    is refused with the device counts named)."""
+    import gin
+
+    from fot.parallel import mesh_shape_from_config
+    from fot.train import register_configurables
+
+    register_configurables()
+    gin.clear_config()
+    try:
+        gin.add_config_file_search_path(os.path.join(REPO, "gin"))
+        gin.parse_config_files_and_bindings(
+            [os.path.join(REPO, "gin/dictionary_paper.gin"), os.path.join(REPO, f"gin/mesh/{name}.gin")], [])
+        config = gin.query_parameter("fot.training.train.mesh_config")
+        try:
+            assert gin.query_parameter("fot.training.train.fsdp") is fsdp
+        except ValueError:
+            assert not fsdp
+    finally:
+        gin.clear_config()
+    names, sizes = mesh_shape_from_config(config, chips)
+    assert names[0] == "data" and int(np.prod(sizes)) == chips
+    with pytest.raises(ValueError, match=f"has {chips} devices, but {chips * 2} devices were given"):
+        mesh_shape_from_config(config, chips * 2)
