@@ -274,3 +274,46 @@ def test_slice_mesh_files(name, chips, fsdp):
     assert names[0] == "data" and int(np.prod(sizes)) == chips
     with pytest.raises(ValueError, match=f"has {chips} devices, but {chips * 2} devices were given"):
         mesh_shape_from_config(config, chips * 2)
+
+
+@pytest.mark.seqio
+def test_data_shards_resume_on_another_number_of_processes(monkeypatch):
+    """make_iterator(data_shards=2): the global batch is the same whether 1 host reads both shards or 2
+    hosts read one each, and a cursor gathered from 2 hosts resumes 1 host exactly (and back)."""
+    from fot.data import pipeline
+    from fot.data.tasks import register_dictionary_task
+
+    task = register_dictionary_task("multihost_shards", docs_per_epoch=64, key_len=1, value_len=1,
+                                    vocab_size=16, doc_len=32, query_len=16)
+    kw = dict(batch_size=8, seq_len=16, pack=2, add_bos=False, add_eos=False, boundary="pad", prefetch=0,
+              data_shards=2)
+    one = pipeline.make_iterator(task, shard_info=(0, 1), **kw)
+    two = [pipeline.make_iterator(task, shard_info=(i, 2), **kw) for i in range(2)]
+    assert one.local_batch_size == 8 and two[0].local_batch_size == 4
+
+    def step(iterators):
+        parts = [next(it) for it in iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    for _ in range(3):
+        a, b = step([one]), step(two)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert len(np.unique(a["segment_ids"][a["segment_ids"] > 0])) == 4  # one document per lane, ids unique
+    docs = [it.metrics()["data/multihost_shards/docs"] for it in (one, *two)]
+    assert docs[0] == docs[1] + docs[2] > 0 and one.metrics()["data/steps"] == 3
+    gathered = {"kind": multihost.PER_PROCESS, "sharded": True, "states": [it.get_state() for it in two]}
+    resumed = pipeline.make_iterator(task, shard_info=(0, 1), **kw)
+    resumed.set_state(multihost.local_cursor(gathered))           # 2 hosts' cursor on 1 host
+    back = [pipeline.make_iterator(task, shard_info=(i, 2), **kw) for i in range(2)]
+    for it in back:
+        it.set_state(multihost.local_cursor(one.get_state()))     # 1 host's cursor on 2 hosts
+    expected = step(two)
+    for got in (step([resumed]), step(back), step([one])):
+        for k in expected:
+            np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+    with pytest.raises(ValueError, match="data_shards=3 must be a positive multiple of the number of hosts 2"):
+        pipeline.make_iterator(task, shard_info=(0, 2), **{**kw, "data_shards": 3})
+    plain = pipeline.make_iterator(task, shard_info=(0, 1), **{**kw, "data_shards": None})
+    with pytest.raises(ValueError, match="saved without data_shards"):
+        resumed.set_state(plain.get_state())

@@ -196,20 +196,27 @@ def gather_cursor(state: Any, *, sharded: bool) -> Any:
 def local_cursor(cursor: Any) -> Any:
     """This process's cursor from a checkpointed one (:func:`gather_cursor`).
 
-    Same number of processes: this process's own state. Another number: the common state of a
-    process-independent iterator (it resumes on any number of processes); ValueError for a sharded
-    one (its document shards and lanes are per process: exact resume needs the same process count;
-    the device count may change).
+    Cursors keyed by data shard (``{"shards": {index: ...}, ...}``, the pipeline's ``data_shards``):
+    the union of all processes' shards, for any number of processes. Otherwise, same number of
+    processes: this process's own state; another number: the common state of a process-independent
+    iterator (it resumes on any number of processes); ValueError for a process-sharded one (its
+    document shards and lanes are per process: exact resume needs the same process count or
+    ``data_shards``; the device count may change).
     """
     if not (isinstance(cursor, Mapping) and cursor.get("kind") == PER_PROCESS):
         return cursor  # saved by one process
     states, n = cursor["states"], jax.process_count()
+    if all(isinstance(s, Mapping) and isinstance(s.get("shards"), Mapping) for s in states):
+        # Cursors keyed by data shard (``fot.data.segmenter.SegmenterGroup``): their union, from which
+        # each process takes its own shards, whatever the number of processes.
+        return {**states[0], "shards": {k: v for s in states for k, v in s["shards"].items()}}
     if len(states) == n:
         return states[jax.process_index()]
     if cursor.get("sharded", True) or any(s != states[0] for s in states):
         raise ValueError(f"the checkpoint's data cursor holds the document shards and lanes of {len(states)} "
                          f"processes; this run has {n}. A process-sharded pipeline (seqio) resumes exactly "
-                         f"only with the same number of processes (the device count may change)")
+                         f"only with the same number of processes (the device count may change), or on any "
+                         f"number that divides make_iterator.data_shards when that is set")
     return states[0]
 
 
