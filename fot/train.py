@@ -25,7 +25,7 @@ import sys
 
 from absl import flags
 
-from fot.runtime import fail, run_app
+from fot.runtime import EXIT_IO, fail, run_app
 
 _REPO_GIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
@@ -225,7 +225,7 @@ def parse_gin(gin_files, gin_bindings, search_paths) -> None:
 
 def init_distributed(prog: str) -> bool:
     """Start jax.distributed from the flags above (``fot.parallel.multihost.initialize``); one-line error
-    and exit 2 on bad flags or an unreachable coordinator. Returns True for a multi-process run."""
+    and exit 2 on bad flags, 4 when the coordinator does not answer. Returns True for a multi-process run."""
     from fot.parallel import multihost
 
     try:
@@ -237,8 +237,10 @@ def init_distributed(prog: str) -> bool:
                                     mode=FLAGS.distributed, heartbeat_timeout=FLAGS.distributed_heartbeat_timeout,
                                     shutdown_timeout=FLAGS.distributed_shutdown_timeout,
                                     initialization_timeout=FLAGS.distributed_initialization_timeout)
-    except (ValueError, RuntimeError) as e:
+    except ValueError as e:
         fail(prog, e)
+    except RuntimeError as e:  # the coordinator or the other processes did not answer: retryable
+        fail(prog, e, EXIT_IO)
 
 
 def main(argv) -> None:

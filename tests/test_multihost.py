@@ -99,6 +99,18 @@ def test_initialize_rejects_bad_coordinates(kwargs, match):
         multihost.initialize(**kwargs)
 
 
+def test_unreachable_coordinator_is_one_clear_error():
+    """A process other than 0 checks the coordinator's port before JAX (whose failed connect aborts the
+    process) and reports a missing coordinator within the initialization timeout."""
+    from fot.parallel.launch import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nobody listens there
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match=f"no coordinator answers at {address} after 2 s"):
+        multihost.initialize(address, 2, 1, initialization_timeout=2)
+    assert 1.5 < time.monotonic() - t < 30 and not jax.distributed.is_initialized()
+
+
 def test_cluster_detection_follows_jax(monkeypatch):
     for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
               "OMPI_MCA_orte_hnp_uri"):

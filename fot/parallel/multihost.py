@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -104,6 +106,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                         ("initialization", initialization_timeout)):
         if value < 1:
             raise ValueError(f"--distributed_{name}_timeout must be >= 1 second, got {value}")
+    if coordinator_address is not None and process_id not in (None, 0):
+        # jaxlib aborts the process (C++ fatal error, no Python exception) when the coordinator does not
+        # answer in time; check the port first so the failure is one clear line.
+        _wait_for_port(coordinator_address, initialization_timeout)
     try:
         jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                    list(local_device_ids) if local_device_ids is not None else None,
@@ -117,6 +123,21 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise RuntimeError(f"could not join the run at {where} within {initialization_timeout} s "
                            f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
     return True
+
+
+def _wait_for_port(address: str, timeout: float) -> None:
+    """Return once ``HOST:PORT`` accepts TCP connections; RuntimeError after ``timeout`` seconds."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout)).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"no coordinator answers at {address} after {timeout:g} s ({e.strerror or e}); "
+                                   f"start process 0 (it hosts the coordinator) or fix --coordinator_address") from None
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.01)))
 
 
 def is_primary() -> bool:
