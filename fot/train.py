@@ -25,8 +25,8 @@ import sys
 
 from absl import flags
 
-from fot.runtime import (EXIT_BUSY, EXIT_CONFIG, EXIT_DIVERGED, EXIT_PREEMPTED, describe_os_error, fail,
-                         os_error_code, run_app)
+from fot.runtime import (EXIT_BUSY, EXIT_CONFIG, EXIT_DIVERGED, EXIT_IO, EXIT_PREEMPTED, describe_os_error,
+                         fail, os_error_code, run_app)
 
 _REPO_GIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
 
@@ -37,6 +37,18 @@ flags.DEFINE_list("gin_search_paths", ["gin", _REPO_GIN], "Directories searched 
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, TensorBoard, config.gin, results.json).")
 flags.DEFINE_bool("allow_config_change", False, "fot.train: resume a workdir although its model/data "
                   "configuration differs from the saved config.gin (the old one is kept as config.previous.gin).")
+# Several processes (jax.distributed). Auto-detected on Cloud TPU pod slices, SLURM and Open MPI; explicit
+# for GPU clusters and local multi-process runs (every process gets the same flags but its --process_id).
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Start jax.distributed: auto = when a coordinate below is given or JAX detects a cluster.")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0's coordinator (multi-process runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+flags.DEFINE_list("local_device_ids", None, "Device ids this process uses (GPU: one process per GPU, e.g. 3).")
+flags.DEFINE_integer("distributed_heartbeat_timeout", 30,
+                     "Seconds without a heartbeat before the run is declared broken and every process exits.")
+flags.DEFINE_integer("distributed_shutdown_timeout", 60, "Seconds the processes wait for each other at exit.")
+flags.DEFINE_integer("distributed_initialization_timeout", 300, "Seconds to wait for all processes to join.")
 
 _REGISTERED = False
 # ModelConfig fields a run file may change when it fine-tunes run W (train.init_from): memory-layer
@@ -224,12 +236,33 @@ def parse_gin(gin_files, gin_bindings, search_paths) -> None:
         logging.set_verbosity(verbosity)
 
 
+def init_distributed(prog: str) -> bool:
+    """Start jax.distributed from the flags above (``fot.parallel.multihost.initialize``); one-line error
+    and exit 2 on bad flags, 4 when the coordinator does not answer. Returns True for a multi-process run."""
+    from fot.parallel import multihost
+
+    try:
+        ids = [int(i) for i in FLAGS.local_device_ids] if FLAGS.local_device_ids is not None else None
+    except ValueError:
+        fail(prog, f"--local_device_ids must be integers, got {FLAGS.local_device_ids}")
+    try:
+        return multihost.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, ids,
+                                    mode=FLAGS.distributed, heartbeat_timeout=FLAGS.distributed_heartbeat_timeout,
+                                    shutdown_timeout=FLAGS.distributed_shutdown_timeout,
+                                    initialization_timeout=FLAGS.distributed_initialization_timeout)
+    except ValueError as e:
+        fail(prog, e)
+    except RuntimeError as e:  # the coordinator or the other processes did not answer: retryable
+        fail(prog, e, EXIT_IO)
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         _fail(f"unexpected positional arguments: {argv[1:]}")
     if not FLAGS.workdir:
         _fail("--workdir is required")
     parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+    init_distributed("fot.train")
     import gin
 
     from fot.data.documents import DataError

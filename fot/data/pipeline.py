@@ -217,7 +217,7 @@ def make_iterator(task: str, *, batch_size: int, seq_len: int, pack: int = 1, sp
                   seed: int = 0, shuffle: bool = True, shuffle_buffer: int | None = 128,
                   num_epochs: int | None = None, add_bos: bool = True, add_eos: bool = True,
                   boundary: str = "continue", min_lengths: Mapping[str, int] | None = None,
-                  shard_info=None, prefetch: int = 2) -> PrefetchIterator:
+                  shard_info=None, data_shards: int | None = None, prefetch: int = 2) -> PrefetchIterator:
     """The training/eval batch iterator for a registered seqio Task or Mixture.
 
     Args:
@@ -228,13 +228,22 @@ def make_iterator(task: str, *, batch_size: int, seq_len: int, pack: int = 1, sp
       add_bos / add_eos: wrap each document with the vocabulary's BOS / EOS.
       boundary: "continue" (next document follows in the same row) or "pad" (see segmenter).
       min_lengths: per-task minimum document length overrides.
-      shard_info: ``seqio.ShardInfo`` or ``(index, count)``; default from jax's process index.
+      shard_info: ``seqio.ShardInfo`` or ``(index, count)`` of this host; default from jax's process index.
+      data_shards: None = the documents are cut into one shard per host (this host's lanes read its
+        shard). S = cut into S shards with ``batch_size / S`` rows each; this host reads shards
+        ``index * S / count ...`` (a ``SegmenterGroup``). The batches then depend on S only, so a run
+        resumes exactly on any number of hosts that divides S (e.g. a v4-32 run continued on a v4-16).
       prefetch: batches prepared ahead in a background thread (0 = synchronous).
 
     Returns a ``PrefetchIterator``: ``batch_size`` is the global batch, each ``next()`` gives this
     host's ``local_batch_size`` rows; ``vocab_size`` is the task vocabulary's size.
     """
     shard = host_shard(shard_info)
+    if data_shards is not None:
+        return _sharded_iterator(task, shard, int(data_shards), batch_size=batch_size, seq_len=seq_len, pack=pack,
+                                 split=split, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+                                 num_epochs=num_epochs, add_bos=add_bos, add_eos=add_eos, boundary=boundary,
+                                 min_lengths=min_lengths, prefetch=prefetch)
     if batch_size % shard.num_shards:
         raise ValueError(f"batch_size={batch_size} is not divisible by the number of hosts "
                          f"{shard.num_shards}")
@@ -253,6 +262,33 @@ def make_iterator(task: str, *, batch_size: int, seq_len: int, pack: int = 1, sp
     from fot.data.tf_env import import_seqio  # pylint: disable=g-import-not-at-top
     vocab = import_seqio().get_mixture_or_task(task).output_features["targets"].vocabulary
     return PrefetchIterator(seg, prefetch, batch_size=batch_size, vocab_size=int(vocab.vocab_size))
+
+
+def _sharded_iterator(task: str, host, num_shards: int, *, batch_size: int, seq_len: int, pack: int,
+                      add_bos: bool, add_eos: bool, boundary: str, prefetch: int, **stream) -> PrefetchIterator:
+    """``make_iterator(data_shards=num_shards)``: this host's document shards side by side."""
+    from fot.data.segmenter import SegmenterGroup  # pylint: disable=g-import-not-at-top
+    from fot.data.tf_env import import_seqio  # pylint: disable=g-import-not-at-top
+    seqio = import_seqio()
+    if num_shards < 1 or num_shards % host.num_shards:
+        raise ValueError(f"data_shards={num_shards} must be a positive multiple of the number of hosts "
+                         f"{host.num_shards}")
+    if batch_size % num_shards or (batch_size // num_shards) % pack:
+        raise ValueError(f"batch_size={batch_size} must split into data_shards={num_shards} shards of whole "
+                         f"k-packs (pack={pack})")
+    if not isinstance(seq_len, (int, np.integer)) or seq_len <= 1:
+        raise ValueError(f"seq_len (window length) must be an int > 1, got {seq_len!r}")
+    rows = batch_size // num_shards
+    lanes, per_host = rows // pack, num_shards // host.num_shards
+    bos, eos = _special_ids(task, add_bos, add_eos)
+    segmenters = {}
+    for i in range(host.index * per_host, (host.index + 1) * per_host):
+        provider = make_provider(task, shard_info=seqio.ShardInfo(i, num_shards), **stream)
+        segmenters[i] = Segmenter(provider, rows, seq_len, pack=pack, bos_id=bos, eos_id=eos, boundary=boundary,
+                                  lane_offset=i * lanes, num_global_lanes=lanes * num_shards)
+    vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
+    return PrefetchIterator(SegmenterGroup(segmenters, num_shards), prefetch, batch_size=batch_size,
+                            vocab_size=int(vocab.vocab_size))
 
 
 def make_global_batch(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:

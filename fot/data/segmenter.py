@@ -217,3 +217,64 @@ class Segmenter:
         out = {"data/steps": float(state["step"])}
         out.update(self.provider.metrics(state["provider"]))
         return out
+
+
+class SegmenterGroup:
+    """Segmenters of several document shards side by side (batch contract).
+
+    ``segmenters`` maps a shard index in ``[0, num_shards)`` to the Segmenter reading that document
+    shard (its lanes' segment ids are global: ``lane_offset = index * lanes``). ``next()`` concatenates
+    their batches in shard order; the group ends when any shard ends. The cursor maps each shard index
+    to its segmenter's cursor, ``{"kind": "segmenter_shards", "num_shards": S, "shards": {"i": ...}}``;
+    ``set_state`` takes the entries of this group's shards from a cursor holding at least those
+    (e.g. the union of the cursors of all processes of an earlier run), so a run whose data is cut into
+    S shards resumes exactly on any number of processes that divides S.
+    """
+
+    KIND = "segmenter_shards"
+
+    def __init__(self, segmenters, num_shards: int):
+        if not segmenters:
+            raise ValueError("a SegmenterGroup needs at least one segmenter")
+        self.segmenters = dict(sorted((int(i), s) for i, s in segmenters.items()))
+        if any(not 0 <= i < num_shards for i in self.segmenters):
+            raise ValueError(f"shard indices {list(self.segmenters)} not all in [0, {num_shards})")
+        first = next(iter(self.segmenters.values()))
+        if any((s.seq_len, s.pack) != (first.seq_len, first.pack) for s in self.segmenters.values()):
+            raise ValueError("the segmenters of a group need one seq_len and pack")
+        self.num_shards = int(num_shards)
+        self.batch_size = sum(s.batch_size for s in self.segmenters.values())
+        self.seq_len, self.pack = first.seq_len, first.pack
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batches = [next(s) for s in self.segmenters.values()]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"kind": self.KIND, "num_shards": self.num_shards,
+                "shards": {str(i): s.get_state() for i, s in self.segmenters.items()}}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.KIND:
+            raise ValueError(f"not a cursor of data shards (kind {state.get('kind')!r}); it was saved without "
+                             f"data_shards")
+        if int(state["num_shards"]) != self.num_shards:
+            raise ValueError(f"the cursor cuts the data into {state['num_shards']} shards, this run into "
+                             f"{self.num_shards}")
+        missing = [i for i in self.segmenters if str(i) not in state["shards"]]
+        if missing:
+            raise ValueError(f"the cursor has no entry for data shards {missing}")
+        for i, s in self.segmenters.items():
+            s.set_state(state["shards"][str(i)])
+
+    def metrics(self, state: dict[str, Any] | None = None) -> dict[str, float]:
+        """The shards' counters added up (``data/steps`` is the group's step count)."""
+        state = self.get_state() if state is None else state
+        out: dict[str, float] = {}
+        for i, s in self.segmenters.items():
+            for k, v in s.metrics(state["shards"][str(i)]).items():
+                out[k] = float(v) if k == "data/steps" else out.get(k, 0.0) + float(v)
+        return out

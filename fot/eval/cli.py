@@ -2,7 +2,8 @@ r"""Evaluation entry point: ``python -m fot.eval --workdir=W --task=T [--gin_bin
 
 Restores the latest checkpoint of ``W`` (``W/checkpoints``, orbax) with the run's operative config
 (``W/config.gin``), runs the task, prints ONE JSON line and writes ``W/results_<task>.json`` and
-``W/eval_<task>.png``. Nothing else in ``W`` is written.
+``W/eval_<task>.png``. Nothing else in ``W`` is written. Several processes (``--coordinator_address`` ...
+or a detected TPU pod / SLURM job, as ``fot.train``): every process evaluates, process 0 alone writes.
 
 Tasks (library functions in ``fot.eval.<task>``; their keyword arguments are gin-configurable as
 ``dictionary_eval.*``, ``passkey_eval.*``, ``perplexity_eval.*``, ``distraction_eval.*``):
@@ -197,10 +198,12 @@ def run(task: str, workdir: str) -> dict:
     if baseline is not None:
         result["baseline_workdir"], result["baseline_step"] = os.path.abspath(FLAGS.baseline_workdir), b_step
     result["workdir"] = os.path.abspath(workdir)
-    out_json = os.path.join(os.path.abspath(workdir), f"results_{task}.json")
-    with open(out_json, "w") as f:
-        json.dump(result, f, indent=1)
-    mod.plot(result, os.path.join(os.path.abspath(workdir), f"eval_{task}.png"))
+    from fot.parallel import multihost
+    if multihost.is_primary():  # several processes (a pod slice) all evaluate; process 0 alone writes
+        out_json = os.path.join(os.path.abspath(workdir), f"results_{task}.json")
+        with open(out_json, "w") as f:
+            json.dump(result, f, indent=1)
+        mod.plot(result, os.path.join(os.path.abspath(workdir), f"eval_{task}.png"))
     return result
 
 
@@ -209,6 +212,7 @@ def main(argv) -> None:
         _fail(f"unexpected positional arguments: {argv[1:]}")
     if not FLAGS.task:
         _fail(f"--task is required (one of {', '.join(TASKS)})")
+    _train.init_distributed("fot.eval")
     try:
         result = run(FLAGS.task, FLAGS.workdir)
     except EvalError as e:
@@ -219,7 +223,9 @@ def main(argv) -> None:
         if os.environ.get("FOT_DEBUG"):
             raise
         _fail(describe_os_error(e), os_error_code(e))
-    print(json.dumps(result), flush=True)
+    from fot.parallel import multihost
+    if multihost.is_primary():
+        print(json.dumps(result), flush=True)
 
 
 def entry() -> None:

@@ -1,4 +1,5 @@
-"""Device meshes and logical-axis sharding rules (the only module that names mesh axes)."""
+"""Device meshes, logical-axis sharding rules (the only module that names mesh axes) and, in
+``fot.parallel.multihost``, what runs spanning several processes need."""
 from fot.parallel.mesh import DATA_AXIS, MODEL_AXIS, make_mesh, mesh_shape_from_config
 from fot.parallel.rules import (
     DEFAULT_RULES,

@@ -28,7 +28,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fot.model import Decoder, ModelConfig
-from fot.parallel import DATA_AXIS, axis_rules, make_mesh
+from fot.parallel import DATA_AXIS, axis_rules, make_mesh, multihost
+from fot.parallel.multihost import StopVote
 from fot.training.checkpoint import CheckpointMismatchError, Checkpointer, is_params_only, restore_params
 from fot.training.checks import (ConfigError, TrainingDivergedError, check_batch, check_int,  # noqa: F401
                                  check_layout, nan_guard)
@@ -72,6 +73,10 @@ def _mesh_devices(mesh_config):
     devices = jax.devices()
     sizes = list(mesh_config.values()) if isinstance(mesh_config, dict) else [s for _, s in (mesh_config or [])]
     if sizes and all(int(s) > 0 for s in sizes) and math.prod(int(s) for s in sizes) < len(devices):
+        if jax.process_count() > 1:
+            raise ConfigError(f"mesh_config {dict(mesh_config)} uses {math.prod(int(s) for s in sizes)} of the "
+                              f"{len(devices)} devices of this {jax.process_count()}-process run; a multi-process "
+                              f"mesh spans every device (use -1 for one axis)")
         return devices[:math.prod(int(s) for s in sizes)]
     return devices
 
@@ -87,7 +92,7 @@ def evaluate(eval_fn, params, data, num_extra: int, steps: int, sharding, steppi
     for i in range(steps):
         host_batch = next(data)
         check_batch(host_batch, vocab_size, f"eval batch {i + 1}")
-        sums = jax.device_get(eval_fn(params, put_batch(host_batch, sharding), rows))
+        sums = jax.device_get(eval_fn(params, put_batch(host_batch, sharding, data.batch_size), rows))
         for k in totals:
             totals[k] += float(sums[k])
     n = max(totals["tokens"], 1.0)
@@ -159,13 +164,21 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
     model = Decoder(model_config)
     shardings = state_shardings(model, optimizer, mesh, seq_len, rules=axis_rules(fsdp=fsdp))
     batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    for name, it in (("train_data", data), ("eval_data", eval_iter)):
+        if it is not None and int(getattr(it, "local_batch_size", it.batch_size)) < int(it.batch_size):
+            try:  # a process-sharded pipeline emits whole k-packs; they must stay whole on the mesh
+                multihost.check_whole_packs(batch_sharding, int(it.batch_size), int(getattr(it, "pack", 1)))
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
+    sharded = int(getattr(data, "local_batch_size", batch_size)) < batch_size  # per-process data shard
+    primary = multihost.is_primary()  # the only process that writes console lines, metrics, config, results
     # One writer per workdir (process 0 of a multi-process run); released when this process exits anyway.
-    lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else WorkdirLock(workdir)
+    lock = WorkdirLock(workdir).acquire() if primary else WorkdirLock(workdir)
     ckpt = log = None
     try:
         ckpt = Checkpointer(workdir, every=checkpoint_every, keep=keep_checkpoints, async_save=async_checkpointing)
-        log = MetricsLogger(workdir, total_steps, stream=stream)
-        if config_writer is not None:
+        log = MetricsLogger(workdir, total_steps, stream=stream, active=primary)
+        if config_writer is not None and primary:
             config_writer(workdir)
         eval_state0 = eval_iter.get_state() if eval_iter is not None else None
 
@@ -180,7 +193,10 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
             raise ConfigError(str(e)) from None
         if restored is not None:
             latest, state, cursor, cur_state = restored
-            data.set_state(cursor)
+            try:
+                data.set_state(multihost.local_cursor(cursor))
+            except ValueError as e:
+                raise ConfigError(f"cannot resume the data cursor of {ckpt.directory}/{latest}: {e}") from None
             curriculum.set_state(cur_state)
             log.message(f"resumed from {ckpt.directory}/{latest} (step {int(state.step)})")
             log.truncate_after(int(state.step))
@@ -228,6 +244,7 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
     last: dict[str, float] = {}
     curve: list[dict[str, float]] = []
     stopped = "completed"
+    vote, agreed_stop = StopVote(batch_sharding, batch_size), 0
     should_stop = should_stop or (lambda: False)
 
     def eval_ds() -> list[int]:
@@ -247,11 +264,12 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
         return out
 
     def process():
-        nonlocal pending, last
+        nonlocal pending, last, agreed_stop
         if pending is None:
             return
-        s, d, metrics = pending
+        s, d, metrics, stop_vote = pending
         pending = None
+        agreed_stop = max(agreed_stop, StopVote.result(stop_vote))
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         nan_guard(ckpt, s, m)
         curriculum.observe(s, m)
@@ -269,23 +287,25 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
                                                                 if k != "step"))
     try:
         while step < total_steps:
-            if should_stop():
-                stopped = "preempted"
-                break
-            if max_train_seconds is not None and time.perf_counter() - t_start > max_train_seconds:
-                stopped = "time_budget"
+            # 2 = stop signal, 1 = time budget spent. Several processes act on the vote of all of them
+            # (read with a step's metrics), so every process stops at the same step.
+            reason = (2 if should_stop() else
+                      1 if max_train_seconds is not None and time.perf_counter() - t_start > max_train_seconds else 0)
+            stop = agreed_stop if vote.multi else reason
+            if stop:
+                stopped = "preempted" if stop == 2 else "time_budget"
                 break
             d = curriculum.d_at(step)
             if d not in plans:
                 plans[d] = plan_rows(micro_batch, d, pack, stepping)
             host_batch = next(data)
             check_batch(host_batch, model_config.vocab_size, f"training batch of step {step + 1}")
-            batch = put_batch(host_batch, batch_sharding)
+            batch = put_batch(host_batch, batch_sharding, batch_size)
             state, metrics = train_step(state, batch, plans[d])
             log.add_tokens(tokens_per_step)
             step += 1
             process()
-            pending = (step, d, metrics)
+            pending = (step, d, metrics, vote.cast(reason))
             if eval_iter is not None and eval_every and step % eval_every == 0:
                 process()
                 r = run_eval()
@@ -294,10 +314,10 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
             if ckpt.due(step):
                 process()
                 log.sync()
-                ckpt.save(step, state, data.get_state(), curriculum.get_state())
+                ckpt.save(step, state, multihost.gather_cursor(data.get_state(), sharded=sharded), curriculum.get_state())
         process()
         log.sync()
-        ckpt.save(step, state, data.get_state(), curriculum.get_state())
+        ckpt.save(step, state, multihost.gather_cursor(data.get_state(), sharded=sharded), curriculum.get_state())
         if step == start_step:  # nothing trained in this process: report the last logged step's figures
             last = {**log.last_row(step), "d": curriculum.d_at(step)}
         if stopped == "preempted":
@@ -330,7 +350,8 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
         results["wall_seconds"] = round(time.perf_counter() - t_start, 2)
         ckpt.close()
         log.close()
-        write_results(workdir, results, stream)
+        if primary:
+            write_results(workdir, results, stream)
         lock.close()
         return results
     except BaseException:

@@ -106,6 +106,13 @@ def _make_writer(workdir: str, tensorboard: bool):
     return _JsonlWriter(workdir)
 
 
+class _NullWriter:
+    """The writer of an inactive logger (a process other than 0): accepts every call, writes nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 class _Both:
     """clu's TensorBoard writer + the JSONL writer (``jsonl``, which also serves the read-back methods)."""
 
@@ -142,10 +149,12 @@ def format_duration(seconds: float) -> str:
 class MetricsLogger:
     """Writes scalars to TensorBoard (``workdir/``) and prints progress lines to ``stream``."""
 
-    def __init__(self, workdir: str, total_steps: int, *, stream=None, tensorboard: bool = True):
+    def __init__(self, workdir: str, total_steps: int, *, stream=None, tensorboard: bool = True,
+                 active: bool = True):
         self.total_steps = int(total_steps)
         self.stream = stream or sys.stdout
-        self.writer = _make_writer(workdir, tensorboard)
+        self.active = bool(active)  # False on processes other than 0 of a multi-process run: writes nothing
+        self.writer = _make_writer(workdir, tensorboard) if self.active else _NullWriter()
         self._t_last = None
         self._step_last = None
         self._tokens = 0.0
@@ -166,7 +175,7 @@ class MetricsLogger:
             rates = {"steps_per_sec": (step - self._step_last) / dt, "tokens_per_sec": self._tokens / dt}
         self._t_last, self._step_last, self._tokens = now, step, 0.0
         self.writer.write_scalars(step, {**scalars, **rates})
-        if print_line:
+        if print_line and self.active:
             parts = [f"step {step}/{self.total_steps}"]
             if "loss" in scalars:
                 parts.append(f"loss {scalars['loss']:.4f}")
@@ -188,7 +197,8 @@ class MetricsLogger:
         self.writer.write_scalars(step, scalars)
 
     def message(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        if self.active:
+            print(text, file=self.stream, flush=True)
 
     @property
     def _jsonl(self) -> _JsonlWriter:
@@ -196,15 +206,16 @@ class MetricsLogger:
 
     def sync(self) -> None:
         """Flush TensorBoard events and fsync metrics.jsonl (called before every checkpoint)."""
-        self.writer.flush()
-        self._jsonl.sync()
+        if self.active:
+            self.writer.flush()
+            self._jsonl.sync()
 
     def truncate_after(self, step: int) -> int:
         """Resume: drop metrics.jsonl rows of steps after the checkpoint ``step`` (they will be re-run)."""
-        return self._jsonl.truncate_after(step)
+        return self._jsonl.truncate_after(step) if self.active else 0
 
     def last_row(self, step: int, key: str = "loss") -> dict[str, Any]:
-        return self._jsonl.last_row(step, key)
+        return self._jsonl.last_row(step, key) if self.active else {}
 
     def close(self) -> None:
         self.writer.flush()

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from fot.data.pipeline import make_global_batch
 from fot.model import memory_temperatures
 from fot.ops import crossbatch_plan
-from fot.parallel import DATA_AXIS
+from fot.parallel import DATA_AXIS, multihost
 from fot.training.state import TrainState
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -160,10 +160,17 @@ def make_eval_step(model, *, mesh: Mesh | None = None, param_shardings=None,
     return lambda params, batch, extra_rows: jitted(params, {k: batch[k] for k in BATCH_KEYS}, extra_rows)
 
 
-def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding | None) -> dict[str, Any]:
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding | None,
+              global_rows: int | None = None) -> dict[str, Any]:
     """Host numpy batch (``BATCH_KEYS``) → global jax arrays sharded over the data axis
-    (``fot.data.pipeline.make_global_batch``), or plain device arrays without a sharding."""
+    (``fot.data.pipeline.make_global_batch``), or plain device arrays without a sharding.
+
+    global_rows: rows of the global batch. With several processes, a batch of that many rows (a
+    process-independent iterator) is cut to this process's rows (``fot.parallel.multihost.local_rows``);
+    a process-sharded iterator's batch (its share of the rows) is used as it is."""
     batch = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
     if sharding is None:
         return {k: jnp.asarray(x) for k, x in batch.items()}
+    if global_rows is not None:
+        batch = multihost.local_rows(batch, sharding, global_rows)
     return make_global_batch(batch, sharding)
