@@ -30,6 +30,7 @@ CONFIGS = {
     "qknorm_none": dict(mem_layers=(1,), qk_norm=True, mem_positional="none", qk_scale_init=6.0),
     "gated": dict(mem_layers=(1,), mem_gate=True, mem_positional="none"),  # none without QK-norm
     "as_first": dict(mem_layers=(1, 2)),
+    "gqa": dict(mem_layers=(1,), num_kv_heads=2),  # 4 query heads on 2 key/value heads (memory too)
 }
 
 
@@ -86,7 +87,8 @@ def test_logits_match_memory_inference(tmp_path, rng, name):
     model = _load(path)
     conf = json.loads(open(os.path.join(path, "config.json")).read())
     assert type(model).__name__ == "FotForCausalLM" and conf["auto_map"]["AutoModelForCausalLM"]
-    assert conf["model_type"] == ("llama" if name == "as_first" else "fot")
+    assert conf["model_type"] == ("llama" if name in ("as_first", "gqa") else "fot")
+    assert conf["num_key_value_heads"] == cfg.num_kv_heads
     tokens = rng.integers(0, cfg.vocab_size, (2, 5 * W + 5))
     dense = _torch_logits(model, tokens)
     np.testing.assert_allclose(dense, _fot_logits(cfg, params, tokens), atol=1e-4, rtol=0)
@@ -164,7 +166,7 @@ def test_streaming_and_longllama_split(tmp_path, rng):
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name,top_k", [("qknorm_none", 3), ("gated", None), ("as_first", None)])
+@pytest.mark.parametrize("name,top_k", [("qknorm_none", 3), ("gated", None), ("as_first", None), ("gqa", 3)])
 def test_greedy_generate_matches_fot(tmp_path, rng, name, top_k):
     """64 greedy tokens after a 4.6-window prompt (8 cache flushes) equal fot.generate."""
     cfg = tiny_cfg(**CONFIGS[name])
@@ -212,8 +214,9 @@ def test_sampling_across_flushes(tmp_path, rng):
 
 
 def test_gqa_attention_matches_llama(tmp_path, rng):
-    """Grouped-query attention (num_key_value_heads < heads, no fot equivalent yet): within one window
-    the remote code equals transformers' LlamaForCausalLM."""
+    """Grouped-query attention against transformers itself: a LlamaForCausalLM with 2 kv heads of 4,
+    given the remote code, gives LlamaForCausalLM's logits within one window (fot-side GQA parity is
+    CONFIGS["gqa"])."""
     from fot.convert import hf_remote
 
     conf = transformers.LlamaConfig(vocab_size=53, hidden_size=32, intermediate_size=40, num_hidden_layers=2,

@@ -101,7 +101,10 @@ def config_from_hf(conf: dict, *, mem_layers=None, mem_positional: str | None = 
     if mem_layers is None:
         mem_layers = conf.get("mem_layers") or ()
     fot_block = conf.get("fot") or {}
+    # temperature options of newer ModelConfigs, passed only when set (older configs lack the fields)
     log_scale = {"qk_scale_param": "log"} if conf.get("qk_scale_param", "linear") == "log" else {}
+    if conf.get("qk_scale_n_ref") is not None:
+        log_scale["qk_scale_n_ref"] = int(conf["qk_scale_n_ref"])
     return ModelConfig(vocab_size=int(conf["vocab_size"]), d_model=hidden,
                        num_layers=int(conf["num_hidden_layers"]), num_heads=heads,
                        num_kv_heads=int(conf.get("num_key_value_heads") or heads),

@@ -135,7 +135,7 @@ def hf_config(cfg, *, max_position_embeddings: int, last_context_length: int | N
         "torch_attention": False, "gradient_checkpoint_every_ith": 1,
         # FoT remote code (fot.convert.hf_remote.configuration_fot.FotConfig) fields:
         "mem_top_k": mem_top_k, "mem_capacity": mem_capacity, "qk_norm": bool(cfg.qk_norm),
-        "qk_scale_param": qk_scale_param(cfg),
+        "qk_scale_param": qk_scale_param(cfg), "qk_scale_n_ref": getattr(cfg, "qk_scale_n_ref", None),
         "mem_gate": bool(cfg.mem_gate), "longllama_split": False,
         "fot": {"mem_positional": cfg.mem_positional, "window": w, "qk_scale_init": cfg.qk_scale_init,
                 **(extra or {})},

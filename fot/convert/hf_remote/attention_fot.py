@@ -36,10 +36,14 @@ def l2_normalize(x, eps=1e-6):
     return xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + eps)
 
 
-def qk_temperature(param, parametrisation="linear"):
-    """Per-head multiplier [H] of the normalised queries from the exported parameter: the temperature
-    itself (``"linear"``, tensor ``qk_scale``) or its logarithm (``"log"``, tensor ``qk_log_scale``)."""
-    return param.float().exp() if parametrisation == "log" else param.float()
+def qk_temperature(param, parametrisation="linear", n_ref=None, keys_in_view=None):
+    """Multiplier of the normalised queries, [H] or [B, H, T]: the exported parameter is the temperature
+    itself (``"linear"``, tensor ``qk_scale``) or its logarithm (``"log"``, ``qk_log_scale``); with
+    ``n_ref`` it is scaled by ``ln(n) / ln(n_ref)``, ``keys_in_view`` = n [B, T] (float32)."""
+    tau = param.float().exp() if parametrisation == "log" else param.float()
+    if n_ref is None:
+        return tau
+    return tau[None, :, None] * (torch.log(keys_in_view) / math.log(n_ref))[:, None, :]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ beyond LLaMA's (the LongLLaMA ones keep LongLLaMA's names and meaning):
 * ``qk_norm``: memory layers L2-normalise queries and keys per head and multiply queries by the
   per-head temperature; logits are not divided by sqrt(head_dim). ``qk_scale_param`` says how the
   temperature is stored: ``"linear"`` (tensor ``self_attn.qk_scale`` = temperature) or ``"log"``
-  (tensor ``self_attn.qk_log_scale`` = its logarithm), as fot's ``ModelConfig.qk_scale_param``.
+  (tensor ``self_attn.qk_log_scale`` = its logarithm), as fot's ``ModelConfig.qk_scale_param``;
+  ``qk_scale_n_ref`` (None or an int >= 2) multiplies it by ``ln(n) / ln(qk_scale_n_ref)``, n = the
+  keys in the query's view (its causal local keys + the valid memory slots, counted before top-k).
 * ``mem_gate``: memory layers mix ``g * memory-only + (1 - g) * local-only`` attention with
   ``g = sigmoid(self_attn.gate_bias[h])`` (``g = 0`` while the memory is empty); dense memory only.
 * ``longllama_split``: False (default) = consecutive windows of ``max_position_embeddings`` tokens (fot's
@@ -38,7 +40,8 @@ class FotConfig(PretrainedConfig):
                  num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
                  max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=10000.0,
                  mem_layers=(), mem_positionals=True, mem_dtype="bfloat16", last_context_length=1024,
-                 mem_top_k=None, mem_capacity=None, qk_norm=False, qk_scale_param="linear", mem_gate=False,
+                 mem_top_k=None, mem_capacity=None, qk_norm=False, qk_scale_param="linear", qk_scale_n_ref=None,
+                 mem_gate=False,
                  longllama_split=False,
                  tie_word_embeddings=False, use_cache=True, **kwargs):
         self.vocab_size = vocab_size
@@ -62,6 +65,7 @@ class FotConfig(PretrainedConfig):
         self.mem_capacity = mem_capacity
         self.qk_norm = bool(qk_norm)
         self.qk_scale_param = qk_scale_param
+        self.qk_scale_n_ref = qk_scale_n_ref
         self.mem_gate = bool(mem_gate)
         self.longllama_split = bool(longllama_split)
         self.use_cache = use_cache
@@ -95,6 +99,9 @@ class FotConfig(PretrainedConfig):
             raise ValueError("mem_top_k is not supported with mem_gate=True (the gated memory path is dense)")
         if self.qk_scale_param not in QK_SCALE_PARAMS:
             raise ValueError(f"qk_scale_param must be one of {QK_SCALE_PARAMS}, got {self.qk_scale_param!r}")
+        r = self.qk_scale_n_ref
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 2):
+            raise ValueError(f"qk_scale_n_ref must be None or an int >= 2, got {r!r}")
         if self.mem_dtype not in MEM_DTYPES:
             raise ValueError(f"mem_dtype must be one of {MEM_DTYPES}, got {self.mem_dtype!r}")
         c = self.mem_capacity
