@@ -255,19 +255,30 @@ def load_config(path: str) -> dict[str, int]:
     return skipped
 
 
-def peek(gin, selector: str):
-    """The value bound to ``scope/Selector.arg`` with macros followed but nothing called (None if unbound)."""
+def _follow(gin, selector: str):
+    """``(value, scope)``: the value bound to ``scope/Selector.arg`` with macros followed but nothing called
+    (None if unbound), and the scope gin calls it in: a reference without its own scope found through
+    macro ``M`` is called in scope ``M`` (gin's operative config writes its bindings as ``M/name.arg``)."""
     try:
         value = gin.query_parameter(selector)
     except ValueError:
-        return None
+        return None, ""
+    macro = ""
     for _ in range(50):
         if (isinstance(value, gin.config.ConfigurableReference) and value.evaluate
                 and value.configurable.selector == "gin.macro"):
-            value = gin.query_parameter(f"{'/'.join(value.scopes)}/gin.macro.value")
+            macro = "/".join(value.scopes)
+            value = gin.query_parameter(f"{macro}/gin.macro.value")
             continue
-        return value
-    return None
+        if isinstance(value, gin.config.ConfigurableReference):
+            return value, "/".join(value.scopes) or macro
+        return value, ""
+    return None, ""
+
+
+def peek(gin, selector: str):
+    """The value bound to ``scope/Selector.arg`` with macros followed but nothing called (None if unbound)."""
+    return _follow(gin, selector)[0]
 
 
 def train_data_selector(gin, which: str = "train_data") -> str | None:
@@ -279,12 +290,15 @@ def train_data_selector(gin, which: str = "train_data") -> str | None:
 
 
 def _task_ref(gin, which: str):
-    """The register_*_task / register_mixture reference bound as the task of ``train.<which>``, or None."""
+    """``(reference, scope)`` of the register_*_task / register_mixture bound as the task of
+    ``train.<which>`` (scope: where gin calls it, see :func:`_follow`), or ``(None, "")``."""
     sel = train_data_selector(gin, which)
     if sel is None or not sel.endswith("make_iterator"):
-        return None
-    ref = peek(gin, f"{sel}.task")
-    return ref if isinstance(ref, gin.config.ConfigurableReference) and ref.evaluate else None
+        return None, ""
+    ref, scope = _follow(gin, f"{sel}.task")
+    if isinstance(ref, gin.config.ConfigurableReference) and ref.evaluate:
+        return ref, scope
+    return None, ""
 
 
 def register_run_tasks(gin) -> list[str]:
@@ -292,9 +306,10 @@ def register_run_tasks(gin) -> list[str]:
     ``register_*`` functions); returns their names."""
     names = []
     for which in ("train_data", "eval_data"):
-        ref = _task_ref(gin, which)
+        ref, scope = _task_ref(gin, which)
         if ref is not None:
-            name = ref.scoped_configurable_fn()
+            with gin.config_scope(scope or None):  # e.g. TASK/register_stdlib_task.* in a run's config.gin
+                name = gin.get_configurable(ref.configurable.selector)()
             if name not in names:
                 names.append(name)
     return names
@@ -304,10 +319,9 @@ def run_vocabulary(gin):
     """The run's training vocabulary (a seqio vocabulary) without registering its task: the ``vocabulary``
     bound to its ``register_*_task`` (or the first task of its mixture), evaluated alone. None when the
     run's data has no text vocabulary (dictionary lookup, pre-tokenised tasks)."""
-    ref = _task_ref(gin, "train_data")
+    ref, scope = _task_ref(gin, "train_data")
     if ref is None:
         return None
-    scope = "/".join(ref.scopes)
     sel = ref.configurable.selector
     if sel.endswith("register_mixture"):
         tasks = peek(gin, f"{scope + '/' if scope else ''}{sel}.tasks") or []

@@ -132,3 +132,48 @@ def test_a_broken_run_config_is_one_clear_error(tmp_path, bad):
     (wd / "config.gin").write_text(bad)
     with pytest.raises(EvalError, match="bad gin config"):
         load_run(str(wd))
+
+
+def test_a_task_bound_through_a_macro_is_registered_with_its_macro_scoped_bindings(tmp_path):
+    """Issue 9 (stdlib_scaling): for `TASK = @register_stdlib_task()` with unscoped bindings, gin's operative
+    config (a run's config.gin) writes them as `TASK/register_stdlib_task.name = ...` (gin calls the reference
+    in the macro's scope). fot.eval --seqio_task on such a run failed with "register_stdlib_task() missing ...
+    'vocabulary'" (the task was called without that scope) and the run's vocabulary was not found."""
+    import json
+    import uuid
+
+    import gin
+    import seqio
+
+    from fot import runconfig
+    from fot.data.vocab import train_vocabulary
+    from fot.train import parse_run_config
+
+    rng = __import__("numpy").random.default_rng(3)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 20)) for _ in range(200)))
+    spm = train_vocabulary(str(tmp_path / "corpus.txt"), 60, str(tmp_path / "spm"), byte_fallback=False)
+    with open(tmp_path / "valid.jsonl", "w") as f:
+        for _ in range(3):
+            f.write(json.dumps({"text": " ".join(rng.choice(words, 12))}) + "\n")
+    name = f"macro_scoped_{uuid.uuid4().hex[:8]}"
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "config.gin").write_text(f"""
+TASK = @register_files_task()
+ModelConfig.d_model = 32
+ModelConfig.vocab_size = 64
+TASK/register_files_task.name = '{name}'
+TASK/register_files_task.patterns = {{'validation': '{tmp_path / "valid.jsonl"}'}}
+TASK/register_files_task.format = 'jsonl'
+TASK/register_files_task.vocabulary = @load_vocabulary()
+TASK/load_vocabulary.path = '{spm}'
+train_data/make_iterator.task = %TASK
+train_data/make_iterator.seq_len = 16
+train.model_config = @ModelConfig()
+train.train_data = @train_data/make_iterator()
+""")
+    parse_run_config(str(wd))
+    assert runconfig.register_run_tasks(gin) == [name]
+    assert name in seqio.TaskRegistry.names()
+    assert runconfig.spm_model_path(runconfig.run_vocabulary(gin)) == spm
