@@ -256,6 +256,8 @@ def test_baseline_run_files_train_on_the_fot_runs_documents(base, fot_run):
         specs[f] = (it.spec, gin.get_configurable("fot.model.ModelConfig")())
         if f == base:
             assert gin.query_parameter("ConstantD.d") == 0
+            # the FoT run's final dictionary eval refuses a model without memory layers (after training)
+            assert gin.query_parameter("train.final_eval") is None
     gin.clear_config()
     (b_spec, b_cfg), (f_spec, f_cfg) = specs[base], specs[fot_run]
     assert b_cfg.mem_layers == () and f_cfg.mem_layers
