@@ -29,7 +29,7 @@ from jax import lax
 from benchmarks.topk import _time  # best-of-repeats wall time after a warm-up call
 from fot import memory as fmem
 from fot.inference import MemoryInference, WindowedConfig
-from fot.model import Decoder, ModelConfig
+from fot.model import Decoder, ModelConfig, run_window
 
 MODELS = {  # name: (ModelConfig kwargs, window)
     "quickstart (3 layers, d 64, mem layer 1)": (dict(vocab_size=64, d_model=64, num_layers=3, num_heads=4,
@@ -86,7 +86,7 @@ def prefill(n_tokens, *, repeats=2):
         rows = tokens.reshape(-1, window)
         fwd = jax.jit(lambda p, r: model.apply({"params": p}, r))
         m0 = cfg.mem_layers[0]
-        old_kv = jax.jit(lambda p, r: model.apply({"params": p}, r, return_kv=True)[1]["mem_kv"][m0])
+        old_kv = jax.jit(lambda p, r: run_window(model, p, r).mem_kv[m0])
 
         def no_memory():
             return [fwd(params, jnp.asarray(rows[i:i + per_call])) for i in range(0, len(rows), per_call)][-1]

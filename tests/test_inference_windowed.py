@@ -94,7 +94,7 @@ def test_windowed_equals_manual_loop(multi, rng):
         got_k = np.asarray(s.keys)[np.asarray(s.mask)].reshape(2, 30, 2, 16)
         np.testing.assert_allclose(got_k, mem[i][0], rtol=2e-5, atol=2e-5)
     # the final window's local kv is returned for the generation cache
-    assert out["final_kv"]["kv"][0][0].shape == (2, 5, 2, 16)
+    assert out["final_kv"].kv[0].keys.shape == (2, 5, 2, 16)
 
 
 def test_topk_at_least_memory_size_equals_dense(multi, rng):

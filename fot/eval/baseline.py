@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fot.model import LayerKV, run_window
+
 
 class FullContext:
     """``logits(tokens, start)`` of ``model`` (no memory) reading ``tokens [B, T]`` as one context."""
@@ -26,14 +28,14 @@ class FullContext:
         self._write = jax.jit(self._write_impl, donate_argnums=(0,))
 
     def _run_impl(self, params, cache, seg, tokens, positions):
-        logits, aux = self.model.apply({"params": params}, tokens, positions=positions, segment_ids=seg,
-                                       cache=cache, return_kv=True)
-        return logits, aux["kv"]
+        out = run_window(self.model, params, tokens, cache=cache, positions=positions, segment_ids=seg)
+        return out.logits, out.kv
 
     @staticmethod
     def _write_impl(cache, kv, start):
-        return {i: tuple(jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), start, axis=1)
-                         for c, x in zip(cache[i], kv[i])) for i in cache}
+        """Write each layer's chunk ``kv[i]`` [B, chunk, Hkv, Dh] into its cache buffer at ``start``."""
+        return {i: LayerKV(*(jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), start, axis=1)
+                             for c, x in zip(cache[i], kv[i]))) for i in cache}
 
     def logits(self, tokens, start: int = 0) -> np.ndarray:
         """float32 ``[B, T - start, V]``: the logits at positions ``start ..`` of ``tokens`` int [B, T]."""
@@ -42,8 +44,8 @@ class FullContext:
         c = self.chunk
         slots = -(-t // c) * c
         cfg = self.model.config
-        shape = (b, slots, cfg.num_heads, cfg.head_dim)
-        cache = {i: (jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+        shape = (b, slots, cfg.num_kv_heads, cfg.head_dim)
+        cache = {i: LayerKV(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
                  for i in range(cfg.num_layers)}
         out = []
         for s in range(0, t, c):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fot.eval.plotting import line_plot
+from fot.model import LayerMemory, run_window
 
 
 def _windows_from_docs(docs: Sequence[np.ndarray], window: int) -> list[np.ndarray]:
@@ -37,12 +38,12 @@ def _windows_from_docs(docs: Sequence[np.ndarray], window: int) -> list[np.ndarr
 def evaluate(model, params, docs: Sequence[np.ndarray], *, window: int, ds: Sequence[int] = (1, 2, 4, 8, 16),
              layer: int | None = None, num_samples: int = 32, seed: int = 0, mesh=None) -> dict[str, Any]:
     """r_d for every d in ``ds`` over ``num_samples`` (document, window) samples."""
-    mcfg = model.config
-    if not mcfg.mem_layers:
+    model_config = model.config
+    if not model_config.mem_layers:
         raise ValueError("distraction needs a model with memory layers (mem_layers is empty)")
-    layer = mcfg.mem_layers[0] if layer is None else int(layer)
-    if layer not in mcfg.mem_layers:
-        raise ValueError(f"layer {layer} is not a memory layer {list(mcfg.mem_layers)}")
+    layer = model_config.mem_layers[0] if layer is None else int(layer)
+    if layer not in model_config.mem_layers:
+        raise ValueError(f"layer {layer} is not a memory layer {list(model_config.mem_layers)}")
     if not ds or min(ds) < 1:
         raise ValueError(f"ds must be integers >= 1, got {list(ds)}")
     wins = _windows_from_docs(docs, window)
@@ -63,23 +64,19 @@ def evaluate(model, params, docs: Sequence[np.ndarray], *, window: int, ds: Sequ
     cur, pos = np.stack(cur), np.stack(pos)
     neg = np.asarray(neg, np.int32).reshape(num_samples, max_d - 1, window)
 
-    def kv(rows):
-        _, aux = model.apply({"params": params}, jnp.asarray(rows), return_kv=True, mesh=mesh)
-        return aux["mem_kv"][layer]
-
-    kv = jax.jit(kv)
+    @jax.jit
+    def kv(rows):  # rows int [R, window] → memory-view LayerKV of ``layer`` [R, window, Hkv, Dh]
+        return run_window(model, params, rows, mesh=mesh).mem_kv[layer]
 
     @jax.jit
-    def mass(tokens, mem_k, mem_v):
-        mask = jnp.ones(mem_k.shape[:2], bool)
-        _, aux = model.apply({"params": params}, tokens, memory={layer: (mem_k, mem_v, mask)},
-                             return_kv=True, collect_mem_mass=True, mesh=mesh)
-        return aux["mem_mass"][layer]
+    def mass(tokens, mem_k, mem_v):  # mem_k/v [B, M, Hkv, Dh] all valid → mem_mass [B, window, H]
+        memory = {layer: LayerMemory(mem_k, mem_v, jnp.ones(mem_k.shape[:2], bool))}
+        return run_window(model, params, tokens, memory=memory, mesh=mesh, collect_mem_mass=True).mem_mass[layer]
 
-    pk, pv = kv(pos)
-    b, h, dh = num_samples, mcfg.num_kv_heads, mcfg.head_dim
+    pk, pv = kv(jnp.asarray(pos))
+    b, h, dh = num_samples, model_config.num_kv_heads, model_config.head_dim
     if max_d > 1:
-        nk, nv = kv(neg.reshape(-1, window))
+        nk, nv = kv(jnp.asarray(neg.reshape(-1, window)))
         nk = nk.reshape(b, (max_d - 1) * window, h, dh)
         nv = nv.reshape(b, (max_d - 1) * window, h, dh)
     m_a = np.asarray(mass(jnp.asarray(cur), pk, pv), np.float64)

@@ -20,13 +20,14 @@ import numpy as np
 
 from fot import memory as fmem
 from fot.inference.windowed import MemoryInference, WindowedConfig
-from fot.model.config import check_token_ids
+from fot.model import LayerKV, check_token_ids, run_window
 
 
 @dataclasses.dataclass
 class GenerationState:
-    """Decode state: memory stores, per-layer cache buffers, memory-view buffers of the cached tokens,
-    the number of valid cache slots ``n`` (same for all rows)."""
+    """Decode state: memory stores {memory layer: MemoryStore}; cache {layer: LayerKV} buffers
+    [B, window, Hkv, Dh]; pending {memory layer: LayerKV} memory-view buffers of the cached tokens
+    (flushed into memory when the cache is full); ``n`` valid cache slots (same for all rows)."""
 
     stores: dict
     cache: dict
@@ -43,7 +44,6 @@ class Generator:
                              f"prompt tokens), got {config.last_context_length}")
         self.runner = MemoryInference(model, params, config, mesh=mesh)
         self.model, self.params, self.config, self.mesh = model, params, config, mesh
-        self.mcfg = model.config
         self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3))
         self._flush = jax.jit(self._flush_impl, donate_argnums=(0,))
 
@@ -69,14 +69,14 @@ class Generator:
         final = out["final_kv"]
         w = self.config.window
         b = prompt.shape[0]
-        n = int(final["kv"][0][0].shape[1])
+        n = int(final.kv[0].keys.shape[1])
 
-        def buf(x):
+        def buf(x):  # x [B, n, Hkv, Dh] → [B, window, Hkv, Dh], x in the first n slots
             z = jnp.zeros((b, w) + tuple(x.shape[2:]), x.dtype)
             return jax.lax.dynamic_update_slice_in_dim(z, x, 0, axis=1)
 
-        cache = {i: (buf(k), buf(v)) for i, (k, v) in final["kv"].items()}
-        pending = {i: (buf(k), buf(v)) for i, (k, v) in final["mem_kv"].items()
+        cache = {i: LayerKV(buf(k), buf(v)) for i, (k, v) in final.kv.items()}
+        pending = {i: LayerKV(buf(k), buf(v)) for i, (k, v) in final.mem_kv.items()
                    if i in self.runner.mem_layers}
         return out["logits"][:, -1], GenerationState(out["stores"], cache, pending, n)
 
@@ -84,17 +84,18 @@ class Generator:
         b = token.shape[0]
         w = self.config.window
         seg = jnp.concatenate([(jnp.arange(w) < n).astype(jnp.int32)[None].repeat(b, 0),
-                               jnp.ones((b, 1), jnp.int32)], axis=1)
-        memory = fmem.memory_views(stores) if stores else None
-        logits, aux = self.model.apply(
-            {"params": params}, token[:, None], positions=jnp.full((b, 1), n, jnp.int32), segment_ids=seg,
-            memory=memory, top_k=self.config.top_k if memory else None, cache=cache, return_kv=True,
-            mesh=self.mesh)
-        put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), n, axis=1)  # noqa: E731
-        cache = {i: (put(ck, aux["kv"][i][0]), put(cv, aux["kv"][i][1])) for i, (ck, cv) in cache.items()}
-        pending = {i: (put(pk, aux["mem_kv"][i][0]), put(pv, aux["mem_kv"][i][1]))
-                   for i, (pk, pv) in pending.items()}
-        return logits[:, 0], cache, pending
+                               jnp.ones((b, 1), jnp.int32)], axis=1)  # [B, window + 1]: empty slots 0
+        out = run_window(self.model, params, token[:, None], memory=fmem.memory_views(stores), cache=cache,
+                         positions=jnp.full((b, 1), n, jnp.int32), segment_ids=seg, top_k=self.config.top_k,
+                         mesh=self.mesh)
+
+        def put(buf: LayerKV, x: LayerKV) -> LayerKV:  # write the new token's k/v at slot n
+            return LayerKV(*(jax.lax.dynamic_update_slice_in_dim(a, z.astype(a.dtype), n, axis=1)
+                             for a, z in zip(buf, x)))
+
+        cache = {i: put(c, out.kv[i]) for i, c in cache.items()}
+        pending = {i: put(p, out.mem_kv[i]) for i, p in pending.items()}
+        return out.logits[:, 0], cache, pending
 
     def _flush_impl(self, stores, pending):
         return {i: fmem.append(s, *pending[i]) for i, s in stores.items()}

@@ -11,54 +11,38 @@ its attention (``aux["mem_kv"]`` of the Decoder). Hence, for a prompt cut into w
   memory-layer outputs depend on the memory the earlier windows filled);
 * layers above the last memory layer and the output head never run.
 
-The functions apply the Decoder's own submodules (``DecoderLayer``, the embedding) to the matching
-subtrees of its ``params``; ``tests/test_prefill.py`` checks the result against a full forward.
+The functions run the Decoder's own submodules on the matching subtrees of its ``params`` through
+``fot.model.run_layers`` / ``fot.model.embed_tokens``; ``tests/test_prefill.py`` checks the result
+against a full forward.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 
-from fot.model.config import ModelConfig
-from fot.model.decoder import _ACT, DecoderLayer
-from fot.model.layers import embed
-from fot.parallel import with_logical_constraint
-
-
-def _layer(cfg: ModelConfig, params, i: int, x, positions, memory=None, top_k=None, mesh=None):
-    """Decoder layer ``i`` on ``x [B, L, D]`` → ``(x [B, L, D], aux)`` (see ``DecoderLayer``)."""
-    mod = DecoderLayer(cfg, cfg.is_memory_layer(i), mesh, None if memory is None else top_k, False)
-    return mod.apply({"params": params[f"layers_{i}"]}, x, positions, None, None, None, memory, None, None)
+from fot.model import LayerKV, LayerMemory, ModelConfig, embed_tokens, run_layers
 
 
 def hidden_below(cfg: ModelConfig, params, tokens: jax.Array, positions: jax.Array, stop: int,
                  mesh=None) -> jax.Array:
     """Embedding and layers ``[0, stop)`` without memory: ``tokens`` int [R, L] → hidden [R, L, D]
     (the input of layer ``stop``)."""
-    x = embed(cfg).apply({"params": params["embed"]}, tokens.astype(jnp.int32))
-    x = with_logical_constraint(x, _ACT, mesh)
-    for i in range(stop):
-        x, _ = _layer(cfg, params, i, x, positions, mesh=mesh)
-    return x
+    x = embed_tokens(cfg, params, tokens, mesh)  # [R, L, D]
+    return run_layers(cfg, params, x, positions, range(stop), mesh=mesh)[0]
 
 
-def first_memory_kv(cfg: ModelConfig, params, x: jax.Array, positions: jax.Array, mesh=None):
-    """Memory-view ``(k, v)`` [R, L, H, Dh] of the first memory layer from its input ``x [R, L, D]``
+def first_memory_kv(cfg: ModelConfig, params, x: jax.Array, positions: jax.Array, mesh=None) -> LayerKV:
+    """Memory-view ``LayerKV`` [R, L, Hkv, Dh] of the first memory layer from its input ``x [R, L, D]``
     (its attention and MLP outputs are unused, so XLA drops them)."""
-    _, aux = _layer(cfg, params, cfg.mem_layers[0], x, positions, mesh=mesh)
-    return aux["mem_kv"]
+    m0 = cfg.mem_layers[0]
+    return run_layers(cfg, params, x, positions, range(m0, m0 + 1), mesh=mesh)[1][m0]
 
 
 def memory_layers_kv(cfg: ModelConfig, params, x: jax.Array, positions: jax.Array,
-                     memory: Mapping[int, Any], top_k: int | None, mesh=None) -> dict[int, Any]:
+                     memory: Mapping[int, LayerMemory], top_k: int | None, mesh=None) -> dict[int, LayerKV]:
     """Layers ``m0 .. m_last`` on ``x [B, L, D]`` (the input of the first memory layer) with
-    ``memory = {layer: (mem_k, mem_v, mem_mask)}`` → ``{layer: (k, v)}`` memory-view keys/values of
-    every memory layer for this window (the layers above the last memory layer are not run)."""
-    out = {}
-    for i in range(cfg.mem_layers[0], cfg.mem_layers[-1] + 1):
-        x, aux = _layer(cfg, params, i, x, positions, memory.get(i), top_k, mesh)
-        if cfg.is_memory_layer(i):
-            out[i] = aux["mem_kv"]
-    return out
+    ``memory = {layer: LayerMemory}`` → ``{layer: LayerKV}`` memory-view keys/values of every memory
+    layer for this window (the layers above the last memory layer are not run)."""
+    layers = range(cfg.mem_layers[0], cfg.mem_layers[-1] + 1)
+    return run_layers(cfg, params, x, positions, layers, memory=memory, top_k=top_k, mesh=mesh)[1]

@@ -27,88 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fot import memory as fmem
-from fot.model.config import check_token_ids
 from fot.inference import prefill
-
-_MODES = ("fot", "longllama")
-
-
-@dataclasses.dataclass(frozen=True)
-class WindowedConfig:
-    """Inference settings.
-
-    window: tokens per window (LongLLaMA: ``max_position_embeddings``; FoT: the training length L).
-    capacity: memory slots per memory layer (tokens). None = as many as the input needs (no eviction).
-    top_k: exact top-k over memory (None = dense memory attention, LongLLaMA).
-    last_context_length: tokens of the input kept as the final window / local generation cache.
-    mem_dtype: storage dtype of the memory (LongLLaMA ``mem_dtype``, default bf16).
-    mode: ``"fot"`` or ``"longllama"`` (dense, unbounded memory; see module docstring).
-    use_memory: False runs the same model without memory (each window sees only itself).
-    on_overflow: ``"evict"`` (FIFO) or ``"error"`` (ValueError when the input exceeds ``capacity``;
-      single-doc evaluation uses this so a result never silently reflects a truncated memory).
-    shard_memory_length: with a mesh, shard memory length over ``model`` (else heads over ``model``).
-    """
-
-    window: int
-    capacity: int | None = None
-    top_k: int | None = None
-    last_context_length: int = 0
-    mem_dtype: str = "bfloat16"
-    mode: str = "fot"
-    use_memory: bool = True
-    on_overflow: str = "evict"
-    shard_memory_length: bool = True
-
-    def __post_init__(self):
-        if self.mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
-        if int(self.window) < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
-        if self.top_k is not None and int(self.top_k) < 1:
-            raise ValueError(f"top_k must be >= 1 (or None for dense memory attention), got {self.top_k}")
-        if self.capacity is not None and int(self.capacity) < 1:
-            raise ValueError(f"capacity must be >= 1 (or None for unbounded), got {self.capacity}")
-        if not 0 <= int(self.last_context_length) <= int(self.window):
-            raise ValueError(f"last_context_length must be in [0, window={self.window}], "
-                             f"got {self.last_context_length}")
-        if self.on_overflow not in ("evict", "error"):
-            raise ValueError(f"on_overflow must be 'evict' or 'error', got {self.on_overflow!r}")
-        if self.mode == "longllama":
-            if int(self.last_context_length) < 1:
-                raise ValueError("mode='longllama' needs last_context_length >= 1 (the last tokens form the final "
-                                 "window; LongLLaMA's own code fails on every input with 0)")
-            if self.top_k is not None:
-                raise ValueError("mode='longllama' uses dense memory attention: top_k must be None")
-            if self.capacity is not None:
-                raise ValueError("mode='longllama' has an unbounded memory: capacity must be None")
-        jnp.dtype(self.mem_dtype)
-
-    def plan(self, length: int, last_context_length: int | None = None) -> tuple[list[tuple[int, int]], int]:
-        """Window boundaries for an input of ``length`` tokens: ``([(start, end), ...], prefix)``.
-
-        Prefix windows cover ``[0, prefix)`` in steps of ``window``; the final window (if any) is
-        ``[prefix, length)`` with ``prefix = max(length - last_context_length, 0)``.
-        """
-        lcl = self.last_context_length if last_context_length is None else int(last_context_length)
-        if lcl < 0:
-            raise ValueError(f"last_context_length must be >= 0, got {lcl}")
-        w = self.window
-        prefix = max(length - lcl, 0)
-        bounds = [(s, min(s + w, prefix)) for s in range(0, prefix, w)]
-        if prefix < length:
-            if length - prefix > w:
-                raise ValueError(f"the final window has {length - prefix} tokens > window={w} "
-                                 f"(last_context_length={lcl})")
-            bounds.append((prefix, length))
-        return bounds, prefix
-
-    @classmethod
-    def longllama(cls, max_position_embeddings: int = 2048, last_context_length: int = 1024,
-                  mem_dtype: str = "bfloat16", **kw) -> "WindowedConfig":
-        """LongLLaMA's inference settings (reference §3.2)."""
-        return cls(window=max_position_embeddings, last_context_length=last_context_length,
-                   mem_dtype=mem_dtype, mode="longllama", **kw)
-
+from fot.inference.config import WindowedConfig
+from fot.model import check_token_ids, run_window
 
 def _pad_to(x: np.ndarray, length: int, value=0) -> np.ndarray:
     pad = length - x.shape[1]
@@ -130,8 +51,8 @@ class MemoryInference:
 
     def __init__(self, model, params, config: WindowedConfig, *, mesh=None):
         self.model, self.params, self.config, self.mesh = model, params, config, mesh
-        self.mcfg = model.config
-        self.mem_layers = tuple(self.mcfg.mem_layers) if config.use_memory else ()
+        self.model_config = model.config
+        self.mem_layers = tuple(self.model_config.mem_layers) if config.use_memory else ()
         # Reading memory (the forward) and writing it (the append) are separate programs: fused in one,
         # XLA copies the whole store every window (the read and the in-place write alias one buffer).
         self._forward_fn = jax.jit(self._forward_impl, static_argnames=("collect",))
@@ -142,8 +63,8 @@ class MemoryInference:
     # ---------------------------------------------------------------------------------------------
     def init_memory(self, batch_size: int, capacity: int) -> dict[int, fmem.MemoryStore]:
         """Empty stores ``{layer: MemoryStore}`` of ``capacity`` slots for every memory layer."""
-        return fmem.stores_for_model(batch_size, capacity, self.mem_layers, self.mcfg.num_kv_heads,
-                                     self.mcfg.head_dim, dtype=self.config.mem_dtype, mesh=self.mesh,
+        return fmem.stores_for_model(batch_size, capacity, self.mem_layers, self.model_config.num_kv_heads,
+                                     self.model_config.head_dim, dtype=self.config.mem_dtype, mesh=self.mesh,
                                      shard_length=self.config.shard_memory_length)
 
     def _constrain(self, stores):
@@ -158,15 +79,13 @@ class MemoryInference:
         return out
 
     def _forward_impl(self, params, stores, tokens, positions, reset_rows, segment_ids, collect=False):
-        """Read-only: ``(logits, aux)`` of one window attending to ``stores`` (rows in ``reset_rows``
-        see an empty memory)."""
+        """Read-only: the :class:`fot.model.WindowOutput` of one window attending to ``stores`` (rows in
+        ``reset_rows`` see an empty memory)."""
         if reset_rows is not None:
             stores = {i: fmem.reset(s, reset_rows) for i, s in stores.items()}
-        memory = fmem.memory_views(stores) if stores else None
-        return self.model.apply(
-            {"params": params}, tokens, positions=positions, segment_ids=segment_ids, memory=memory,
-            top_k=self.config.top_k if memory else None, return_kv=True, mesh=self.mesh,
-            collect_mem_mass=collect)
+        return run_window(self.model, params, tokens, memory=fmem.memory_views(stores), positions=positions,
+                          segment_ids=segment_ids, top_k=self.config.top_k, mesh=self.mesh,
+                          collect_mem_mass=collect)
 
     def _append_impl(self, stores, mem_kv, key_mask, reset_rows=None):
         """Donated, in place: empty ``reset_rows``, then append each layer's window ``mem_kv[layer]``."""
@@ -176,12 +95,12 @@ class MemoryInference:
 
     def step(self, stores, tokens, *, key_mask=None, reset_rows=None, positions=None, segment_ids=None,
              collect_mem_mass: bool = False):
-        """One window ``tokens [B, L]`` → ``(logits [B, L, V], new_stores, aux)``.
+        """One window ``tokens [B, L]`` → ``(logits [B, L, V], new_stores, WindowOutput)``.
 
         ``reset_rows`` bool [B]: empty these rows' memory first (document start, single-doc).
         ``key_mask`` bool [B, L]: which tokens' keys enter memory (False for padding).
         ``positions`` default ``arange(L)`` (local positions restart at 0 per window).
-        ``collect_mem_mass``: aux["mem_mass"] = {layer: [B, L, H]} (softmax mass on memory keys).
+        ``collect_mem_mass``: ``.mem_mass`` = {layer: [B, L, H]} (softmax mass on memory keys).
         The input ``stores`` are donated (do not reuse them).
         """
         if isinstance(tokens, np.ndarray):  # host input: check ids without a device round trip
@@ -193,13 +112,12 @@ class MemoryInference:
         if key_mask is None:
             key_mask = jnp.ones((b, length), bool)
         rr = None if reset_rows is None else jnp.asarray(reset_rows, bool)
-        logits, aux = self._forward_fn(self.params, stores, tokens, jnp.asarray(positions, jnp.int32), rr,
-                                       None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
-                                       collect=bool(collect_mem_mass))
+        out = self._forward_fn(self.params, stores, tokens, jnp.asarray(positions, jnp.int32), rr,
+                               None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
+                               collect=bool(collect_mem_mass))
         if stores:
-            stores = self._append_fn(stores, {i: aux["mem_kv"][i] for i in stores},
-                                     jnp.asarray(key_mask, bool), rr)
-        return logits, stores, aux
+            stores = self._append_fn(stores, {i: out.mem_kv[i] for i in stores}, jnp.asarray(key_mask, bool), rr)
+        return out.logits, stores, out
 
     # ---------------------------------------------------------------------------------------------
     def plan(self, length: int, last_context_length: int | None = None) -> tuple[list[tuple[int, int]], int]:
@@ -221,9 +139,9 @@ class MemoryInference:
         (e.g. to replay a generation whose local cache was flushed into memory).
 
         Returns a dict: ``logits`` float32 [B, T, V] (every token, as LongLLaMA concatenates window
-        outputs), ``stores`` (memory after the prefix windows), ``final_kv`` (aux of the final window:
-        ``{"kv": {layer: (k, v)}, "mem_kv": {...}}`` or None), ``overflow`` (capacity / size / evicted
-        per row), ``mem_mass`` (list per window of {layer: [B, L, H]} when collected).
+        outputs), ``stores`` (memory after the prefix windows), ``final_kv`` (the final window's
+        :class:`fot.model.WindowOutput`: ``.kv`` / ``.mem_kv`` {layer: LayerKV}; or None), ``overflow``
+        (capacity / size / evicted per row), ``mem_mass`` (list per window of {layer: [B, L, H]} when collected).
         """
         cfg = self.config
         check_token_ids(tokens, self.model.config.vocab_size, "MemoryInference.forward tokens")
@@ -263,16 +181,15 @@ class MemoryInference:
             is_final = e > prefix or (s >= prefix)
             n = e - s
             length = n if is_final else w
-            tok = _pad_to(tokens[:, s:e], length)
-            km = _pad_to(key_mask[:, s:e], length, False)
+            tok = _pad_to(tokens[:, s:e], length)  # [B, length]
+            km = _pad_to(key_mask[:, s:e], length, False)  # [B, length]: padding keys stay out of memory
             if is_final:
-                out, _, aux = self._final(stores, tok, km, collect_mem_mass)
-                final_kv = aux
+                out = final_kv = self._final(stores, tok, collect_mem_mass)
             else:
-                out, stores, aux = self.step(stores, tok, key_mask=km, collect_mem_mass=collect_mem_mass)
+                _, stores, out = self.step(stores, tok, key_mask=km, collect_mem_mass=collect_mem_mass)
             if collect_mem_mass:
-                masses.append(aux.get("mem_mass", {}))
-            logits.append(out[:, :n])
+                masses.append(out.mem_mass)
+            logits.append(out.logits[:, :n])
         result = {"logits": jnp.concatenate(logits, axis=1), "stores": stores, "final_kv": final_kv,
                   "overflow": fmem.overflow_report(stores)}
         if collect_mem_mass:
@@ -316,17 +233,18 @@ class MemoryInference:
         pos, cap = int(first.write_pos), first.capacity  # host copy of the write pointer (one sync)
         for j in range(0, nw, per_call):
             c = min(per_call, nw - j)
-            rows = jnp.asarray(tokens[:, j * w:(j + c) * w].reshape(b * c, w))
+            rows = jnp.asarray(tokens[:, j * w:(j + c) * w].reshape(b * c, w))  # [B*c, w]: a window per row
+            # x [B*c, w, D] (or None), k, v [B*c, w, Hkv, Dh]
             x, (k, v) = self._prefix_fn(self.params, rows, hidden=several)
             if several:
-                x = x.reshape((b, c) + x.shape[1:])
+                x = x.reshape((b, c) + x.shape[1:])  # [B, c, w, D]
                 for t in range(c):
                     s = (j + t) * w
                     kv = self._mem_kv_fn(self.params, stores, x[:, t])
                     stores = self._append_fn(stores, kv, jnp.asarray(key_mask[:, s:s + w]))
             else:
                 shape = (b, c * w) + tuple(k.shape[2:])
-                k, v, km = k.reshape(shape), v.reshape(shape), key_mask[:, j * w:(j + c) * w]
+                k, v, km = k.reshape(shape), v.reshape(shape), key_mask[:, j * w:(j + c) * w]  # [B, c*w, ...]
                 # Pieces that end at the ring's end: every token lands in the slot a window-by-window
                 # append gives it, and a write never wraps (store.append's contiguous path).
                 off = 0
@@ -346,27 +264,24 @@ class MemoryInference:
     def _prefix_impl(self, params, rows, hidden=False):
         """rows [R, w] → (input of the first memory layer [R, w, D] if ``hidden``, its (k, v))."""
         pos = self._positions(rows)
-        x = prefill.hidden_below(self.mcfg, params, rows, pos, self.mem_layers[0], self.mesh)
-        return (x if hidden else None), prefill.first_memory_kv(self.mcfg, params, x, pos, self.mesh)
+        x = prefill.hidden_below(self.model_config, params, rows, pos, self.mem_layers[0], self.mesh)
+        return (x if hidden else None), prefill.first_memory_kv(self.model_config, params, x, pos, self.mesh)
 
     def _mem_kv_impl(self, params, stores, x):
         """Read-only: memory-view (k, v) of every memory layer for one window x [B, w, D]."""
         pos = self._positions(x[..., 0])
-        return prefill.memory_layers_kv(self.mcfg, params, x, pos, fmem.memory_views(stores),
+        return prefill.memory_layers_kv(self.model_config, params, x, pos, fmem.memory_views(stores),
                                         self.config.top_k, self.mesh)
 
-    def _final(self, stores, tok, km, collect):
+    def _final(self, stores, tok, collect):
         """The final window: attends to memory but is not appended to it (becomes the local cache)."""
-        b, length = tok.shape
-        pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-        logits, aux = self._forward_fn(self.params, stores, jnp.asarray(tok, jnp.int32), pos, None, None,
-                                       collect=bool(collect))
-        return logits, stores, aux
+        return self._forward_fn(self.params, stores, jnp.asarray(tok, jnp.int32), self._positions(tok), None,
+                                None, collect=bool(collect))
 
     def query(self, stores, tokens):
         """Logits ``[B, L, V]`` of one window ``tokens [B, L]`` attending to ``stores``, which are left
         unchanged (not donated, nothing appended): e.g. a query window after :meth:`fill`."""
-        return self._final(stores, tokens, None, False)[0]
+        return self._final(stores, tokens, False).logits
 
 
 def num_windows(length: int, window: int) -> int:

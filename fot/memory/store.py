@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fot.model.state import LayerMemory
 from fot.ops import bits
-from fot.parallel import DATA_AXIS, MODEL_AXIS
+from fot.parallel import axis_rules, logical_to_spec
 
 
 @jax.tree_util.register_dataclass
@@ -55,9 +56,9 @@ class MemoryStore:
     def batch_size(self) -> int:
         return int(self.keys.shape[0])
 
-    def view(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """``(mem_k, mem_v, mem_mask)`` as the Decoder's ``memory={layer: ...}`` entry expects."""
-        return self.keys, self.values, self.mask
+    def view(self) -> LayerMemory:
+        """This store as the Decoder's ``memory={layer: LayerMemory}`` entry."""
+        return LayerMemory(self.keys, self.values, self.mask)
 
     def size(self) -> jax.Array:
         """int32 ``[B]``: number of valid slots per row."""
@@ -88,20 +89,14 @@ def init_store(batch_size: int, capacity: int, num_heads: int, head_dim: int, *,
 
 
 def store_spec(mesh: Mesh, shape: tuple[int, ...], *, shard_length: bool = True) -> PartitionSpec:
-    """PartitionSpec for ``[B, M, H, Dh]`` memory: batch over ``data``; memory length over ``model``
+    """PartitionSpec for ``[B, M, Hkv, Dh]`` memory: batch over ``data``; memory length over ``model``
     (``shard_length=True``, for memories larger than one device) or heads over ``model``.
 
-    Axes that are absent from the mesh or do not divide the dimension are left replicated.
+    The logical axes ``batch, mem_length | kv_heads`` of ``fot.parallel`` fitted to ``mesh``: axes that are
+    absent from the mesh or do not divide the dimension are left replicated.
     """
-    sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-
-    def fit(axis, dim):
-        return axis if axis in sizes and dim % sizes[axis] == 0 and sizes[axis] > 1 else None
-
-    b, m, h, _ = shape
-    if shard_length:
-        return PartitionSpec(fit(DATA_AXIS, b), fit(MODEL_AXIS, m), None, None)
-    return PartitionSpec(fit(DATA_AXIS, b), None, fit(MODEL_AXIS, h), None)
+    names = ("batch", "mem_length", None, None) if shard_length else ("batch", None, "kv_heads", None)
+    return logical_to_spec(names, axis_rules(shard_memory_length=True), mesh, shape)
 
 
 def store_sharding(mesh: Mesh, shape: tuple[int, ...], *, shard_length: bool = True) -> NamedSharding:
@@ -204,8 +199,8 @@ def stores_for_model(batch_size: int, capacity: int, mem_layers, num_heads: int,
             for i in mem_layers}
 
 
-def memory_views(stores: dict[int, MemoryStore]) -> dict[int, tuple[jax.Array, jax.Array, jax.Array]]:
-    """``{layer: (mem_k, mem_v, mem_mask)}`` for ``Decoder(memory=...)``."""
+def memory_views(stores: dict[int, MemoryStore]) -> dict[int, LayerMemory]:
+    """``{layer: LayerMemory}`` for ``Decoder(memory=...)`` / ``fot.model.run_window``."""
     return {i: s.view() for i, s in stores.items()}
 
 

@@ -13,11 +13,16 @@ Key encodings (what the caches hold):
 * memory-view keys (``aux["mem_kv"]``, crossbatch extra keys, inference memory): ``as_first`` ⇒
   un-rotated (RoPE at position 0 is the identity), ``none`` ⇒ raw (L2-normalised with ``qk_norm``).
 With ``qk_norm`` the per-head temperature multiplies the queries, and the ops get ``scale=1``.
+
+Structure: :meth:`Attention.__call__` projects (:meth:`Attention._project` → :class:`Projected`), then
+runs one of :func:`local_attention`, :func:`crossbatch_attention` (training: extra contexts from other
+rows of the batch) or :func:`memory_attention` (inference: the layer's ``LayerMemory``); with
+``mem_gate`` :func:`gated` wraps a memory-only attention and the local one (MT gate).
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,6 +31,8 @@ import jax.numpy as jnp
 from fot import ops
 from fot.model.config import ModelConfig
 from fot.model.layers import dense
+from fot.model.state import LayerInputs, LayerKV, LayerMemory
+from fot.model.temperature import keys_in_view, temperature_from_param, temperature_param_name
 from fot.parallel import with_logical_constraint
 
 _HEADS = ("batch", "length", "heads", "head_dim")
@@ -37,34 +44,139 @@ def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
+class Projected(NamedTuple):
+    """One window's projected heads, encoded as the attention variants consume them.
+
+    q [B,T,H,Dh] (RoPE'd unless ``mem_positional="none"``; times tau with ``qk_norm``); k [B,T,Hkv,Dh]
+    local keys (the cache encoding); v [B,T,Hkv,Dh]; k_mem [B,T,Hkv,Dh] memory-view keys; scale: the
+    ops' softmax scale (None = Dh**-0.5; 1.0 with ``qk_norm``).
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    k_mem: jax.Array
+    scale: float | None
+
+
+def _with_cache(cfg: ModelConfig, p: Projected, inputs: LayerInputs, cache: LayerKV | None):
+    """Local keys/values/segment ids with the cache in front: [B,C+T,Hkv,Dh] x2, [B,C+T] (C = 0 without)."""
+    if cache is None:
+        return p.k, p.v, inputs.segment_ids
+    dt = cfg.compute_dtype
+    k_all = jnp.concatenate([cache.keys.astype(dt), p.k], axis=1)  # [B, C+T, Hkv, Dh]
+    v_all = jnp.concatenate([cache.values.astype(dt), p.v], axis=1)  # [B, C+T, Hkv, Dh]
+    return k_all, v_all, inputs.cache_segment_ids
+
+
+def local_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs, cache: LayerKV | None = None):
+    """Causal attention over the cache (if any) and the window's own keys → [B,T,H,Dh]."""
+    k_all, v_all, seg_all = _with_cache(cfg, p, inputs, cache)
+    return ops.causal_attention(p.q, k_all, v_all, segment_ids=seg_all, scale=p.scale,
+                                implementation=cfg.attention_impl)
+
+
+def crossbatch_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs, mesh=None, *,
+                         include_local: bool = True, collect: bool = False):
+    """Training memory attention: local keys and the extra rows' memory-view keys in one softmax
+    (only the extra keys with ``include_local=False``) → (out [B,T,H,Dh], stats or None)."""
+    res = ops.crossbatch_attention(p.q, p.k, p.v, p.k_mem, p.v, inputs.extra_rows,
+                                   extra_key_mask=inputs.extra_key_mask, segment_ids=inputs.segment_ids,
+                                   scale=p.scale, mesh=mesh, return_stats=collect,
+                                   block_rows=cfg.crossbatch_block_rows, include_local=include_local)
+    return res if collect else (res, None)
+
+
+def memory_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs, memory: LayerMemory,
+                     cache: LayerKV | None = None, mesh=None, top_k: int | None = None, collect: bool = False):
+    """Inference memory attention: causal local keys (cache included) and the valid memory slots
+    (exact top-k of them with ``top_k``) in one softmax → (out [B,T,H,Dh], stats or None)."""
+    k_all, v_all, seg_all = _with_cache(cfg, p, inputs, cache)
+    res = ops.memory_attention(p.q, k_all, v_all, memory.keys, memory.values, mem_mask=memory.mask,
+                               top_k=top_k, segment_ids=seg_all, scale=p.scale, mesh=mesh,
+                               return_stats=collect)
+    return res if collect else (res, None)
+
+
+def memory_only_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs,
+                          memory: LayerMemory | None, mesh=None):
+    """Attention to the memory keys alone (no local keys; the gate's memory half) →
+    (out [B,T,H,Dh], has_memory bool [B]: the row sees at least one valid memory key)."""
+    if memory is None:  # training: the extra rows
+        out, _ = crossbatch_attention(cfg, p, inputs, mesh, include_local=False)
+        b = p.q.shape[0]
+        mask = jnp.ones(p.q.shape[:2], bool) if inputs.extra_key_mask is None else inputs.extra_key_mask
+        rows = inputs.extra_rows
+        rows_ok = jnp.take(mask.any(-1), jnp.clip(rows, 0, b - 1), axis=0) & (rows >= 0)  # [B, n]
+        return out, rows_ok.any(-1)
+    own_row = jnp.arange(p.q.shape[0], dtype=jnp.int32)[:, None]  # [B, 1]
+    # Row b's memory as the one "extra row" of row b, no local keys.
+    out = ops.crossbatch_attention(p.q, p.k, p.v, memory.keys, memory.values, own_row,
+                                   extra_key_mask=memory.mask, scale=p.scale, mesh=mesh, include_local=False)
+    return out, memory.mask.any(-1)
+
+
+def gated(gate: jax.Array, memory_only: tuple[jax.Array, jax.Array], local: jax.Array):
+    """MT gate: ``g * memory_only + (1 - g) * local`` with g = ``gate`` [H, 1] for rows that see memory,
+    0 otherwise (then the output is the local attention). Returns (out [B,T,H,Dh], g [B,1,H,1])."""
+    mem_out, has_memory = memory_only
+    g = gate * has_memory[:, None, None, None]  # [B, 1, H, 1]
+    mixed = g * mem_out.astype(jnp.float32) + (1.0 - g) * local.astype(jnp.float32)
+    return mixed.astype(local.dtype), g
+
+
 class Attention(nn.Module):
     """Self-attention of one decoder layer (local, crossbatch, or memory attention).
 
-    Attributes: ``cfg``; ``is_memory`` (FoT memory layer); ``mesh`` (forwarded to fot.ops and used for
+    Attributes: ``config`` (ModelConfig); ``is_memory`` (FoT memory layer); ``mesh`` (forwarded to fot.ops and used for
     activation constraints); ``top_k`` (inference memory top-k); ``collect_stats`` (ask the ops for
     ``mem_mass``).
     """
 
-    cfg: ModelConfig
+    config: ModelConfig
     is_memory: bool = False
     mesh: Any = None
     top_k: int | None = None
     collect_stats: bool = False
 
-    def _constrain(self, x):
-        return with_logical_constraint(x, _HEADS, self.mesh)
-
     @nn.compact
-    def __call__(self, x, positions, segment_ids=None, extra_rows=None, extra_key_mask=None,
-                 memory=None, cache=None, cache_segment_ids=None):
-        """x [B,T,D]; positions int [B,T]; segment_ids int [B,T] or None; extra_rows int [B,n];
-        extra_key_mask bool [B,T]; memory (mem_k, mem_v, mem_mask) [B,M,Hkv,Dh]x2,[B,M];
-        cache (k, v) [B,C,Hkv,Dh]; cache_segment_ids int [B,C+T] (keys' ids with a cache).
+    def __call__(self, x, inputs: LayerInputs, memory: LayerMemory | None = None, cache: LayerKV | None = None):
+        """x [B,T,D]; ``inputs`` (``LayerInputs``: crossbatch fields only for memory layers); memory
+        (memory layers, inference) and cache of this layer, or None.
 
-        Returns (out [B,T,D], aux) with aux["kv"] = (k_local, v) [B,T,Hkv,Dh], and for memory layers
-        aux["mem_kv"] = (k_memory_view, v); aux["mem_mass"] [B,T,H] when collected.
+        Returns (out [B,T,D], aux) with aux["kv"] = LayerKV(local keys, v) [B,T,Hkv,Dh], and for memory
+        layers aux["mem_kv"] = LayerKV(memory-view keys, v); aux["mem_mass"] [B,T,H] when collected.
         """
-        cfg = self.cfg
+        cfg = self.config
+        b, t, _ = x.shape
+        p = self._project(x, inputs, memory)
+        aux: dict[str, Any] = {"kv": LayerKV(p.k, p.v)}
+        if self.is_memory:
+            aux["mem_kv"] = LayerKV(p.k_mem, p.v)
+        uses_memory = self.is_memory and (inputs.extra_rows is not None or memory is not None)
+        gate = self._gate() if self.is_memory and cfg.mem_gate else None  # [H, 1]
+        stats = None
+        if uses_memory and gate is not None:
+            mem_only = memory_only_attention(cfg, p, inputs, memory, self.mesh)
+            out, g = gated(gate, mem_only, local_attention(cfg, p, inputs, cache))
+            if self.collect_stats:  # the gate is the memory's share of the output
+                stats = {"mem_mass": jnp.broadcast_to(g[..., 0], (b, t, cfg.num_heads)).astype(jnp.float32)}
+        elif uses_memory and inputs.extra_rows is not None:
+            out, stats = crossbatch_attention(cfg, p, inputs, self.mesh, collect=self.collect_stats)
+        elif uses_memory:
+            out, stats = memory_attention(cfg, p, inputs, memory, cache, self.mesh, self.top_k,
+                                          self.collect_stats)
+        else:
+            out = local_attention(cfg, p, inputs, cache)
+        if self.collect_stats and stats is not None:
+            aux["mem_mass"] = stats["mem_mass"]
+        out = with_logical_constraint(out.astype(cfg.compute_dtype), _HEADS, self.mesh)  # [B, T, H, Dh]
+        out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
+        return dense(cfg.d_model, ("heads", "embed"), cfg, "o")(out), aux
+
+    def _project(self, x, inputs: LayerInputs, memory: LayerMemory | None) -> Projected:
+        """Params ``q, k, v`` (and the temperature); x [B,T,D] → :class:`Projected`."""
+        cfg = self.config
         b, t, _ = x.shape
         h, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         dt = cfg.compute_dtype
@@ -73,154 +185,34 @@ class Attention(nn.Module):
             y = dense(heads * dh, ("embed", names[2]), cfg, name)(x).reshape(b, t, heads, dh)
             return with_logical_constraint(y, names, self.mesh)
 
-        q = proj("q", h, _HEADS)
-        k, v = proj("k", hkv, _KV_HEADS), proj("v", hkv, _KV_HEADS)
+        q = proj("q", h, _HEADS)  # [B, T, H, Dh]
+        k, v = proj("k", hkv, _KV_HEADS), proj("v", hkv, _KV_HEADS)  # [B, T, Hkv, Dh]
         scale = None
         if self.is_memory and cfg.qk_norm:
             tau = self._temperature()[None, None, :, None]  # [1, 1, H, 1]
             if cfg.qk_scale_n_ref is not None:
-                n = keys_in_view(positions, extra_rows, extra_key_mask, memory)  # [B, T]
+                n = keys_in_view(inputs.positions, inputs.extra_rows, inputs.extra_key_mask, memory)  # [B, T]
                 tau = tau * (jnp.log(n) / math.log(cfg.qk_scale_n_ref))[:, :, None, None]
             q = (_l2_normalize(q) * tau).astype(dt)
             k = _l2_normalize(k).astype(dt)
             scale = 1.0
-        use_rope = not (self.is_memory and cfg.mem_positional == "none")
-        if use_rope:
-            q_loc = ops.apply_rope(q, positions, theta=cfg.rope_theta)
-            k_loc = ops.apply_rope(k, positions, theta=cfg.rope_theta)
-        else:
-            q_loc, k_loc = q, k
         k_mem = k  # memory view: as_first ⇒ rotation at position 0 = identity; none ⇒ raw
+        if not (self.is_memory and cfg.mem_positional == "none"):
+            q = ops.apply_rope(q, inputs.positions, theta=cfg.rope_theta)
+            k = ops.apply_rope(k, inputs.positions, theta=cfg.rope_theta)
+        return Projected(q, k, v, k_mem, scale)
 
-        if cache is not None:
-            k_all = jnp.concatenate([cache[0].astype(dt), k_loc], axis=1)
-            v_all = jnp.concatenate([cache[1].astype(dt), v], axis=1)
-            seg_all = cache_segment_ids
-        else:
-            k_all, v_all, seg_all = k_loc, v, segment_ids
-
-        aux: dict[str, Any] = {"kv": (k_loc, v)}
-        if self.is_memory:
-            aux["mem_kv"] = (k_mem, v)
-        stats = None
-        gate = None
-        if self.is_memory and cfg.mem_gate:
-            bias = self.param("gate_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)),
-                              (h,), cfg.params_dtype)
-            gate = jax.nn.sigmoid(bias.astype(jnp.float32))[:, None]  # [H, 1]; x has_memory[B,1,1,1] below
-
-        if self.is_memory and extra_rows is not None:
-            if gate is None:
-                res = ops.crossbatch_attention(q_loc, k_loc, v, k_mem, v, extra_rows,
-                                               extra_key_mask=extra_key_mask, segment_ids=segment_ids,
-                                               scale=scale, mesh=self.mesh, return_stats=self.collect_stats,
-                                               block_rows=cfg.crossbatch_block_rows)
-                out, stats = res if self.collect_stats else (res, None)
-            else:
-                mem_only = ops.crossbatch_attention(q_loc, k_loc, v, k_mem, v, extra_rows,
-                                                    extra_key_mask=extra_key_mask, segment_ids=segment_ids,
-                                                    scale=scale, mesh=self.mesh, include_local=False,
-                                                    block_rows=cfg.crossbatch_block_rows)
-                local = ops.causal_attention(q_loc, k_loc, v, segment_ids=segment_ids, scale=scale,
-                                             implementation=cfg.attention_impl)
-                mask = jnp.ones(x.shape[:2], bool) if extra_key_mask is None else extra_key_mask
-                rows_ok = jnp.take(mask.any(-1), jnp.clip(extra_rows, 0, b - 1), axis=0) & (extra_rows >= 0)
-                gate = gate * rows_ok.any(-1)[:, None, None, None]
-                out = self._mix(gate, mem_only, local)
-        elif self.is_memory and memory is not None:
-            mem_k, mem_v, mem_mask = memory  # any dtype (e.g. bf16 store): fot.ops casts per chunk
-            if gate is None:
-                res = ops.memory_attention(q_loc, k_all, v_all, mem_k, mem_v, mem_mask=mem_mask,
-                                           top_k=self.top_k, segment_ids=seg_all, scale=scale,
-                                           mesh=self.mesh, return_stats=self.collect_stats)
-                out, stats = res if self.collect_stats else (res, None)
-            else:
-                own_row = jnp.arange(b, dtype=jnp.int32)[:, None]
-                # Memory-only part: row b's memory as the one "extra row" of row b, no local keys.
-                mem_only = ops.crossbatch_attention(q_loc, k_loc, v, mem_k, mem_v, own_row,
-                                                    extra_key_mask=mem_mask, scale=scale, mesh=self.mesh,
-                                                    include_local=False)
-                local = ops.causal_attention(q_loc, k_all, v_all, segment_ids=seg_all, scale=scale,
-                                             implementation=cfg.attention_impl)
-                gate = gate * mem_mask.any(-1)[:, None, None, None]
-                out = self._mix(gate, mem_only, local)
-        else:
-            out = ops.causal_attention(q_loc, k_all, v_all, segment_ids=seg_all, scale=scale,
-                                       implementation=cfg.attention_impl)
-
-        if self.collect_stats:
-            if stats is not None:
-                aux["mem_mass"] = stats["mem_mass"]
-            elif gate is not None and (extra_rows is not None or memory is not None):
-                aux["mem_mass"] = jnp.broadcast_to(gate[..., 0], (b, t, h)).astype(jnp.float32)
-        out = self._constrain(out.astype(dt)).reshape(b, t, h * dh)
-        return dense(cfg.d_model, ("heads", "embed"), cfg, "o")(out), aux
+    def _gate(self) -> jax.Array:
+        """MT gate g [H, 1] = sigmoid(param ``gate_bias`` [H]) (float32)."""
+        bias = self.param("gate_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("heads",)),
+                          (self.config.num_heads,), self.config.params_dtype)
+        return jax.nn.sigmoid(bias.astype(jnp.float32))[:, None]
 
     def _temperature(self) -> jax.Array:
         """Per-head QK-norm temperature tau [H] (float32) from param ``qk_scale`` (tau) or
         ``qk_log_scale`` (log tau), see ``ModelConfig.qk_scale_param``."""
-        cfg = self.cfg
-        log = cfg.qk_scale_param == "log"
-        init = math.log(cfg.qk_scale_default) if log else cfg.qk_scale_default
-        p = self.param(temperature_param_name(cfg), nn.with_logical_partitioning(
+        cfg = self.config
+        init = math.log(cfg.qk_scale_default) if cfg.qk_scale_param == "log" else cfg.qk_scale_default
+        param = self.param(temperature_param_name(cfg), nn.with_logical_partitioning(
             nn.initializers.constant(init), ("heads",)), (cfg.num_heads,), cfg.params_dtype)
-        return _tau(cfg, p)
-
-    @staticmethod
-    def _mix(gate, mem_only, local):
-        """MT gate: g * memory_only + (1 - g) * local_only, g [B, 1, H, 1] broadcast over [B, T, H, Dh].
-
-        g is 0 for rows without any visible memory key (then the output is the local attention)."""
-        mixed = gate * mem_only.astype(jnp.float32) + (1.0 - gate) * local.astype(jnp.float32)
-        return mixed.astype(local.dtype)
-
-
-def keys_in_view(positions, extra_rows=None, extra_key_mask=None, memory=None) -> jax.Array:
-    """n [B, T] float32: keys a memory-layer query can attend to — its causal local keys
-    (``positions + 1``) plus the valid keys of its crossbatch extra rows (training) or the valid
-    memory slots (inference, counted before top-k). ``ModelConfig.qk_scale_n_ref`` scales the
-    temperature by ``ln(n) / ln(n_ref)``."""
-    n = positions.astype(jnp.float32) + 1.0
-    if extra_rows is not None:
-        b, t = positions.shape
-        per_row = (jnp.full((b,), float(t)) if extra_key_mask is None
-                   else extra_key_mask.astype(jnp.float32).sum(-1))  # [B] valid keys of each source row
-        rows = extra_rows.astype(jnp.int32)
-        extra = jnp.where(rows >= 0, jnp.take(per_row, jnp.clip(rows, 0, b - 1)), 0.0).sum(-1)  # [B]
-        n = n + extra[:, None]
-    elif memory is not None:
-        n = n + memory[2].astype(jnp.float32).sum(-1)[:, None]
-    return n
-
-
-def temperature_param_name(cfg: ModelConfig) -> str:
-    """Name of the memory layers' temperature param: ``qk_scale`` (tau) or ``qk_log_scale`` (log tau)."""
-    return "qk_log_scale" if cfg.qk_scale_param == "log" else "qk_scale"
-
-
-def _tau(cfg: ModelConfig, param) -> jax.Array:
-    p = jnp.asarray(param).astype(jnp.float32)
-    return jnp.exp(p) if cfg.qk_scale_param == "log" else p
-
-
-def memory_temperatures(cfg: ModelConfig, params) -> dict[int, jax.Array]:
-    """``{memory layer: tau [H]}`` (float32) of a ``Decoder(cfg)`` params tree with ``qk_norm`` (else ``{}``)."""
-    if not cfg.qk_norm:
-        return {}
-    name = temperature_param_name(cfg)
-    return {i: _tau(cfg, params[f"layers_{i}"]["attn"][name]) for i in cfg.mem_layers}
-
-
-def scale_memory_temperatures(cfg: ModelConfig, params, factor: float):
-    """A copy of ``params`` whose memory layers' QK-norm temperature tau is multiplied by ``factor``
-    (evaluation-time sharpening; the input tree is not modified)."""
-    name = temperature_param_name(cfg)
-    out = dict(params)
-    for i in cfg.mem_layers:
-        layer = dict(out[f"layers_{i}"])
-        attn = dict(layer["attn"])
-        p = jnp.asarray(attn[name])
-        attn[name] = (p + math.log(factor) if cfg.qk_scale_param == "log" else p * factor).astype(p.dtype)
-        layer["attn"] = attn
-        out[f"layers_{i}"] = layer
-    return out
+        return temperature_from_param(cfg, param)

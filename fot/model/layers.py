@@ -44,12 +44,12 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     """``down(silu(gate(x)) * up(x))``; x ``[B, T, D]`` → ``[B, T, D]``; params gate/up [D, F], down [F, D]."""
 
-    cfg: ModelConfig
+    config: ModelConfig
     mesh: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        cfg = self.cfg
+        cfg = self.config
         g = dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "gate")(x)
         u = dense(cfg.mlp_dim, ("embed", "mlp"), cfg, "up")(x)
         h = nn.silu(g) * u

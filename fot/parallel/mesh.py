@@ -74,3 +74,8 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
         # Device kinds without a topology-aware layout: plain row-major order.
         return Mesh(np.asarray(devices, dtype=object).reshape(sizes), names,
                     axis_types=(AxisType.Auto,) * len(names))
+
+
+def mesh_axis_sizes(mesh) -> dict[str, int]:
+    """``{axis name: size}`` of a ``Mesh`` (or an ``AbstractMesh``)."""
+    return dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes") else mesh.devices.shape))

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fot.parallel.mesh import DATA_AXIS, MODEL_AXIS
+from fot.parallel.mesh import DATA_AXIS, MODEL_AXIS, mesh_axis_sizes
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -64,17 +64,11 @@ def _rules(rules: Rules | None) -> Rules:
     return tuple(ctx) if ctx else DEFAULT_RULES
 
 
-def _mesh_sizes(mesh) -> dict[str, int] | None:
-    if mesh is None:
-        return None
-    return dict(zip(mesh.axis_names, mesh.axis_sizes if hasattr(mesh, "axis_sizes") else mesh.devices.shape))
-
-
 def _fit(spec: PartitionSpec, shape: Sequence[int] | None, mesh) -> PartitionSpec:
     """Drop mesh axes unknown to ``mesh`` or not dividing the dimension (→ replicated)."""
-    sizes = _mesh_sizes(mesh)
-    if sizes is None:
+    if mesh is None:
         return spec
+    sizes = mesh_axis_sizes(mesh)
     out = []
     for i, entry in enumerate(spec):
         axes = entry if isinstance(entry, tuple) else (entry,)
