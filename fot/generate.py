@@ -60,7 +60,7 @@ def main(argv) -> None:
     import numpy as np
 
     from fot.eval.restore import EvalError, _train_data_param, load_run, run_tokenizer
-    from fot.eval.passkey import make_tokenizer
+    from fot.data.vocab import make_tokenizer
     if len(argv) > 1:
         _fail(f"unexpected positional arguments: {argv[1:]}")
     if FLAGS.prompt_file:

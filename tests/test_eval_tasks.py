@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fot.data import vocab
 from fot.eval import dictionary, distraction, passkey, perplexity
 from fot.model import Decoder, ModelConfig
 
@@ -35,13 +36,13 @@ def test_passkey_prompt_matches_reference_rng_and_layout():
 
 
 def test_byte_tokenizer_and_answer_split():
-    tok = passkey.ByteTokenizer()
+    tok = vocab.ByteTokenizer()
     text = "pass key 123 ✓"
     assert tok.decode(tok.encode(text)) == text
     p, ans = passkey.encode_trial(tok, "What is the pass key? The pass key is", "4711")
     assert ans == tok.encode(" 4711") and p == tok.encode("What is the pass key? The pass key is")
     with pytest.raises(ValueError, match="vocab_size"):
-        passkey.make_tokenizer(None, 64)
+        vocab.make_tokenizer(None, 64)
 
 
 def test_distraction_identical_contexts_give_one_over_d(tiny):

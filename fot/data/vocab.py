@@ -1,4 +1,6 @@
-"""SentencePiece vocabularies: load (``seqio.SentencePieceVocabulary``), train, check sizes.
+"""SentencePiece vocabularies: load (``seqio.SentencePieceVocabulary``), train, check sizes; plain
+text tokenizers for prompts (:func:`make_tokenizer`: a SentencePiece model file, or the byte-level
+fallback — UTF-8 bytes + 3: 0 = PAD, 1 = EOS, 2 = UNK, as seqio's ``ByteVocabulary``).
 
 Trained models follow seqio's id convention: 0 = PAD, 1 = EOS, 2 = UNK, 3 = BOS; BPE with byte
 fallback (LLaMA style, so any UTF-8 text — code with newlines and tabs included — round-trips),
@@ -166,6 +168,54 @@ def stdlib_vocabulary(vocab_size: int = 2048, cache_dir: str | None = None, samp
         finally:
             os.remove(sample)
     return load_vocabulary(prefix + ".model")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted by 3 (0 = PAD, 1 = EOS, 2 = UNK); no BOS."""
+
+    offset = 3
+    vocab_size = 256 + 3
+    bos_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode("utf-8", "replace")
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece ``.model`` file."""
+
+    def __init__(self, path: str):
+        import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+        if not os.path.isfile(path):
+            raise ValueError(f"SentencePiece model {path!r} does not exist")
+        self.sp = spm.SentencePieceProcessor(model_file=path)
+        self.vocab_size = int(self.sp.get_piece_size())
+        bos = int(self.sp.bos_id())
+        self.bos_id = bos if bos >= 0 else None
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.sp.encode(text))
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+def make_tokenizer(spm_path: str | None, model_vocab_size: int, trained_vocab_size: int | None = None):
+    """SentencePiece tokenizer if ``spm_path`` else the byte fallback. Its size must equal the model's
+    vocab_size, or ``trained_vocab_size`` (the size of the vocabulary the run was trained with, which training
+    allows to be smaller than a padded model vocabulary): a tokenizer of another size belongs to another
+    model, its ids would mean other tokens."""
+    tok = SentencePieceTokenizer(spm_path) if spm_path else ByteTokenizer()
+    if tok.vocab_size not in (model_vocab_size, trained_vocab_size):
+        raise ValueError(f"tokenizer {spm_path or '(byte-level fallback)'} has {tok.vocab_size} ids but the model's "
+                         f"vocab_size is {model_vocab_size}"
+                         + (f" (the run was trained with {trained_vocab_size})" if trained_vocab_size else "")
+                         + ("" if spm_path else "; the run names no SentencePiece vocabulary: pass the one it was "
+                            "trained with (passkey_eval.spm_path / --spm_path)"))
+    return tok
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,8 +8,7 @@ and back again."; ``n_garbage`` counts characters; with a numpy seed the prefix 
 Each trial generates ``len(answer tokens)`` tokens greedily with memory and is correct iff they equal the
 answer tokens exactly.
 
-Tokenizers: a SentencePiece model file (``sentencepiece``), or the byte-level fallback (UTF-8 bytes + 3:
-0 = PAD, 1 = EOS, 2 = UNK, as seqio's ``ByteVocabulary``).
+Tokenizers: ``fot.data.vocab.make_tokenizer`` (a SentencePiece model file, or the byte-level fallback).
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fot.data.vocab import make_tokenizer
 from fot.inference.generate import Generator
 from fot.inference.windowed import WindowedConfig
 from fot.eval.plotting import line_plot
@@ -39,56 +39,6 @@ def passkey_prompt(n_garbage: int, seed: int) -> tuple[str, str]:
     info = f"The pass key is {key}. Remember it. {key} is the pass key."
     lines = [TASK, _GARBAGE_INF[:n_prefix], info, _GARBAGE_INF[:n_suffix], QUESTION]
     return "\n".join(lines), str(key)
-
-
-class ByteTokenizer:
-    """UTF-8 bytes shifted by 3 (0 = PAD, 1 = EOS, 2 = UNK); no BOS."""
-
-    offset = 3
-    vocab_size = 256 + 3
-    bos_id = None
-
-    def encode(self, text: str) -> list[int]:
-        return [b + self.offset for b in text.encode("utf-8")]
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode("utf-8", "replace")
-
-
-class SentencePieceTokenizer:
-    """A SentencePiece ``.model`` file."""
-
-    def __init__(self, path: str):
-        import os
-
-        import sentencepiece as spm
-        if not os.path.isfile(path):
-            raise ValueError(f"SentencePiece model {path!r} does not exist")
-        self.sp = spm.SentencePieceProcessor(model_file=path)
-        self.vocab_size = int(self.sp.get_piece_size())
-        bos = int(self.sp.bos_id())
-        self.bos_id = bos if bos >= 0 else None
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.sp.encode(text))
-
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
-
-
-def make_tokenizer(spm_path: str | None, model_vocab_size: int, trained_vocab_size: int | None = None):
-    """SentencePiece tokenizer if ``spm_path`` else the byte fallback. Its size must equal the model's
-    vocab_size, or ``trained_vocab_size`` (the size of the vocabulary the run was trained with, which training
-    allows to be smaller than a padded model vocabulary): a tokenizer of another size belongs to another
-    model, its ids would mean other tokens."""
-    tok = SentencePieceTokenizer(spm_path) if spm_path else ByteTokenizer()
-    if tok.vocab_size not in (model_vocab_size, trained_vocab_size):
-        raise ValueError(f"tokenizer {spm_path or '(byte-level fallback)'} has {tok.vocab_size} ids but the model's "
-                         f"vocab_size is {model_vocab_size}"
-                         + (f" (the run was trained with {trained_vocab_size})" if trained_vocab_size else "")
-                         + ("" if spm_path else "; the run names no SentencePiece vocabulary: pass the one it was "
-                            "trained with (passkey_eval.spm_path / --spm_path)"))
-    return tok
 
 
 def encode_trial(tok, prompt: str, key: str, add_bos: bool = True) -> tuple[list[int], list[int]]:
@@ -126,9 +76,9 @@ def evaluate(model, params, *, context_lengths: Sequence[int], trials: int = 5, 
     if not context_lengths:
         raise ValueError("context_lengths must name at least one length")
     tok = make_tokenizer(spm_path, model.config.vocab_size, trained_vocab_size)
-    cfg = WindowedConfig(window=window, last_context_length=last_context_length, top_k=top_k,
-                         capacity=capacity, mem_dtype=mem_dtype)
-    gen = Generator(model, params, cfg, mesh=mesh)
+    windowed = WindowedConfig(window=window, last_context_length=last_context_length, top_k=top_k,
+                              capacity=capacity, mem_dtype=mem_dtype)
+    gen = Generator(model, params, windowed, mesh=mesh)
     accs, lengths, examples = [], [], []
     for i, target in enumerate(context_lengths):
         n_garbage = garbage_for_tokens(tok, int(target))
