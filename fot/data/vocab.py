@@ -200,7 +200,9 @@ class SentencePieceTokenizer:
         return list(self.sp.encode(text))
 
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        """Text of ``ids``; ids past the tokenizer (a model's padded vocabulary rows, which an untrained or
+        sampling model can emit) have no text and are skipped."""
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
 
 def make_tokenizer(spm_path: str | None, model_vocab_size: int, trained_vocab_size: int | None = None):
