@@ -10,17 +10,21 @@ from fot.ops.memory import choose_topk_method
 from fot.ops.topk import first_argmax, tournament_plan, tournament_topk
 
 
-@pytest.mark.parametrize("m,tile,group,k", [(96, 32, 8, 5), (64, 64, 4, 40), (48, 16, 16, 7), (7, 1, 1, 3)])
-def test_tournament_equals_numpy_sort_with_ties_and_masks(rng, m, tile, group, k):
+@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("m,tile,group,k", [(96, 32, 8, 5), (64, 64, 4, 40), (48, 16, 16, 7), (7, 1, 1, 3),
+                                           (128, 64, 32, 9)])
+def test_tournament_equals_numpy_sort_with_ties_and_masks(rng, m, tile, group, k, keep):
     """Integer-valued scores (many exact ties), masked keys, rows with fewer valid keys than k: the values are
-    those of a numpy sort, best first; the indices are distinct valid keys whose scores are those values."""
+    those of a numpy sort, best first; the indices are distinct valid keys whose scores are those values.
+    keep: the rounds read the first pass's scores back (small memories) instead of re-scoring keys."""
     b, hk, q, d = 2, 2, 5, 4
     qh = rng.integers(-2, 3, size=(b, hk, q, d)).astype(np.float32)
     keys = rng.integers(-2, 3, size=(b, m, hk, d)).astype(np.float32)
     mask = rng.random((b, m)) > 0.3
     mask[1, : max(m - k // 2, 0)] = False  # row 1: fewer valid keys than k
     mask[1, -1] = True
-    vals, idx = tournament_topk(jnp.asarray(qh), jnp.asarray(keys), jnp.asarray(mask), k, tile=tile, group=group)
+    vals, idx = tournament_topk(jnp.asarray(qh), jnp.asarray(keys), jnp.asarray(mask), k, tile=tile, group=group,
+                                keep_scores=keep)
     vals, idx = np.asarray(vals), np.asarray(idx)
     full = np.einsum("bhqd,bmhd->bhqm", qh, keys)
     for bi in range(b):
@@ -34,9 +38,14 @@ def test_tournament_equals_numpy_sort_with_ties_and_masks(rng, m, tile, group, k
         np.testing.assert_array_equal(np.take_along_axis(full[bi], sel, -1), vals[bi, ..., :nv])
 
 
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("h,hkv", [(2, 2), (4, 2)])
-def test_memory_attention_tournament_equals_merge(rng, h, hkv):
-    """Same outputs and gradients with either selection (M = 384: 3 tiles of 128, groups of 8)."""
+def test_memory_attention_tournament_equals_merge(rng, monkeypatch, h, hkv, keep):
+    """Same outputs and gradients with either selection (M = 384: 3 tiles of 128; small enough for the
+    kept-scores rounds, groups of 32; keep=False forces the re-scoring rounds, groups of 8)."""
+    import fot.ops.topk as topk_mod
+    if not keep:
+        monkeypatch.setattr(topk_mod, "CPU_KEEP_ELEMS", 0)
     b, tq, d, m = 2, 4, 8, 384
     q = rng.normal(size=(b, tq, h, d)).astype(np.float32)
     k, v = (rng.normal(size=(b, tq, hkv, d)).astype(np.float32) for _ in range(2))
@@ -55,13 +64,15 @@ def test_memory_attention_tournament_equals_merge(rng, h, hkv):
 
 
 def test_method_choice_and_plan():
-    assert choose_topk_method("auto", 65536, 1024, 32, "cpu") == ("tournament", (512, 16))
+    assert choose_topk_method("auto", 65536, 1024, 32, "cpu") == ("tournament", (512, 16, False))
+    assert choose_topk_method("auto", 4096, 1024, 32, "cpu") == ("tournament", (512, 32, True))  # scores kept
     assert choose_topk_method("auto", 65536, 1024, 32, "gpu") == ("merge", None)
     assert choose_topk_method("tournament", 1001, 16, 4, "gpu") == ("merge", None)  # no power-of-two tile
     assert choose_topk_method("merge", 4096, 16, 4, "cpu") == ("merge", None)
     with pytest.raises(ValueError, match="topk_method"):
         choose_topk_method("sort", 4096, 16, 4, "cpu")
-    tile, group = tournament_plan(262144, 1024, 32)
+    tile, group, keep = tournament_plan(262144, 1024, 32)
+    assert not keep
     assert 262144 % tile == 0 and tile % group == 0 and 1024 * 262144 // group <= 2 ** 22
     x = jnp.asarray([[1.0, 3.0, 3.0, 2.0], [-jnp.inf] * 4])
     mx, i = first_argmax(x)

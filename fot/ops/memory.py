@@ -126,7 +126,7 @@ TOPK_METHODS = ("auto", "merge", "tournament")
 
 
 def choose_topk_method(method, m, queries, k, platform=None):
-    """("merge", None) or ("tournament", (tile, group)) for a top-k over m memory slots: "auto" is the
+    """("merge", None) or ("tournament", (tile, group, keep_scores)) for a top-k over m memory slots: "auto" is the
     tournament on CPU (fot.ops.topk.tournament_topk: no lax.top_k, which XLA:CPU runs as a sort) when
     fot.ops.topk.tournament_plan finds a tile, the running lax.top_k merge elsewhere."""
     if method not in TOPK_METHODS:
@@ -146,7 +146,7 @@ def _select_topk(q, mem_k, mem_mask, top_k, scale, chunk, method="auto"):
     mk = lax.stop_gradient(mem_k)
     how, plan = choose_topk_method(method, mem_k.shape[1], qh.shape[0] * qh.shape[1] * qh.shape[2], top_k)
     if how == "tournament" and scale > 0:  # ranking by <q, k> = ranking by scale * <q, k>
-        vals, idx = tournament_topk(qh, mk, mem_mask, top_k, tile=plan[0], group=plan[1],
+        vals, idx = tournament_topk(qh, mk, mem_mask, top_k, tile=plan[0], group=plan[1], keep_scores=plan[2],
                                     vma=_vma(q, mem_k, mem_mask))
         vals, idx = unfold_groups(vals, g), unfold_groups(idx, g)  # [B,H,T,K]
         return jnp.swapaxes(vals > NEG / 2, 1, 2), jnp.swapaxes(idx, 1, 2)

@@ -130,6 +130,11 @@ def topk_scores(queries, keys, k, *, chunk_size=DEFAULT_CHUNK, key_mask=None, gr
 # "Speed where users feel it").
 CPU_TILE_ELEMS = 2 ** 19  # [queries, tile] score tile of the first pass (2 MiB float32, in cache)
 CPU_GROUP_ELEMS = 2 ** 22  # [queries, M / group] group maxima kept between the passes (16 MiB)
+# Small memories: every [queries, M] score is kept from the first pass (at most 16 MiB float32) and each round
+# reads its group's scores back (group values, not group x D key values re-scored): at 1024 queries x 4096
+# keys x 32 dims, k = 32, 11.0 -> 7.7 ms per selection (BUILD_NOTES issue 14).
+CPU_KEEP_ELEMS = 2 ** 22
+KEEP_MAX_GROUP = 32  # taken keys of a group are one int32 bit mask
 
 
 def first_argmax(x):
@@ -141,11 +146,13 @@ def first_argmax(x):
 
 
 def tournament_plan(m, queries, k):
-    """(tile, group) for :func:`tournament_topk` over m keys and `queries` queries, or None when the
-    tournament would be slow (m has no power-of-two tile of at least 16 keys while m > 256). tile: the
+    """(tile, group, keep_scores) for :func:`tournament_topk` over m keys and `queries` queries, or None when
+    the tournament would be slow (m has no power-of-two tile of at least 16 keys while m > 256). tile: the
     largest power of two dividing m with a [queries, tile] score tile of at most CPU_TILE_ELEMS (>= 128
-    keys when m allows); group: a power of two dividing tile with [queries, m / group] maxima of at most
-    CPU_GROUP_ELEMS elements (8..tile)."""
+    keys when m allows). keep_scores: all [queries, m] scores fit in CPU_KEEP_ELEMS (small memories), so
+    the rounds read them back instead of re-scoring gathered keys; group is then min(32, tile) (fewer
+    groups per round). Otherwise group is a power of two dividing tile with [queries, m / group] maxima of
+    at most CPU_GROUP_ELEMS elements (8..tile)."""
     target = 128
     while target * 2 <= 4096 and queries * target * 2 <= CPU_TILE_ELEMS:
         target *= 2
@@ -154,13 +161,15 @@ def tournament_plan(m, queries, k):
         tile *= 2
     if tile < 16 and m > 256:
         return None
+    if queries * m <= CPU_KEEP_ELEMS:
+        return tile, min(KEEP_MAX_GROUP, tile), True
     group = min(8, tile)
     while group * 2 <= tile and queries * (m // group) > CPU_GROUP_ELEMS:
         group *= 2
-    return tile, group
+    return tile, group, False
 
 
-def tournament_topk(qh, keys, key_mask, k, *, tile, group, vma=frozenset()):
+def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vma=frozenset()):
     """Exact top-k keys per query by inner product <q, key>, best first, without lax.top_k.
 
     qh [B,Hk,Q,D] queries (each head's queries score its own keys); keys [B,M,Hk,D] (any float dtype, cast
@@ -174,6 +183,10 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, vma=frozenset()):
     tile's maxima are updated. A key is taken once (positions are checked against the keys already taken),
     so ties are handled; the two evaluations of a score (tile matmul, re-score) may differ in the last
     float32 bits, so keys whose scores tie to within that rounding may be taken in either order.
+    keep_scores (group <= 32): pass 1 also keeps every tile's scores ([M/tile, Q_total, tile] float32, for
+    small memories), and a round reads its group's `group` scores back and marks taken keys in a per-group
+    bit mask, instead of gathering group x D key values and re-scoring them (same selection; the values are
+    the pass-1 scores).
     """
     b, hk, q, d = qh.shape
     m = keys.shape[1]
@@ -187,11 +200,18 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, vma=frozenset()):
         bc = lax.dynamic_slice_in_dim(bias, i * tile, tile, axis=1).astype(qh.dtype)
         kb = jnp.concatenate([jnp.swapaxes(kc, 1, 2), jnp.broadcast_to(bc[:, None, :, None], (b, hk, tile, 1))], -1)
         s = jnp.einsum("bhqd,bhcd->bhqc", qb, kb, preferred_element_type=jnp.float32)  # [B,Hk,Q,C]
-        gmax = s.reshape(qt, gpt, group).max(-1)
-        return None, (gmax, gmax.max(-1))
+        s = s.reshape(qt, gpt, group)
+        gmax = s.max(-1)
+        return None, (gmax, gmax.max(-1)) + ((s,) if keep_scores else ())
 
-    _, (gm, tm) = lax.scan(pass1, None, jnp.arange(nt, dtype=jnp.int32))  # [nt, Qt, gpt], [nt, Qt]
+    _, out = lax.scan(pass1, None, jnp.arange(nt, dtype=jnp.int32))  # [nt, Qt, gpt], [nt, Qt] (, scores)
+    gm, tm = out[:2]
     tm = tm.T  # [Qt, nt]
+    if keep_scores:
+        if group > KEEP_MAX_GROUP:
+            raise ValueError(f"keep_scores needs group <= {KEEP_MAX_GROUP}, got {group}")
+        vals, idx = _rounds_kept(out[2].reshape(nt * qt * gpt, group), gm, tm, k, tile, group, vma)
+        return vals.reshape(b, hk, q, k), idx.reshape(b, hk, q, k)
     bi = jnp.repeat(jnp.arange(b, dtype=jnp.int32), hk * q)[:, None]
     hi = jnp.tile(jnp.repeat(jnp.arange(hk, dtype=jnp.int32), q), b)[:, None]
     qf = qh.reshape(qt, d)
@@ -223,3 +243,37 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, vma=frozenset()):
         idx = lax.pcast(idx, tuple(sorted(vma)), to="varying")
     (_, _, vals, idx), _ = lax.scan(rnd, (gm, tm, vals, idx), jnp.arange(k, dtype=jnp.int32))
     return vals.reshape(b, hk, q, k), idx.reshape(b, hk, q, k)
+
+
+def _rounds_kept(rows, gm, tm, k, tile, group, vma):
+    """The k rounds of :func:`tournament_topk` with the pass-1 scores kept: rows [nt*Qt*gpt, group] (the
+    scores of group (tile t, query q, group w) at row (t*Qt + q)*gpt + w), gm [nt, Qt, gpt], tm [Qt, nt].
+    Returns (vals, idx) [Qt, k] (the caller reshapes)."""
+    from fot.ops.attention import full
+    nt, qt, gpt = gm.shape
+    qi = jnp.arange(qt, dtype=jnp.int32)
+    in_group = jnp.arange(group, dtype=jnp.int32)
+    in_tile = jnp.arange(gpt, dtype=jnp.int32)
+
+    def rnd(state, r):
+        gm, taken, tm, vals, idx = state
+        _, ti = first_argmax(tm)  # [Qt] tile
+        cand = gm[ti, qi]  # [Qt, gpt]
+        _, w = first_argmax(cand)
+        row = (ti * qt + qi) * gpt + w  # [Qt]
+        bits = taken[ti, qi, w]  # [Qt] keys of the group already taken
+        s = jnp.where((bits[:, None] >> in_group) & 1 == 1, -jnp.inf, rows[row])  # [Qt, group]
+        v, p = first_argmax(s)
+        rest = jnp.where(in_group == p[:, None], -jnp.inf, s).max(-1)
+        gm = gm.at[ti, qi, w].set(rest)
+        taken = taken.at[ti, qi, w].set(bits | (1 << p))
+        tm = tm.at[qi, ti].set(jnp.where(in_tile == w[:, None], rest[:, None], cand).max(-1))
+        return (gm, taken, tm, vals.at[:, r].set(v), idx.at[:, r].set(ti * tile + w * group + p)), None
+
+    vals = full((qt, k), NEG, vma)
+    idx = jnp.full((qt, k), -1, jnp.int32)
+    taken = jnp.zeros(gm.shape, jnp.int32)
+    if vma:
+        idx, taken = (lax.pcast(x, tuple(sorted(vma)), to="varying") for x in (idx, taken))
+    (_, _, _, vals, idx), _ = lax.scan(rnd, (gm, taken, tm, vals, idx), jnp.arange(k, dtype=jnp.int32))
+    return vals, idx
