@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fot.ops import bits
+
 NEG = -1e30
 DEFAULT_CHUNK = 8192
 
@@ -196,7 +198,8 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vm
     qb = jnp.concatenate([qh, jnp.ones(qh.shape[:-1] + (1,), qh.dtype)], -1)  # [B,Hk,Q,D+1]
 
     def pass1(_, i):
-        kc = lax.dynamic_slice_in_dim(keys, i * tile, tile, axis=1).astype(qh.dtype)  # [B,C,Hk,D]
+        # bit-pattern slice: XLA:CPU would otherwise hoist a whole-store float32 copy of a bf16 store
+        kc = bits.move(lambda x: lax.dynamic_slice_in_dim(x, i * tile, tile, axis=1), keys).astype(qh.dtype)
         bc = lax.dynamic_slice_in_dim(bias, i * tile, tile, axis=1).astype(qh.dtype)
         kb = jnp.concatenate([jnp.swapaxes(kc, 1, 2), jnp.broadcast_to(bc[:, None, :, None], (b, hk, tile, 1))], -1)
         s = jnp.einsum("bhqd,bhcd->bhqc", qb, kb, preferred_element_type=jnp.float32)  # [B,Hk,Q,C]
