@@ -3,6 +3,7 @@
     python -m benchmarks.topk            # 64K / 256K / 1M keys + streaming at 4K / 64K / 256K memory tokens
     python -m benchmarks.topk --quick    # 64K / 256K keys + streaming at 4K / 64K
     python -m benchmarks.topk --sizes 0 --stream_sizes 4096,65536,262144   # streaming only
+    python -m benchmarks.topk --sizes 0 --stream_sizes 0 --op_sizes 4096     # one memory_attention call
 
 Part 1 — exact maximum-inner-product top-k, dim 128, k = 32, 256 queries, memories of 64K/256K/1M
 keys, float32:
@@ -19,7 +20,10 @@ Part 2 — streaming windows through a model whose memory holds exactly M tokens
 store is pre-filled with random keys/values, every window reads all M slots and its append evicts the
 oldest window), for the tiny model (4 layers, d=128, 4 heads x 32, window 256) and the stdlib-sized model
 (gin/size/tiny_test.gin, window 128): tokens/s with exact top-k memory (k = 32), dense memory and no memory,
-timed round-robin; one "target met / NOT met" line per model and size (top-k >= 1.0x dense).
+timed round-robin; one "target met / NOT met" line per model and size (top-k >= 1.0x dense, wall time). The
+same ratio in process CPU time is printed alongside: on a shared machine it moves far less with other
+processes' load (wall-time ratios swung 0.83x..3.6x between runs at 64K), but it does not charge a path
+for a core it leaves idle.
 """
 from __future__ import annotations
 
@@ -115,7 +119,7 @@ STREAM_MODELS = {  # name -> (ModelConfig kwargs or gin size file, window, descr
 }
 
 
-def streaming(sizes, *, models=("tiny", "stdlib"), top_k=32, windows=4, reps=3, mem_dtype="float32", seed=0):
+def streaming(sizes, *, models=("tiny", "stdlib"), top_k=32, windows=4, reps=5, mem_dtype="float32", seed=0):
     """tokens/s of windows streamed through a model whose memory holds exactly M tokens (the store is filled
     with random keys/values, so every window reads M memory slots; each append evicts the oldest window):
     exact top-k memory vs dense memory vs no memory, timed round-robin (min of `reps` runs of `windows`
@@ -154,26 +158,73 @@ def streaming(sizes, *, models=("tiny", "stdlib"), top_k=32, windows=4, reps=3, 
             def run(runner):
                 stores = full_stores(runner) if runner.mem_layers else {}
                 jax.block_until_ready(stores)
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for w in range(windows):
                     logits, stores, _ = runner.step(stores, tokens[:, w * window:(w + 1) * window])
                 jax.block_until_ready(logits)
-                return time.perf_counter() - t0
+                return time.perf_counter() - t0, time.process_time() - c0
 
             for r in runners.values():  # compile and warm up
                 run(r)
             best = {k: float("inf") for k in runners}
+            cpu = dict(best)
             for _ in range(reps):
                 for k, r in runners.items():
-                    best[k] = min(best[k], run(r))
+                    wall, c = run(r)
+                    best[k], cpu[k] = min(best[k], wall), min(cpu[k], c)
             tps = {k: windows * window / v for k, v in best.items()}
+            # CPU time of this process (all threads): moves far less with other processes' load than wall time
             row = {"model": name, "model_desc": desc, "memory_tokens": m, "window": window, "top_k": top_k,
-                   "tokens_per_s": tps, "topk_vs_dense": tps["top-k"] / tps["dense"], "load": _load()}
+                   "tokens_per_s": tps, "topk_vs_dense": tps["top-k"] / tps["dense"],
+                   "cpu_s": cpu, "topk_vs_dense_cpu_time": cpu["dense"] / cpu["top-k"], "load": _load()}
             out.append(row)
             print(f"[stream] {name} M={m}: top-k {tps['top-k']:.0f}, dense {tps['dense']:.0f}, no memory "
-                  f"{tps['no memory']:.0f} tokens/s (top-k/dense {row['topk_vs_dense']:.2f}, {row['load']})",
-                  flush=True)
+                  f"{tps['no memory']:.0f} tokens/s (top-k/dense {row['topk_vs_dense']:.2f}; in CPU time "
+                  f"{row['topk_vs_dense_cpu_time']:.2f}; {row['load']})", flush=True)
     return {"mem_dtype": mem_dtype, "windows": windows, "reps": reps, "rows": out}
+
+
+OP_SHAPES = {"tiny": (256, 4, 32), "stdlib": (128, 4, 16)}  # (window, heads, head_dim) of STREAM_MODELS
+
+
+def memory_ops(sizes, *, models=("tiny", "stdlib"), top_k=32, reps=15, seed=0):
+    """Milliseconds of one memory layer's fot.ops.memory_attention call (float32, one row, a full memory of
+    M slots) at the streaming models' window/head shapes: dense, top-k (the default selection: on CPU the
+    tournament, with kept first-pass scores where they fit) and top-k with kept scores disabled; interleaved,
+    min of `reps`."""
+    from fot.ops import memory_attention
+    import fot.ops.topk as topk_mod
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in models:
+        t, h, d = OP_SHAPES[name]
+        q, k = (jnp.asarray(rng.standard_normal((1, t, h, d)), jnp.float32) for _ in range(2))
+        for m in sizes:
+            mk, mv = (jnp.asarray(rng.standard_normal((1, m, h, d)), jnp.float32) for _ in range(2))
+            fns = {"dense": jax.jit(lambda *a: memory_attention(*a)),
+                   "top-k": jax.jit(lambda *a: memory_attention(*a, top_k=top_k))}
+            keep = topk_mod.CPU_KEEP_ELEMS
+            topk_mod.CPU_KEEP_ELEMS = 0  # traced now: the re-scoring rounds only
+            try:
+                fns["top-k, scores not kept"] = jax.jit(lambda *a: memory_attention(*a, top_k=top_k))
+                jax.block_until_ready(fns["top-k, scores not kept"](q, k, k, mk, mv))
+            finally:
+                topk_mod.CPU_KEEP_ELEMS = keep
+            best = {n: float("inf") for n in fns}
+            for f in fns.values():
+                jax.block_until_ready(f(q, k, k, mk, mv))
+            for _ in range(reps):
+                for n, f in fns.items():
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(f(q, k, k, mk, mv))
+                    best[n] = min(best[n], time.perf_counter() - t0)
+            row = {"model": name, "memory_tokens": m, "ms": {n: round(v * 1e3, 2) for n, v in best.items()},
+                   "load": _load()}
+            out.append(row)
+            print(f"[op] {name} M={m}: " + ", ".join(f"{n} {v} ms" for n, v in row["ms"].items()) + f" ({row['load']})",
+                  flush=True)
+    return out
 
 
 def _load():
@@ -205,7 +256,8 @@ def print_report(res) -> None:
         for row in s["rows"]:
             t = row["tokens_per_s"]
             print(f"  {row['model']:>6} M={row['memory_tokens']:>7}: top-k {t['top-k']:>8.0f}  dense {t['dense']:>8.0f}  "
-                  f"no memory {t['no memory']:>8.0f} tokens/s  top-k/dense {row['topk_vs_dense']:.2f}")
+                  f"no memory {t['no memory']:>8.0f} tokens/s  top-k/dense {row['topk_vs_dense']:.2f} "
+                  f"(CPU time {row['topk_vs_dense_cpu_time']:.2f})")
         for row in s["rows"]:
             ok = row["topk_vs_dense"] >= 1.0
             print(f"top-k streaming >= 1.0x dense tokens/s, {row['model']} model, {row['memory_tokens']} memory tokens: "
@@ -218,6 +270,7 @@ def main(argv=None):
     p.add_argument("--sizes", default=None, help="comma-separated memory sizes (keys)")
     p.add_argument("--stream_sizes", default=None, help="memory sizes for the streaming part (0 = skip it)")
     p.add_argument("--stream_models", default="tiny,stdlib")
+    p.add_argument("--op_sizes", default="0", help="memory sizes for a memory_attention op timing (dense vs top-k)")
     p.add_argument("--chunk", type=int, default=16384, help="fot.ops.topk_scores chunk_size")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -227,6 +280,9 @@ def main(argv=None):
     stream = a.stream_sizes if a.stream_sizes is not None else ("4096,65536" if a.quick else "4096,65536,262144")
     stream = [int(x) for x in stream.split(",") if int(x) > 0]
     res = {"retrieval": retrieval(sizes, chunk=a.chunk, repeats=a.repeats)} if sizes else {}
+    ops = [int(x) for x in a.op_sizes.split(",") if int(x) > 0]
+    if ops:
+        res["memory_ops"] = memory_ops(ops, models=a.stream_models.split(","))
     if stream:
         res["streaming"] = streaming(stream, models=a.stream_models.split(","))
     print_report(res)
