@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fot.parallel import make_mesh, multihost
+from fot.runtime import EXIT_PREEMPTED
 from fot.parallel.launch import Group
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,7 +148,7 @@ def test_two_processes_equal_one_and_resume_on_one(tmp_path):
         g.kill(1, signal.SIGTERM)  # a preemption notice reaching one host only
         codes = g.wait(600)
         (out0, err0), (out1, err1) = [(g.read(i, "out"), g.read(i, "err")) for i in range(2)]
-    assert codes == [0, 0], f"exit codes {codes}\n{err0[-3000:]}\n{err1[-3000:]}"
+    assert codes == [EXIT_PREEMPTED] * 2, f"exit codes {codes}\n{err0[-3000:]}\n{err1[-3000:]}"
     results = json.loads((multi / "results.json").read_text())
     stop = results["step"]
     assert results["stopped"] == "preempted" and 3 <= stop < 1000
@@ -177,7 +178,7 @@ def test_two_processes_equal_one_and_resume_on_one(tmp_path):
     evaluated = {}
     for n in (1, 2):
         argv = [sys.executable, "-m", "fot.eval", f"--workdir={multi}", "--task=dictionary",
-                "--gin_bindings=dictionary_eval.sizes = [16, 32]"]
+                "--gin_bindings=dictionary_eval.sizes = [16, 32]", "--top_k=4"]
         with Group(argv, n, 8 // n, str(tmp_path / f"eval{n}")) as g:
             codes = g.wait(600)
             outs = [[line for line in g.read(i, "out").splitlines() if line.startswith("{")] for i in range(n)]

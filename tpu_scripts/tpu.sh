@@ -13,7 +13,7 @@
 # launch runs `python -m MODULE ARGS` on --worker=all in the background: worker N logs to
 # ~/fot_logs/RUN.wN.log on its own disk and keeps its pid in ~/fot_logs/RUN.pid. jax.distributed finds the
 # other workers itself on a TPU slice (fot.train --distributed=auto); the workdir must be on storage every
-# worker sees (gs://...). stop sends SIGTERM by default: fot.train saves a checkpoint and exits 0, and a
+# worker sees (gs://...). stop sends SIGTERM by default: fot.train saves a checkpoint and exits 5, and a
 # later launch with the same arguments resumes from it. Spot slices: tpu_scripts/supervise.sh.
 set -euo pipefail
 HERE=$(cd "${BASH_SOURCE[0]%/*}" && pwd)

@@ -72,11 +72,15 @@ class Group:
 
     def wait(self, timeout: float, *, stop_on_failure: bool = True) -> list[int | None]:
         """Return codes when all have exited, or when one fails (``stop_on_failure``: the others are then
-        killed) or the deadline passes (None = was still running, now killed)."""
+        killed) or the deadline passes (None = was still running, now killed). Exit 5 (preempted: a
+        checkpoint was saved) is a stop, not a failure: the others are stopping at the same step."""
+        from fot.runtime import EXIT_PREEMPTED
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             codes = [p.poll() for p in self.procs]
-            if all(c is not None for c in codes) or (stop_on_failure and any(c for c in codes)):
+            if all(c is not None for c in codes) or (
+                    stop_on_failure and any(c not in (None, 0, EXIT_PREEMPTED) for c in codes)):
                 break
             time.sleep(0.2)
         codes = [p.poll() for p in self.procs]
