@@ -1,13 +1,13 @@
 """Blockwise joint-softmax attention kernel (online softmax, flash-style custom VJP) and causal attention.
 
 One softmax over (a) causal local keys of the same segment and (b) `n_blocks` blocks of extra keys that
-are fetched one at a time by a `fetch(src, aux, j) -> (k_j [B,S,H,Dh], v_j [B,S,H,Dh], mask_j bool [B,S])`
+are fetched one at a time by a `fetch(src, consts, j) -> (k_j [B,S,H,Dh], v_j [B,S,H,Dh], mask_j bool [B,S])`
 function. Forward: lax.scan over blocks keeping (running max, sum, memory sum, accumulator).
 Backward: a custom VJP that saves only inputs, output and log-sum-exp and recomputes each block's scores
 (flash-attention backward), so neither forward nor backward memory grows with the number of blocks.
 A fetch function with attribute `head_major = True` returns k_j, v_j as [B,H,S,Dh] (and takes head-major
 cotangents in `accumulate`), which saves two transposes per block and direction.
-Gradients of the fetched blocks reach `src` through `fetch.accumulate(dsrc, aux, j, (dk_j, dv_j))` when the
+Gradients of the fetched blocks reach `src` through `fetch.accumulate(dsrc, consts, j, (dk_j, dv_j))` when the
 fetch function defines it (in-place scatter-add into the float32 cotangent carry), else through jax.vjp of
 `fetch`. Fetched blocks are cast to q.dtype one block at a time, so `src` may have another dtype (e.g. a
 bf16 memory with float32 queries) without a full-size converted copy; the result equals casting first.
@@ -21,6 +21,9 @@ key/value gradients are summed over the group by the same matmuls.
 All scores, softmax statistics and accumulators are float32.
 """
 from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -116,95 +119,118 @@ def _block_grads(qh, kh, vh, mask, lse, doh, delta, dlse, scale):
     return dq, dk, dv
 
 
-def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, aux, *, fetch, n_blocks, scale,
+class _Blocks(NamedTuple):
+    """Static settings of one :func:`blockwise_attention` call (closed over by its custom VJP)."""
+
+    fetch: Any
+    n_blocks: int
+    scale: Any
+    include_local: bool
+    g: int  # query heads per kv head
+
+    def to_h(self, x):
+        """fetch's layout <-> head-major [B,H,S,D]."""
+        return x if getattr(self.fetch, "head_major", False) else _t(x)
+
+    def local_mask(self, q_pos, seg_q, seg_k):
+        """[B,1,g*T,Tk]: the mask of query t repeated for each group member."""
+        m = _local_mask_h(q_pos, seg_q, seg_k)
+        return m if self.g == 1 else jnp.tile(m, (1, 1, self.g, 1))
+
+
+def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, consts, *, fetch, n_blocks, scale,
                         include_local=True, groups=None):
     """Joint softmax over local causal keys and `n_blocks` fetched extra blocks.
 
     q [B,T,H,D]; k, v [B,Tk,Hkv,D] (H = groups * Hkv; fetched blocks also have Hkv heads); q_pos int [B,T]
     (key position of each query); seg_q [B,T], seg_k [B,Tk]; groups: query heads per kv head (default
     H // Hkv of q and k; give it when k is a placeholder, include_local=False);
-    src: pytree of differentiable arrays the blocks are fetched from; aux: tuple of integer/bool arrays.
+    src: pytree of differentiable arrays the blocks are fetched from; consts: tuple of integer/bool arrays
+    (non-differentiable block inputs: masks, row plans).
     Returns (o float32 [B,T,H,D], lse float32 [B,T,H] (NEG if no visible key), mem_mass float32 [B,T,H]).
     `o` and `lse` are differentiable (lse's cotangent is handled, so partial results can be combined);
     mem_mass carries no gradient.
     """
-    aux = tuple(aux)
-    to_h = (lambda x: x) if getattr(fetch, "head_major", False) else _t  # fetch's layout <-> [B,H,S,D]
+    consts = tuple(consts)
     g = int(groups) if groups is not None else q.shape[2] // k.shape[2]
     if q.shape[2] % g or (include_local and k.shape[2] * g != q.shape[2]):
         raise ValueError(f"{q.shape[2]} query heads cannot be grouped {g} per kv head (k {k.shape})")
-
-    def local_mask(q_pos, seg_q, seg_k):  # [B,1,g*T,Tk]: the mask of query t repeated for each group member
-        m = _local_mask_h(q_pos, seg_q, seg_k)
-        return m if g == 1 else jnp.tile(m, (1, 1, g, 1))
-
-    def forward(q, k, v, q_pos, seg_q, seg_k, src, aux):
-        qh = fold_groups(_t(q), g)  # [B,Hkv,G*T,D]
-        state = _init_state(qh, _vma(q, k, v, q_pos, seg_q, seg_k, src, aux))
-        if include_local:
-            state = _accumulate(state, _scores_h(qh, _t(k), scale), local_mask(q_pos, seg_q, seg_k), _t(v),
-                                False)
-        if n_blocks:
-            def body(state, j):
-                kb, vb, mb = fetch(src, aux, j)
-                kb, vb = kb.astype(qh.dtype), vb.astype(qh.dtype)  # per-block cast (src may be e.g. bf16)
-                return _accumulate(state, _scores_h(qh, to_h(kb), scale), mb[:, None, None, :], to_h(vb), True), None
-            state, _ = lax.scan(body, state, jnp.arange(n_blocks))
-        m, l, lm, acc = state
-        safe = jnp.where(l > 0, l, 1.0)
-        oh = acc / safe[..., None]
-        lse = jnp.where(l > 0, m + jnp.log(safe), NEG)
-        return oh, lse, lm / safe  # head-major, groups folded
+    spec = _Blocks(fetch, n_blocks, scale, include_local, g)
 
     def public(oh, lse, mass):
         return tuple(_t(unfold_groups(x, g)) for x in (oh, lse, mass))
 
     @jax.custom_vjp
-    def attend(q, k, v, q_pos, seg_q, seg_k, src, aux):
-        return public(*forward(q, k, v, q_pos, seg_q, seg_k, src, aux))
+    def attend(q, k, v, q_pos, seg_q, seg_k, src, consts):
+        return public(*_blockwise_forward(spec, q, k, v, q_pos, seg_q, seg_k, src, consts))
 
-    def attend_fwd(q, k, v, q_pos, seg_q, seg_k, src, aux):
-        oh, lse, mass = forward(q, k, v, q_pos, seg_q, seg_k, src, aux)
-        return public(oh, lse, mass), (q, k, v, q_pos, seg_q, seg_k, src, aux, oh, lse)
+    def attend_fwd(q, k, v, q_pos, seg_q, seg_k, src, consts):
+        oh, lse, mass = _blockwise_forward(spec, q, k, v, q_pos, seg_q, seg_k, src, consts)
+        return public(oh, lse, mass), (q, k, v, q_pos, seg_q, seg_k, src, consts, oh, lse)
 
-    def attend_bwd(res, cts):
-        q, k, v, q_pos, seg_q, seg_k, src, aux, oh, lse = res
-        do, dlse, _ = cts
-        doh = fold_groups(_t(do.astype(F32)), g)
-        dlse = fold_groups(_t(dlse.astype(F32)), g)
-        qh = fold_groups(_t(q), g)
-        delta = jnp.sum(doh * oh, axis=-1)
-        vma = _vma(q, k, v, q_pos, seg_q, seg_k, src, aux, do, dlse, oh, lse)
-        dq = full(qh.shape, 0.0, vma)
-        dk = full(k.shape, 0.0, vma)
-        dv = full(v.shape, 0.0, vma)
-        if include_local:
-            dq, dkh, dvh = _block_grads(qh, _t(k), _t(v), local_mask(q_pos, seg_q, seg_k), lse, doh, delta,
-                                        dlse, scale)
-            dk, dv = _t(dkh), _t(dvh)
-        dsrc = jax.tree.map(lambda x: full(x.shape, 0.0, vma), src)
-        if n_blocks:
-            def body(carry, j):
-                dq, dsrc = carry
-                kb, vb, mb = fetch(src, aux, j)
-                dqj, dkb, dvb = _block_grads(qh, to_h(kb.astype(qh.dtype)), to_h(vb.astype(qh.dtype)),
-                                             mb[:, None, None, :], lse, doh, delta, dlse, scale)
-                dkb, dvb = to_h(dkb), to_h(dvb)  # back to fetch's layout
-                if hasattr(fetch, "accumulate"):  # in-place scatter-add of the block's cotangents
-                    dsrc = fetch.accumulate(dsrc, aux, j, (dkb, dvb))
-                else:  # generic: transpose of `fetch` (a full-size cotangent per block)
-                    _, pullback = jax.vjp(lambda s_: fetch(s_, aux, j)[:2], src)
-                    (dsj,) = pullback((dkb.astype(kb.dtype), dvb.astype(vb.dtype)))
-                    dsrc = jax.tree.map(lambda a, b: a + b.astype(F32), dsrc, dsj)
-                return (dq + dqj, dsrc), None
-            (dq, dsrc), _ = lax.scan(body, (dq, dsrc), jnp.arange(n_blocks))
-        dsrc = jax.tree.map(_cotangent, dsrc, src)
-        none_aux = tuple(None for _ in aux)
-        dq = _t(unfold_groups(dq, g))
-        return (_cotangent(dq, q), _cotangent(dk, k), _cotangent(dv, v), None, None, None, dsrc, none_aux)
+    attend.defvjp(attend_fwd, functools.partial(_blockwise_backward, spec))
+    return attend(q, k, v, q_pos, seg_q, seg_k, src, consts)
 
-    attend.defvjp(attend_fwd, attend_bwd)
-    return attend(q, k, v, q_pos, seg_q, seg_k, src, aux)
+
+def _blockwise_forward(spec: _Blocks, q, k, v, q_pos, seg_q, seg_k, src, consts):
+    """Online softmax over the local keys and the fetched blocks → head-major, groups folded:
+    (o [B,Hkv,G*T,D], lse [B,Hkv,G*T], mem_mass [B,Hkv,G*T]) float32."""
+    qh = fold_groups(_t(q), spec.g)  # [B,Hkv,G*T,D]
+    state = _init_state(qh, _vma(q, k, v, q_pos, seg_q, seg_k, src, consts))
+    if spec.include_local:
+        state = _accumulate(state, _scores_h(qh, _t(k), spec.scale), spec.local_mask(q_pos, seg_q, seg_k),
+                            _t(v), False)
+    if spec.n_blocks:
+        def body(state, j):
+            kb, vb, mb = spec.fetch(src, consts, j)  # [B,S,Hkv,D] x2 (fetch's layout), bool [B,S]
+            kb, vb = kb.astype(qh.dtype), vb.astype(qh.dtype)  # per-block cast (src may be e.g. bf16)
+            return _accumulate(state, _scores_h(qh, spec.to_h(kb), spec.scale), mb[:, None, None, :],
+                               spec.to_h(vb), True), None
+        state, _ = lax.scan(body, state, jnp.arange(spec.n_blocks))
+    m, l, lm, acc = state
+    safe = jnp.where(l > 0, l, 1.0)
+    oh = acc / safe[..., None]
+    lse = jnp.where(l > 0, m + jnp.log(safe), NEG)
+    return oh, lse, lm / safe
+
+
+def _blockwise_backward(spec: _Blocks, res, cts):
+    """Custom VJP backward of :func:`blockwise_attention` (flash-attention style, block by block)."""
+    q, k, v, q_pos, seg_q, seg_k, src, consts, oh, lse = res
+    do, dlse, _ = cts
+    g, fetch = spec.g, spec.fetch
+    doh = fold_groups(_t(do.astype(F32)), g)  # [B,Hkv,G*T,D]
+    dlse = fold_groups(_t(dlse.astype(F32)), g)  # [B,Hkv,G*T]
+    qh = fold_groups(_t(q), g)
+    delta = jnp.sum(doh * oh, axis=-1)  # [B,Hkv,G*T]
+    vma = _vma(q, k, v, q_pos, seg_q, seg_k, src, consts, do, dlse, oh, lse)
+    dq = full(qh.shape, 0.0, vma)
+    dk = full(k.shape, 0.0, vma)
+    dv = full(v.shape, 0.0, vma)
+    if spec.include_local:
+        dq, dkh, dvh = _block_grads(qh, _t(k), _t(v), spec.local_mask(q_pos, seg_q, seg_k), lse, doh, delta,
+                                    dlse, spec.scale)
+        dk, dv = _t(dkh), _t(dvh)
+    dsrc = jax.tree.map(lambda x: full(x.shape, 0.0, vma), src)
+    if spec.n_blocks:
+        def body(carry, j):
+            dq, dsrc = carry
+            kb, vb, mb = fetch(src, consts, j)
+            dqj, dkb, dvb = _block_grads(qh, spec.to_h(kb.astype(qh.dtype)), spec.to_h(vb.astype(qh.dtype)),
+                                         mb[:, None, None, :], lse, doh, delta, dlse, spec.scale)
+            dkb, dvb = spec.to_h(dkb), spec.to_h(dvb)  # back to fetch's layout
+            if hasattr(fetch, "accumulate"):  # in-place scatter-add of the block's cotangents
+                dsrc = fetch.accumulate(dsrc, consts, j, (dkb, dvb))
+            else:  # generic: transpose of `fetch` (a full-size cotangent per block)
+                _, pullback = jax.vjp(lambda s_: fetch(s_, consts, j)[:2], src)
+                (dsj,) = pullback((dkb.astype(kb.dtype), dvb.astype(vb.dtype)))
+                dsrc = jax.tree.map(lambda a, b: a + b.astype(F32), dsrc, dsj)
+            return (dq + dqj, dsrc), None
+        (dq, dsrc), _ = lax.scan(body, (dq, dsrc), jnp.arange(spec.n_blocks))
+    dsrc = jax.tree.map(_cotangent, dsrc, src)
+    none_consts = tuple(None for _ in consts)
+    dq = _t(unfold_groups(dq, g))
+    return (_cotangent(dq, q), _cotangent(dk, k), _cotangent(dv, v), None, None, None, dsrc, none_consts)
 
 
 def _cotangent(ct, primal):
@@ -219,7 +245,7 @@ def _cotangent(ct, primal):
     return ct.astype(primal.dtype)
 
 
-def no_blocks(src, aux, j):  # pragma: no cover - never called (n_blocks=0)
+def no_blocks(src, consts, j):  # pragma: no cover - never called (n_blocks=0)
     raise AssertionError("no extra blocks")
 
 

@@ -45,8 +45,8 @@ def _fetch_rows(g):
     """Block j of every row b = the keys of source rows extra_rows[b, j*g:(j+1)*g] concatenated, head-major:
     src = (extra_k, extra_v) as [B_src, H, S, Dh]; returns k, v [B, H, g*S, Dh], mask [B, g*S] (False for
     padding keys and unused (-1) rows)."""
-    def rows_of(aux, j, num_src):
-        rows = aux[0]
+    def rows_of(consts, j, num_src):
+        rows = consts[0]
         r = lax.dynamic_slice_in_dim(rows, j * g, g, axis=1)  # [B, g]
         return r >= 0, jnp.clip(r, 0, num_src - 1)
 
@@ -54,15 +54,15 @@ def _fetch_rows(g):
         b, (_, h, s, d) = rc.shape[0], x.shape
         return jnp.swapaxes(jnp.take(x, rc, axis=0), 1, 2).reshape(b, h, g * s, d)  # via [B, g, H, S, D]
 
-    def fetch(src, aux, j):
+    def fetch(src, consts, j):
         extra_k, extra_v = src
-        used, rc = rows_of(aux, j, extra_k.shape[0])
-        mask = (used[:, :, None] & jnp.take(aux[1], rc, axis=0)).reshape(rc.shape[0], -1)
+        used, rc = rows_of(consts, j, extra_k.shape[0])
+        mask = (used[:, :, None] & jnp.take(consts[1], rc, axis=0)).reshape(rc.shape[0], -1)
         return gather(extra_k, rc), gather(extra_v, rc), mask
 
-    def accumulate(dsrc, aux, j, dblock):
+    def accumulate(dsrc, consts, j, dblock):
         """Transpose of fetch: scatter-add the block's cotangents into the source rows (unused rows: 0)."""
-        used, rc = rows_of(aux, j, dsrc[0].shape[0])
+        used, rc = rows_of(consts, j, dsrc[0].shape[0])
         out = []
         for acc, gr in zip(dsrc, dblock):
             _, h, s, d = acc.shape

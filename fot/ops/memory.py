@@ -62,14 +62,14 @@ def topk_chunk(chunk_size, b, h, t, platform=None):
 
 
 def _fetch_chunk(chunk):
-    def fetch(src, aux, j):
+    def fetch(src, consts, j):
         mem_k, mem_v = src
-        (mask,) = aux
+        (mask,) = consts
         start = j * chunk
         cut = lambda x: lax.dynamic_slice_in_dim(x, start, chunk, axis=1)  # noqa: E731
         return bits.move(cut, mem_k), bits.move(cut, mem_v), cut(mask)
 
-    def accumulate(dsrc, aux, j, dblock):  # transpose of fetch: add the chunk's cotangents in place
+    def accumulate(dsrc, consts, j, dblock):  # transpose of fetch: add the chunk's cotangents in place
         start = j * chunk
         return tuple(lax.dynamic_update_slice_in_dim(
             acc, lax.dynamic_slice_in_dim(acc, start, chunk, axis=1) + g.astype(acc.dtype), start, axis=1)
@@ -80,13 +80,13 @@ def _fetch_chunk(chunk):
 
 
 def _fetch_tail(start):
-    def fetch(src, aux, j):
+    def fetch(src, consts, j):
         mem_k, mem_v = src
-        (mask,) = aux
+        (mask,) = consts
         cut = lambda x: x[:, start:]  # noqa: E731
         return bits.move(cut, mem_k), bits.move(cut, mem_v), cut(mask)
 
-    def accumulate(dsrc, aux, j, dblock):  # transpose of fetch (the bit-pattern slice has no derivative)
+    def accumulate(dsrc, consts, j, dblock):  # transpose of fetch (the bit-pattern slice has no derivative)
         return tuple(acc.at[:, start:].add(g.astype(acc.dtype)) for acc, g in zip(dsrc, dblock))
 
     fetch.accumulate = accumulate
