@@ -95,16 +95,17 @@ def documents(seed: int, n: int, *, window: int, key_len: int, value_len: int, v
     return {k: np.stack([o[k] for o in out]) for k in ("tokens", "answer", "segment")}
 
 
-def memory_bytes_per_token(mcfg, mem_dtype: str) -> int:
+def memory_bytes_per_token(model_config, mem_dtype: str) -> int:
     """Memory-store bytes per token: keys + values of every memory layer in ``mem_dtype``."""
-    return 2 * mcfg.num_kv_heads * mcfg.head_dim * jnp.dtype(mem_dtype).itemsize * len(mcfg.mem_layers)
+    c = model_config
+    return 2 * c.num_kv_heads * c.head_dim * jnp.dtype(mem_dtype).itemsize * len(c.mem_layers)
 
 
-def estimate_bytes(mcfg, n: int, rows: int, mem_dtype: str) -> int:
+def estimate_bytes(model_config, n: int, rows: int, mem_dtype: str) -> int:
     """Host-memory estimate of one batch of ``rows`` documents of memory size ``n``: the stores, the
     generated documents and the prefill's activations (one call of ``FILL_TOKENS_PER_CALL`` tokens)."""
-    act = FILL_TOKENS_PER_CALL * 4 * (8 * mcfg.d_model + 3 * mcfg.mlp_dim)
-    return rows * n * (memory_bytes_per_token(mcfg, mem_dtype) + HOST_BYTES_PER_TOKEN) + act
+    act = FILL_TOKENS_PER_CALL * 4 * (8 * model_config.d_model + 3 * model_config.mlp_dim)
+    return rows * n * (memory_bytes_per_token(model_config, mem_dtype) + HOST_BYTES_PER_TOKEN) + act
 
 
 def _check(sizes, window, key_len, value_len, vocab_size, top_k, aligned, num_docs):
@@ -148,10 +149,10 @@ def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_
     evaluated at that size).
     """
     ns, limit = _check(sizes, window, key_len, value_len, vocab_size, top_k, aligned, num_docs)
-    mcfg = model.config
-    if not mcfg.mem_layers:
+    model_config = model.config
+    if not model_config.mem_layers:
         raise ValueError("the model has no memory layers (ModelConfig.mem_layers is empty)")
-    resources.check_fits(estimate_bytes(mcfg, max(ns), 1, mem_dtype),
+    resources.check_fits(estimate_bytes(model_config, max(ns), 1, mem_dtype),
                          f"dictionary eval at {max(ns):,} tokens in memory (mem_dtype {mem_dtype})")
     fot_runner = MemoryInference(model, params, WindowedConfig(window=window, top_k=top_k, mem_dtype=mem_dtype,
                                                                 on_overflow="error"), mesh=mesh)
@@ -163,7 +164,7 @@ def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_
         if b_model.config.vocab_size < vocab_size:
             raise ValueError(f"baseline vocab_size {b_model.config.vocab_size} < the task's {vocab_size}")
         base_fn = FullContext(b_model, b_params, chunk=baseline_chunk).logits
-    bpt = memory_bytes_per_token(mcfg, mem_dtype)
+    bpt = memory_bytes_per_token(model_config, mem_dtype)
     prog = resources.Progress(sum(ns) * num_docs, "dictionary eval (memory tokens filled)", enabled=progress)
     lines = {k: [] for k in ("fot", "dense", "baseline", "off")}
     answers, seconds, fill_rates = [], [], []

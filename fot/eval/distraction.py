@@ -61,8 +61,8 @@ def evaluate(model, params, docs: Sequence[np.ndarray], *, window: int, ds: Sequ
         others = [o for o in range(len(wins)) if o != i]
         picks = rng.choice(others, size=max_d - 1, replace=len(others) < max_d - 1) if max_d > 1 else []
         neg.append([wins[o][int(rng.integers(wins[o].shape[0]))] for o in picks])
-    cur, pos = np.stack(cur), np.stack(pos)
-    neg = np.asarray(neg, np.int32).reshape(num_samples, max_d - 1, window)
+    cur, pos = np.stack(cur), np.stack(pos)  # [S, window] current windows, their previous windows
+    neg = np.asarray(neg, np.int32).reshape(num_samples, max_d - 1, window)  # [S, max_d - 1, window]
 
     @jax.jit
     def kv(rows):  # rows int [R, window] → memory-view LayerKV of ``layer`` [R, window, Hkv, Dh]
@@ -73,13 +73,13 @@ def evaluate(model, params, docs: Sequence[np.ndarray], *, window: int, ds: Sequ
         memory = {layer: LayerMemory(mem_k, mem_v, jnp.ones(mem_k.shape[:2], bool))}
         return run_window(model, params, tokens, memory=memory, mesh=mesh, collect_mem_mass=True).mem_mass[layer]
 
-    pk, pv = kv(jnp.asarray(pos))
+    pk, pv = kv(jnp.asarray(pos))  # [S, window, Hkv, Dh]
     b, h, dh = num_samples, model_config.num_kv_heads, model_config.head_dim
     if max_d > 1:
         nk, nv = kv(jnp.asarray(neg.reshape(-1, window)))
-        nk = nk.reshape(b, (max_d - 1) * window, h, dh)
+        nk = nk.reshape(b, (max_d - 1) * window, h, dh)  # [S, (max_d - 1) * window, Hkv, Dh]
         nv = nv.reshape(b, (max_d - 1) * window, h, dh)
-    m_a = np.asarray(mass(jnp.asarray(cur), pk, pv), np.float64)
+    m_a = np.asarray(mass(jnp.asarray(cur), pk, pv), np.float64)  # [S, window, H]
     odds_a = m_a / np.maximum(1.0 - m_a, 1e-30)
     r = []
     for d in ds:

@@ -150,7 +150,7 @@ def append(store: MemoryStore, keys: jax.Array, values: jax.Array,
     mask = mask.astype(bool)
     keys = keys.astype(store.keys.dtype)
     values = values.astype(store.values.dtype)
-    dropped = jnp.zeros((b,), jnp.int32)
+    dropped = jnp.zeros((b,), jnp.int32)  # [B] valid keys evicted before they were written
     if t > cap:  # keep the newest `cap` entries; the older ones are evicted immediately
         dropped = jnp.sum(mask[:, : t - cap], axis=1, dtype=jnp.int32)
         keys, values, mask = keys[:, t - cap:], values[:, t - cap:], mask[:, t - cap:]
@@ -158,12 +158,12 @@ def append(store: MemoryStore, keys: jax.Array, values: jax.Array,
     pos = store.write_pos
     if cap % t == 0:
         # The pointer only takes values that are multiples of t: the window never wraps.
-        old_mask = jax.lax.dynamic_slice_in_dim(store.mask, pos, t, axis=1)
+        old_mask = jax.lax.dynamic_slice_in_dim(store.mask, pos, t, axis=1)  # [B, t] slots overwritten
         new_k, new_v = _write(store.keys, keys, pos), _write(store.values, values, pos)
         new_m = jax.lax.dynamic_update_slice_in_dim(store.mask, mask, pos, axis=1)
     else:
-        idx = (pos + jnp.arange(t, dtype=jnp.int32)) % cap
-        old_mask = store.mask[:, idx]
+        idx = (pos + jnp.arange(t, dtype=jnp.int32)) % cap  # [t] slots written (wrapping)
+        old_mask = store.mask[:, idx]  # [B, t]
         new_k, new_v = _write(store.keys, keys, idx=idx), _write(store.values, values, idx=idx)
         new_m = store.mask.at[:, idx].set(mask)
     evicted = store.evicted + dropped + jnp.sum(old_mask, axis=1, dtype=jnp.int32)
@@ -182,7 +182,7 @@ def reset(store: MemoryStore, rows: jax.Array | None = None) -> MemoryStore:
     rows = jnp.asarray(rows, bool)
     if rows.shape != (b,):
         raise ValueError(f"reset: rows must be bool [B={b}], got shape {rows.shape}")
-    mask = jnp.where(rows[:, None], False, store.mask)
+    mask = jnp.where(rows[:, None], False, store.mask)  # [B, M]
     zero = jnp.zeros_like(store.evicted)
     return dataclasses.replace(store, mask=mask, evicted=jnp.where(rows, zero, store.evicted),
                                appended=jnp.where(rows, zero, store.appended))
