@@ -237,7 +237,8 @@ def test_dictionary_alignment_keeps_whole_records():
 
 
 @pytest.mark.parametrize("base,fot_run", [("runs/dictionary_baseline_quickstart.gin", "quickstart.gin"),
-                                          ("runs/dictionary_baseline_cpu.gin", "runs/dictionary_cpu_k4.gin")])
+                                          ("runs/dictionary_baseline_cpu.gin", "runs/dictionary_cpu_k4.gin"),
+                                          ("runs/dictionary_baseline_cpu.gin", "runs/dictionary_scaling_cpu.gin")])
 def test_baseline_run_files_train_on_the_fot_runs_documents(base, fot_run):
     """The baseline recipes: no memory layers, d = 0, one window per document = the FoT run's documents."""
     import os
