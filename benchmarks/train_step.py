@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.crossbatch import cyclic_rows, gin_size_config, step_flops
+from fot.data.batch import Batch
 from fot.runtime import ENV, cpu_eigen_dots
 
 # name -> (gin size file, recipe d, recipe window, recipe pack, where the recipe comes from)
@@ -128,9 +129,9 @@ class ModelGroup:
         self.replicated = NamedSharding(mesh, PartitionSpec())
         rng = np.random.default_rng(0)
         tokens = rng.integers(0, self.cfg.vocab_size, (b, t + 1)).astype(np.int32)
-        self.host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                           "loss_mask": np.ones((b, t), np.float32), "segment_ids": np.ones((b, t), np.int32),
-                           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()}
+        self.host_batch = Batch(inputs=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=np.ones((b, t), np.float32),
+                                segment_ids=np.ones((b, t), np.int32),
+                                positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy())
 
     def init_state(self):
         from fot.training.state import create_train_state
@@ -191,8 +192,8 @@ def run(a):
                                   f"{dtype} peak > --max_step_seconds {a.max_step_seconds:g})")
             else:
                 fn = group.step_fn(dtype, remat)
-                batch_abs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in group.host_batch.items()}
-                compiled = fn.jitted.lower(group.abstract_state, batch_abs, rows).compile()
+                batch_abs = group.host_batch.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype))
+                compiled = fn.lower(group.abstract_state, batch_abs, rows).compile()
                 mem = compiled.memory_analysis()
                 need = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
                         - mem.alias_size_in_bytes)

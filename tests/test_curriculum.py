@@ -104,4 +104,4 @@ def test_one_compilation_per_distinct_d(rng):
     for d in [1, 2, 1, 2, 0, 1, 0]:
         state, m = step(state, put_batch(next(data), bs), plan_rows(8, d, 2))
     assert np.isfinite(float(m["loss"]))
-    assert step.jitted._cache_size() == 3
+    assert step._cache_size() == 3

@@ -59,13 +59,13 @@ def test_stdlib_run_file_builds_iterators(gin_env, tiny_spm):
     assert query(gin, "ModelConfig.vocab_size") == 300
     it = build(gin)
     b = next(it)
-    assert b["inputs"].shape == (4, 16) and it.pack == 2 and it.vocab_size == 300
-    assert b["start_of_doc"][0] and b["inputs"][0, 0] == 3  # BOS of the first document
+    assert b.inputs.shape == (4, 16) and it.pack == 2 and it.vocab_size == 300
+    assert b.segment_ids[0, 0] > 0 and b.inputs[0, 0] == 3  # BOS of the first document
     ev = build(gin, "eval_data")
     s0 = ev.get_state()
     first = next(ev)
     ev.set_state(s0)  # the loop rewinds eval data like this before every evaluation
-    np.testing.assert_array_equal(next(ev)["inputs"], first["inputs"])
+    np.testing.assert_array_equal(next(ev).inputs, first.inputs)
     it.close(), ev.close()
 
 
@@ -106,7 +106,7 @@ def test_local_files_template_and_pg19_run_parse(gin_env, tiny_spm, tmp_path):
         [f"VOCAB_PATH = '{tiny_spm}'", "VOCAB = 300", f"TRAIN_FILES = '{tmp_path}/train.jsonl'",
          f"VALID_FILES = '{tmp_path}/valid.jsonl'"] + RUN_MACROS)
     it = build(gin, "eval_data")
-    assert next(it)["inputs"].shape == (4, 16)
+    assert next(it).inputs.shape == (4, 16)
     it.close()
     gin.clear_config()
     # pg19 184M: parses and binds the paper's geometry (the data itself is not on this machine)

@@ -9,7 +9,7 @@ from fot.data.pipeline import PrefetchIterator, make_global_batch
 from fot.data.segmenter import Segmenter
 
 BOS, EOS = 3, 1
-KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "start_of_doc")
+KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def random_docs(rng, n, lo=1, hi=60, vocab=1000):
@@ -21,12 +21,12 @@ def lane_streams(batches, pack, seq_len):
     """Per lane: the concatenation over steps of its k rows → dict of 1-D arrays."""
     out = None
     for b in batches:
-        lanes = b["inputs"].shape[0] // pack
+        lanes = b.inputs.shape[0] // pack
         if out is None:
             out = [{k: [] for k in ("inputs", "targets", "loss_mask", "segment_ids")} for _ in range(lanes)]
         for j in range(lanes):
             for k in out[j]:
-                out[j][k].append(b[k][j * pack:(j + 1) * pack].reshape(-1))
+                out[j][k].append(getattr(b, k)[j * pack:(j + 1) * pack].reshape(-1))
     return [{k: np.concatenate(v) for k, v in lane.items()} for lane in out]
 
 
@@ -69,13 +69,13 @@ def test_rows_continue_documents_in_order(rng, boundary, pack):
     order = ListDocuments(docs, shuffle=True, seed=seg.provider.seed)  # independent order reference
     batches = run(seg, 40)
     for b in batches:
-        assert set(b) == set(KEYS)
-        assert b["inputs"].shape == (B, L) and b["start_of_doc"].shape == (B,)
-        assert b["inputs"].dtype == np.int32 and b["loss_mask"].dtype == np.float32
-        np.testing.assert_array_equal(b["positions"], np.tile(np.arange(L), (B, 1)))
+        assert b._fields == KEYS
+        assert b.inputs.shape == (B, L) and b.segment_ids.shape == (B, L)
+        assert b.inputs.dtype == np.int32 and b.loss_mask.dtype == np.float32
+        np.testing.assert_array_equal(b.positions, np.tile(np.arange(L), (B, 1)))
         # loss only on document positions, never on padding
-        np.testing.assert_array_equal(b["loss_mask"], (b["segment_ids"] > 0).astype(np.float32))
-        assert np.all(b["inputs"][b["segment_ids"] == 0] == 0)
+        np.testing.assert_array_equal(b.loss_mask, (b.segment_ids > 0).astype(np.float32))
+        assert np.all(b.inputs[b.segment_ids == 0] == 0)
     streams = lane_streams(batches, pack, L)
     for s in streams:  # within a lane's stream every target is the next input of the same document
         same = s["segment_ids"][:-1] == s["segment_ids"][1:]
@@ -103,9 +103,8 @@ def test_k_packs_hold_consecutive_windows(rng):
         for r in range(8):
             if r % k == k - 1:
                 continue
-            if b["segment_ids"][r, -1] == b["segment_ids"][r + 1, 0] != 0:
-                assert b["targets"][r, -1] == b["inputs"][r + 1, 0]
-                assert not b["start_of_doc"][r + 1]
+            if b.segment_ids[r, -1] == b.segment_ids[r + 1, 0] != 0:
+                assert b.targets[r, -1] == b.inputs[r + 1, 0]
 
 
 def test_segment_ids_split_at_boundaries_and_start_flags(rng):
@@ -116,14 +115,11 @@ def test_segment_ids_split_at_boundaries_and_start_flags(rng):
     # reference: lane streams are the documents in order, cut into L-token rows
     flat_docs = [wrap(d) for d in docs]
     for j in range(4):
-        inputs = np.concatenate([b["inputs"][j] for b in batches])
-        sids = np.concatenate([b["segment_ids"][j] for b in batches])
+        inputs = np.concatenate([b.inputs[j] for b in batches])
+        sids = np.concatenate([b.segment_ids[j] for b in batches])
         # boundaries: a new segment begins exactly at each BOS
         change = np.r_[True, sids[1:] != sids[:-1]]
         np.testing.assert_array_equal(change, inputs == BOS)
-        # start_of_doc: row begins with a BOS (documents of >= 1 token: BOS is a doc start)
-        for t, b in enumerate(batches):
-            assert b["start_of_doc"][j] == (b["inputs"][j, 0] == BOS)
     assert len(flat_docs) == 200
 
 
@@ -133,7 +129,7 @@ def test_pad_boundary_keeps_one_document_per_pack(rng):
     seg = Segmenter(ListDocuments(docs), 8, L, pack=k, bos_id=BOS, eos_id=EOS, boundary="pad")
     for b in run(seg, 30):
         for j in range(2):
-            ids = b["segment_ids"][j * k:(j + 1) * k]
+            ids = b.segment_ids[j * k:(j + 1) * k]
             assert len(set(ids[ids > 0].tolist())) <= 1
             assert (ids > 0).any()  # a lane never idles on an infinite stream
             assert ids[0, 0] > 0
@@ -146,8 +142,8 @@ def test_loss_weights_follow_targets(rng):
     b = next(seg)
     d0 = docs[0]
     n = min(16, len(d0["tokens"]) - 1)
-    np.testing.assert_array_equal(b["inputs"][0, :n], d0["tokens"][:n])
-    np.testing.assert_allclose(b["loss_mask"][0, :n], d0["loss_weights"][1:n + 1])
+    np.testing.assert_array_equal(b.inputs[0, :n], d0["tokens"][:n])
+    np.testing.assert_allclose(b.loss_mask[0, :n], d0["loss_weights"][1:n + 1])
 
 
 def test_finite_stream_emits_every_document_once(rng):
@@ -180,7 +176,7 @@ def test_cursor_resume_gives_identical_batches(rng, boundary):
     b.set_state(state)
     for x, y in zip(expected, run(b, 15)):
         for k in KEYS:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+            np.testing.assert_array_equal(getattr(x, k), getattr(y, k), err_msg=k)
 
 
 def test_prefetch_state_is_last_consumed_batch(rng):
@@ -198,7 +194,7 @@ def test_prefetch_state_is_last_consumed_batch(rng):
     assert it.batch_size == 4 and it.seq_len == 8 and it.pack == 2
     for i in range(5):
         b = next(it)
-        np.testing.assert_array_equal(b["inputs"], ref_batches[i]["inputs"])
+        np.testing.assert_array_equal(b.inputs, ref_batches[i].inputs)
     import time
     time.sleep(0.05)  # let the thread prefetch ahead
     assert it.get_state() == ref_states[4]
@@ -208,9 +204,9 @@ def test_prefetch_state_is_last_consumed_batch(rng):
     for i in range(5, 12):
         b2 = next(it2)
         for k in KEYS:
-            np.testing.assert_array_equal(b2[k], ref_batches[i][k], err_msg=k)
+            np.testing.assert_array_equal(getattr(b2, k), getattr(ref_batches[i], k), err_msg=k)
     it.set_state(ref_states[8])  # rewinding a running prefetcher drops its queue
-    np.testing.assert_array_equal(next(it)["inputs"], ref_batches[9]["inputs"])
+    np.testing.assert_array_equal(next(it).inputs, ref_batches[9].inputs)
     assert it.metrics()["data/steps"] == 10
     it.close()
     it2.close()
@@ -289,12 +285,12 @@ def test_make_global_batch_single_process(rng):
     mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
     seg = Segmenter(ListDocuments(random_docs(rng, 40)), 8, 16, pack=2, bos_id=BOS, eos_id=EOS)
     b = next(seg)
-    g = make_global_batch(b, NamedSharding(mesh, P("data", None)))
+    g = make_global_batch(b._asdict(), NamedSharding(mesh, P("data", None)))
     for k in KEYS:
-        assert g[k].shape == b[k].shape
-        np.testing.assert_array_equal(np.asarray(g[k]), b[k])
+        assert g[k].shape == getattr(b, k).shape
+        np.testing.assert_array_equal(np.asarray(g[k]), getattr(b, k))
     assert g["inputs"].sharding.spec == P("data", None)
-    assert len(g["start_of_doc"].addressable_shards) == 4
+    assert len(g["positions"].addressable_shards) == 4
 
 
 def test_stdlib_corpus_is_deterministic_and_split():
@@ -327,7 +323,7 @@ def test_two_hosts_have_disjoint_lanes_and_segment_ids(rng):
     for h, seg in enumerate(hosts):
         batches = run(seg, 12)
         for b in batches:
-            ids[h] |= set(b["segment_ids"][b["segment_ids"] > 0].tolist())
+            ids[h] |= set(b.segment_ids[b.segment_ids > 0].tolist())
         for _, _, toks, complete in reconstruct(lane_streams(batches, 2, 16)):
             if complete:
                 content[h].add(tuple(toks))

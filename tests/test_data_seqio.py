@@ -195,7 +195,7 @@ def test_mixture_rates_and_resume_end_to_end(tmp_path, spm_path, sp):
     it = pipeline.make_iterator(mix, **kw)
     for _ in range(30):
         b = next(it)
-    assert b["inputs"].max() < 320 and b["inputs"].shape == (8, 16)
+    assert b.inputs.max() < 320 and b.inputs.shape == (8, 16)
     state = json.loads(json.dumps(it.get_state()))
     expected = [next(it) for _ in range(6)]
     it.close()
@@ -203,14 +203,14 @@ def test_mixture_rates_and_resume_end_to_end(tmp_path, spm_path, sp):
     it2.set_state(state)
     for x in expected:
         y = next(it2)
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+        for k in x._fields:
+            np.testing.assert_array_equal(getattr(x, k), getattr(y, k), err_msg=k)
     it2.close()
 
 
 def test_stdlib_and_dictionary_tasks(tmp_path, spm_path, sp):
     from fot.data import pipeline, tasks
-    from fot.data.dictionary import DictionarySpec, documents_to_rows, generate_documents
+    from fot.data.dictionary import DictionarySpec, generate_documents
 
     name = tasks.register_stdlib_task("stdlib_t", vocabulary=spm_path)
     it = pipeline.make_iterator(name, batch_size=4, seq_len=32, pack=1, split="validation", shard_info=(0, 1),
@@ -220,9 +220,9 @@ def test_stdlib_and_dictionary_tasks(tmp_path, spm_path, sp):
 
     first = stdlib_corpus.load_documents("validation")[0][1]
     ref = [3] + sp.encode(first)
-    np.testing.assert_array_equal(b["inputs"][0], ref[:32])
-    np.testing.assert_array_equal(b["targets"][0], ref[1:33])
-    assert b["start_of_doc"][0] and not next(it)["start_of_doc"][0]
+    np.testing.assert_array_equal(b.inputs[0], ref[:32])
+    np.testing.assert_array_equal(b.targets[0], ref[1:33])
+    assert next(it).segment_ids[0, 0] == b.segment_ids[0, -1] > 0  # row 0 goes on with the document
 
     # dictionary lookup as a function task: pack=2 rows per 2L-token document, loss on answers only
     d = tasks.register_dictionary_task("dict_t", docs_per_epoch=16, seed=3, vocab_size=64, doc_len=64,
@@ -230,15 +230,16 @@ def test_stdlib_and_dictionary_tasks(tmp_path, spm_path, sp):
     it = pipeline.make_iterator(d, batch_size=4, seq_len=32, pack=2, add_bos=False, add_eos=False,
                                 boundary="pad", shard_info=(0, 1), shuffle=False, prefetch=0)
     b = next(it)
-    assert b["start_of_doc"].tolist() == [True, False, True, False]
-    assert (b["segment_ids"] > 0).all()
+    seg = b.segment_ids  # one document per k-pack: rows 0-1 and rows 2-3
+    assert seg[1, 0] == seg[0, -1] and seg[3, 0] == seg[2, -1] and seg[1, -1] != seg[2, 0]
+    assert (b.segment_ids > 0).all()
     # independent reference: the generator's first document of epoch 0 (seed 3, split 0, epoch seed 0)
     docs = generate_documents(np.random.default_rng([3, 0, 0]), 16,
                               DictionarySpec(vocab_size=64, doc_len=64, query_len=32))
-    np.testing.assert_array_equal(b["inputs"][:2].reshape(-1), docs["tokens"][0, :-1])
-    np.testing.assert_array_equal(b["targets"][:2].reshape(-1), docs["tokens"][0, 1:])
-    np.testing.assert_array_equal(b["loss_mask"][:2].reshape(-1), docs["answer"][0, 1:])
-    # same row layout as the training engineer's DictionaryLookupIterator
-    ref = documents_to_rows({k: v[:2] for k, v in docs.items()}, 32)
-    for k in ("inputs", "targets", "loss_mask", "start_of_doc"):
-        np.testing.assert_array_equal(b[k], ref[k], err_msg=k)
+    np.testing.assert_array_equal(b.inputs[:2].reshape(-1), docs["tokens"][0, :-1])
+    np.testing.assert_array_equal(b.targets[:2].reshape(-1), docs["tokens"][0, 1:])
+    np.testing.assert_array_equal(b.loss_mask[:2].reshape(-1), docs["answer"][0, 1:])
+    # the k-packing row layout: document n's window w in row n * 2 + w
+    ref = {"inputs": docs["tokens"][:2, :-1], "targets": docs["tokens"][:2, 1:], "loss_mask": docs["answer"][:2, 1:]}
+    for k, v in ref.items():
+        np.testing.assert_array_equal(getattr(b, k), v.reshape(4, 32), err_msg=k)

@@ -33,19 +33,18 @@ def _parse_document(tokens, key_len, value_len):
 def test_documents_well_formed_and_answers_match(key_len, value_len, seq_len, vocab):
     it = DictionaryLookupIterator(8, seq_len, pack=2, key_len=key_len, value_len=value_len, vocab_size=vocab, seed=3)
     b = next(it)
-    B, L = b["inputs"].shape
+    B, L = b.inputs.shape
     assert (B, L) == (8, seq_len)
-    assert b["inputs"].dtype == np.int32 and b["targets"].dtype == np.int32
-    assert b["loss_mask"].dtype == np.float32 and b["segment_ids"].dtype == np.int32
-    assert b["positions"].dtype == np.int32 and b["start_of_doc"].dtype == bool
-    np.testing.assert_array_equal(b["positions"], np.broadcast_to(np.arange(L), (B, L)))
-    np.testing.assert_array_equal(b["start_of_doc"], np.arange(B) % 2 == 0)
-    assert b["inputs"].max() < vocab
+    assert b.inputs.dtype == np.int32 and b.targets.dtype == np.int32
+    assert b.loss_mask.dtype == np.float32 and b.segment_ids.dtype == np.int32
+    assert b.positions.dtype == np.int32
+    np.testing.assert_array_equal(b.positions, np.broadcast_to(np.arange(L), (B, L)))
+    assert b.inputs.max() < vocab
     for doc in range(B // 2):
         rows = slice(2 * doc, 2 * doc + 2)
-        tokens = b["inputs"][rows].reshape(-1)
-        targets = b["targets"][rows].reshape(-1)
-        mask = b["loss_mask"][rows].reshape(-1)
+        tokens = b.inputs[rows].reshape(-1)
+        targets = b.targets[rows].reshape(-1)
+        mask = b.loss_mask[rows].reshape(-1)
         # Targets are the next tokens of the document (also across the pack's window boundary).
         np.testing.assert_array_equal(targets[:-1], tokens[1:])
         # The definitions live in the first window, the queries in the second.
@@ -58,8 +57,11 @@ def test_documents_well_formed_and_answers_match(key_len, value_len, seq_len, vo
             expected_mask[pos - 1:pos - 1 + value_len] = 1.0  # predicting v_i from the token before it
             np.testing.assert_array_equal(targets[pos - 1:pos - 1 + value_len], val)
         np.testing.assert_array_equal(mask, expected_mask)
-        # Padding has segment id 0, record tokens 1.
-        np.testing.assert_array_equal(b["segment_ids"][rows].reshape(-1) > 0, tokens != PAD)
+        # One document per k-pack: one segment id on its two rows, a new one for the next pack.
+        ids = np.unique(b.segment_ids[rows])
+        assert len(ids[ids > 0]) == 1 and not np.isin(ids[ids > 0], b.segment_ids[2 * doc + 2:]).any()
+        # Padding has segment id 0, record tokens a positive id.
+        np.testing.assert_array_equal(b.segment_ids[rows].reshape(-1) > 0, tokens != PAD)
 
 
 def test_deterministic_per_seed_and_seeds_differ():
@@ -68,11 +70,11 @@ def test_deterministic_per_seed_and_seeds_differ():
     c = DictionaryLookupIterator(4, 32, key_len=2, value_len=2, seed=8)
     for _ in range(3):
         x, y, z = next(a), next(b), next(c)
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k])
-        assert not np.array_equal(x["inputs"], z["inputs"])
+        for k in x._fields:
+            np.testing.assert_array_equal(getattr(x, k), getattr(y, k))
+        assert not np.array_equal(x.inputs, z.inputs)
     # Consecutive steps differ.
-    assert not np.array_equal(a.batch_at(0)["inputs"], a.batch_at(1)["inputs"])
+    assert not np.array_equal(a.batch_at(0).inputs, a.batch_at(1).inputs)
 
 
 def test_get_state_set_state_resume():
@@ -85,8 +87,8 @@ def test_get_state_set_state_resume():
     b.set_state(state)
     for want in expected:
         got = next(b)
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k])
+        for k in want._fields:
+            np.testing.assert_array_equal(getattr(got, k), getattr(want, k))
     with pytest.raises(ValueError, match="seed"):
         DictionaryLookupIterator(6, 32, key_len=3, value_len=2, seed=12).set_state(state)
 
@@ -94,10 +96,10 @@ def test_get_state_set_state_resume():
 def test_queries_cover_distinct_keys_and_values_vary(rng):
     it = DictionaryLookupIterator(64, 64, key_len=4, value_len=4, seed=int(rng.integers(1 << 30)))
     b = next(it)
-    q = b["inputs"][1::2]
+    q = b.inputs[1::2]
     assert len(np.unique(q[q >= 4])) > 40  # all 60 symbols are used
     # Queries in one document ask for distinct definitions when there are enough of them.
-    tokens = np.concatenate([b["inputs"][0], b["inputs"][1]])
+    tokens = np.concatenate([b.inputs[0], b.inputs[1]])
     _, queries = _parse_document(list(tokens), 4, 4)
     assert len({k for k, _, _ in queries}) == len(queries)
 

@@ -45,15 +45,15 @@ def hf_eval_loss(model, batches):
     total, count = 0.0, 0.0
     with torch.no_grad():
         for b in batches:
-            for r in range(b["inputs"].shape[0]):
-                seg = b["segment_ids"][r]
+            for r in range(b.inputs.shape[0]):
+                seg = b.segment_ids[r]
                 for s in np.unique(seg[seg > 0]):
                     idx = np.nonzero(seg == s)[0]
-                    logits = model(torch.as_tensor(b["inputs"][r, idx][None].astype(np.int64)),
-                                   position_ids=torch.as_tensor(b["positions"][r, idx][None].astype(np.int64))).logits[0]
+                    logits = model(torch.as_tensor(b.inputs[r, idx][None].astype(np.int64)),
+                                   position_ids=torch.as_tensor(b.positions[r, idx][None].astype(np.int64))).logits[0]
                     ce = torch.nn.functional.cross_entropy(logits.double(), torch.as_tensor(
-                        b["targets"][r, idx].astype(np.int64)), reduction="none").numpy()
-                    w = b["loss_mask"][r, idx].astype(np.float64)
+                        b.targets[r, idx].astype(np.int64)), reduction="none").numpy()
+                    w = b.loss_mask[r, idx].astype(np.float64)
                     total += float((ce * w).sum())
                     count += float(w.sum())
     return total / count
@@ -103,7 +103,7 @@ def test_finetune_end_to_end(tmp_path):
     import jax.numpy as jnp
 
     from fot.model import Decoder
-    from fot.train import load_run
+    from fot.eval.restore import load_run
 
     cfg, params, _ = load_run(str(w2))
     tokens = np.random.default_rng(0).integers(0, 512, (2, 24))

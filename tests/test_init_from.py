@@ -50,9 +50,9 @@ def test_init_from_loads_params_fresh_optimizer_and_resumes_its_own(tmp_path):
     run(new, cfg_of(), 1, init_from=str(src), mesh_config={"data": 4, "model": 2}, fsdp=True)
     # the first step's loss is the source params' loss on the new run's first batch (before the update)
     batch = next(data())
-    logits = Decoder(cfg_of()).apply({"params": params}, jnp.asarray(batch["inputs"]), positions=batch["positions"],
-                                     segment_ids=batch["segment_ids"], extra_rows=plan_rows(8, 1, 2))
-    sums = token_sums(logits, batch["targets"], batch["loss_mask"])
+    logits = Decoder(cfg_of()).apply({"params": params}, jnp.asarray(batch.inputs), positions=batch.positions,
+                                     segment_ids=batch.segment_ids, extra_rows=plan_rows(8, 1, 2))
+    sums = token_sums(logits, batch.targets, batch.loss_mask)
     np.testing.assert_allclose(losses(new)[1], float(sums["loss"] / sums["tokens"]), rtol=2e-5)
     state, new_step = load_params(str(new))
     assert new_step == 1  # step 0 + 1 update, not the source's 2 + 1

@@ -213,17 +213,17 @@ assert it.local_batch_size == 4 and it.batch_size == 8
 seen = []
 for _ in range(3):
     batch = put_batch(next(it), sharding, it.batch_size)
-    seen.append({k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch.items()})
+    seen.append({k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in batch._asdict().items()})
 cursor = multihost.gather_cursor(it.get_state(), sharded=True)
 # Reference: both shards' iterators in this one process; the global batch is their rows in process order.
 refs = [pipeline.make_iterator(task, shard_info=(i, 2), **kw) for i in range(2)]
 for got in seen:
-    parts = [next(r) for r in refs]
+    parts = [next(r)._asdict() for r in refs]
     for k, v in got.items():
         np.testing.assert_array_equal(v, np.concatenate([p[k] for p in parts]), err_msg=k)
 resumed = pipeline.make_iterator(task, **kw)
 resumed.set_state(multihost.local_cursor(cursor))        # this process's lanes from the gathered cursor
-nxt, ref = next(resumed), [next(r) for r in refs][jax.process_index()]
+nxt, ref = next(resumed)._asdict(), [next(r)._asdict() for r in refs][jax.process_index()]
 for k in ref:
     np.testing.assert_array_equal(nxt[k], ref[k], err_msg=k)
 assert len(cursor["states"]) == 2 and cursor["sharded"]
@@ -305,7 +305,7 @@ def test_data_shards_resume_on_another_number_of_processes(monkeypatch):
     assert one.local_batch_size == 8 and two[0].local_batch_size == 4
 
     def step(iterators):
-        parts = [next(it) for it in iterators]
+        parts = [next(it)._asdict() for it in iterators]
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     for _ in range(3):

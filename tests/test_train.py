@@ -116,11 +116,11 @@ def test_training_batches_with_token_ids_outside_the_vocabulary_stop_with_one_cl
             self.batch_size, self.seq_len, self.pack, self.bad, self.n = 8, 16, 2, bad, 0
 
         def __next__(self):
-            batch = dict(next(self.it))
+            batch = next(self.it)
             self.n += 1
             if self.n == 3:
-                batch["inputs"] = batch["inputs"].copy()
-                batch["inputs"][1, 5] = self.bad
+                batch = batch._replace(inputs=batch.inputs.copy())
+                batch.inputs[1, 5] = self.bad
             return batch
 
         def get_state(self):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fot.data.batch import Batch
 from fot.training.step import argmax_hits, token_sums
 
 
@@ -55,16 +56,16 @@ def test_train_step_donates_state_and_has_no_host_transfers(rng):
     step, state, mesh = _tiny_step()
     b, t = 4, 16
     tok = rng.integers(0, 64, size=(b, t)).astype(np.int32)
-    batch = {"inputs": tok, "targets": tok, "loss_mask": np.ones((b, t), np.float32),
-             "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))}
+    batch = Batch(inputs=tok, targets=tok, loss_mask=np.ones((b, t), np.float32),
+                  segment_ids=np.ones((b, t), np.int32), positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)))
     rows = np.asarray([[-1], [0], [-1], [2]], np.int32)
-    compiled = step.jitted.lower(state, batch, rows).compile()
+    compiled = step.lower(state, batch, rows).compile()
     text = compiled.as_text()
     assert "callback" not in text.lower() and "outfeed" not in text.lower()
     n_state = len(jax.tree.leaves(state))
     assert text.count("may-alias") + text.count("must-alias") >= n_state
     P, NS = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
-    dev_batch = {k: jax.device_put(v, NS(mesh, P("data"))) for k, v in batch.items()}
+    dev_batch = batch.map(lambda v: jax.device_put(v, NS(mesh, P("data"))))
     dev_rows = jax.device_put(rows, NS(mesh, P()))
     leaves_before = jax.tree.leaves(state)
     with jax.transfer_guard("disallow"):

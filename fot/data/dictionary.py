@@ -11,10 +11,10 @@ queries; with a local context of 256 tokens the answers are only reachable throu
 
 Token ids: 0 = padding, 1 = ``<k>``, 2 = ``<v>``, 3 = ``<q>``, 4..vocab_size-1 = symbols.
 
-``DictionaryLookupIterator`` implements the batch contract of the training loop: every step holds
-``batch_size // pack`` documents, each cut into ``pack`` consecutive windows of ``seq_len`` tokens in
-``pack`` consecutive rows (k-packing), so with ``pack = 2`` the query window's previous row is its
-own definitions window (the positive) and other packs are other documents (the negatives). Batches
+``DictionaryLookupIterator`` is the segmenter (``fot.data.segmenter``) over generated documents: every
+step holds ``batch_size // pack`` documents, each cut into ``pack`` consecutive windows of ``seq_len``
+tokens in ``pack`` consecutive rows (k-packing), so with ``pack = 2`` the query window's previous row is
+its own definitions window (the positive) and other packs are other documents (the negatives). Batches
 are a pure function of ``(seed, step)``, so ``get_state``/``set_state`` give exact resume.
 """
 from __future__ import annotations
@@ -23,6 +23,10 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+
+from fot.data.batch import Batch
+from fot.data.documents import Document
+from fot.data.segmenter import Segmenter
 
 PAD, KEY, VALUE, QUERY = 0, 1, 2, 3
 NUM_SPECIAL = 4
@@ -150,30 +154,54 @@ def generate_documents(rng: np.random.Generator, num_docs: int, spec: Dictionary
             "query_index": qidx}
 
 
-def documents_to_rows(docs: dict[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
-    """Cut [N, doc_len+1] documents into N * (doc_len // seq_len) rows of ``seq_len`` (k-packing order).
+class DictionaryDocuments:
+    """Document provider (``fot.data.documents``) of generated dictionary-lookup documents.
 
-    Row ``n * k + w`` holds window ``w`` of document ``n``. Returns the batch-contract dict.
+    Document ``n`` is document ``n % per_block`` of block ``n // per_block`` =
+    ``generate_documents(default_rng([seed, block]), per_block, spec)``, so any document is re-made from
+    its number (the ``ref``) and the stream is a pure function of ``seed``. Each document is
+    ``doc_len + 1`` tokens; ``loss_weights`` = the answer mask, ``padding`` = the gap between the
+    definitions and the queries (segment id 0 in the batch).
     """
-    tokens, answer, segment = docs["tokens"], docs["answer"], docs["segment"]
-    n, lp1 = tokens.shape
-    doc_len = lp1 - 1
-    if doc_len % seq_len:
-        raise ValueError(f"doc_len={doc_len} is not a multiple of seq_len={seq_len}")
-    k = doc_len // seq_len
-    inputs = tokens[:, :-1].reshape(n * k, seq_len)
-    targets = tokens[:, 1:].reshape(n * k, seq_len)
-    loss_mask = answer[:, 1:].reshape(n * k, seq_len).astype(np.float32)
-    segment_ids = segment[:, :-1].reshape(n * k, seq_len).astype(np.int32)
-    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n * k, seq_len)).copy()
-    start_of_doc = np.zeros((n, k), bool)
-    start_of_doc[:, 0] = True
-    return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask, "segment_ids": segment_ids,
-            "positions": positions, "start_of_doc": start_of_doc.reshape(n * k)}
+
+    def __init__(self, spec: DictionarySpec, seed: int, per_block: int):
+        self.spec, self.seed, self.per_block = spec, int(seed), int(per_block)
+        self._next = 0
+        self._block: tuple[int, dict[str, np.ndarray]] | None = None
+
+    def _document(self, n: int) -> Document:
+        block, i = divmod(int(n), self.per_block)
+        if self._block is None or self._block[0] != block:
+            rng = np.random.default_rng([self.seed, block])
+            self._block = (block, generate_documents(rng, self.per_block, self.spec))
+        docs = self._block[1]
+        return Document(docs["tokens"][i], int(n), docs["answer"][i].astype(np.float32), docs["segment"][i] == 0)
+
+    def next_document(self) -> Document:
+        self._next += 1
+        return self._document(self._next - 1)
+
+    def fetch(self, refs) -> list[Document]:
+        return [self._document(int(r)) for r in refs]
+
+    def get_state(self) -> dict[str, Any]:
+        return {"kind": "dictionary_documents", "seed": self.seed, "next": self._next}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != "dictionary_documents":
+            raise ValueError(f"not a dictionary document state: {state!r}")
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"state was saved with seed={state['seed']}, this iterator has seed={self.seed}")
+        self._next = int(state["next"])
+
+    def metrics(self, state: dict[str, Any] | None = None) -> dict[str, float]:
+        del state
+        return {}
 
 
-class DictionaryLookupIterator:
-    """Infinite, deterministic iterator of dictionary-lookup batches (the training batch contract).
+class DictionaryLookupIterator(Segmenter):
+    """Infinite, deterministic iterator of dictionary-lookup ``Batch``es: the segmenter over
+    ``DictionaryDocuments`` with boundary "pad", no BOS/EOS, one document per k-pack.
 
     Args:
       batch_size: rows per step (B); must be divisible by ``pack``.
@@ -195,32 +223,37 @@ class DictionaryLookupIterator:
         self.spec = DictionarySpec(key_len=key_len, value_len=value_len, vocab_size=vocab_size,
                                    doc_len=pack * seq_len, query_len=query_len,
                                    num_definitions=num_definitions)
-        self.batch_size, self.seq_len, self.pack, self.seed = batch_size, seq_len, pack, int(seed)
-        self._step = 0
+        self.seed = int(seed)
+        super().__init__(DictionaryDocuments(self.spec, self.seed, batch_size // pack), batch_size, seq_len,
+                         pack=pack, boundary="pad")
 
     @property
     def vocab_size(self) -> int:
         return self.spec.vocab_size
 
-    def batch_at(self, step: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([self.seed, int(step)])
-        docs = generate_documents(rng, self.batch_size // self.pack, self.spec)
-        return documents_to_rows(docs, self.seq_len)
+    def cursor_at(self, step: int, seed: int | None = None) -> dict[str, Any]:
+        """The cursor before batch ``step`` (every document fills one k-pack: no lane holds a document)."""
+        lanes = [{"ref": None, "offset": 0, "serial": int(step) - 1}] * self.num_lanes
+        provider = {"kind": "dictionary_documents", "seed": self.seed if seed is None else int(seed),
+                    "next": int(step) * self.num_lanes}
+        return {"kind": "segmenter", "step": int(step), "finished": False, "geometry": self.geometry(),
+                "lanes": lanes, "provider": provider}
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch_at(self._step)
-        self._step += 1
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        return {"kind": "dictionary", "seed": self.seed, "step": self._step}
+    def batch_at(self, step: int) -> Batch:
+        """The batch of step ``step`` (the iterator's position is unchanged)."""
+        saved = self.get_state()
+        self.set_state(self.cursor_at(step))
+        try:
+            return next(self)
+        finally:
+            self.set_state(saved)
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("kind") != "dictionary":
-            raise ValueError(f"not a dictionary iterator state: {state!r}")
-        if int(state["seed"]) != self.seed:
-            raise ValueError(f"state was saved with seed={state['seed']}, this iterator has seed={self.seed}")
-        self._step = int(state["step"])
+        if state.get("kind") == "dictionary":  # cursor saved before the iterator became a segmenter
+            state = self.cursor_at(int(state["step"]), seed=int(state["seed"]))
+        super().set_state(state)
+
+    def metrics(self, state: dict[str, Any] | None = None) -> dict[str, float]:
+        """Generated documents: no reader counters (the loop logs none for this task)."""
+        del state
+        return {}

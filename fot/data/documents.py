@@ -33,11 +33,14 @@ class Document:
     ref: JSON-serialisable reference; ``provider.fetch([ref])`` returns this document again.
     loss_weights: optional float32 [n]; ``loss_weights[i]`` weighs the prediction of ``tokens[i]``
       (None = every token counts; used by synthetic tasks such as dictionary lookup).
+    padding: optional bool [n]; True where ``tokens[i]`` is filler inside the document (the gap between
+      the dictionary task's definitions and queries): segment id 0 there, so no query attends to it.
     """
 
     tokens: np.ndarray
     ref: Any
     loss_weights: np.ndarray | None = None
+    padding: np.ndarray | None = None
 
 
 class DocumentProvider(Protocol):

@@ -17,18 +17,12 @@ document from the provider:
 
 A document of text tokens ``t`` becomes ``s = [BOS]? + t + [EOS]?``; its ``len(s) - 1`` input
 positions are ``s[p]`` with target ``s[p+1]`` (the last token only ever appears as a target),
-so every non-padding position has a valid same-document target. Per row:
-
-    inputs, targets     int32 [B, L]   (0 = padding)
-    loss_mask           float32 [B, L] 1 on document positions (times the document's optional
-                                       ``loss_weights`` of the target token), 0 on padding
-    segment_ids         int32 [B, L]   0 = padding; a document keeps one id on all its rows:
-                                       1 + (serial * G + global_lane) mod (2**31 - 2), with
-                                       ``serial`` the lane's document counter and G the number of
-                                       lanes over all hosts (unique in a global batch)
-    positions           int32 [B, L]   arange(L) per row
-    start_of_doc        bool [B]       row does not continue a document from an earlier row
-                                       (its first position starts a document or is padding)
+so every non-padding position has a valid same-document target. Each step is one
+``fot.data.batch.Batch`` (inputs, targets, loss_mask, segment_ids, positions; shapes there) with
+segment ids ``1 + (serial * G + global_lane) mod (2**31 - 2)``: ``serial`` is the lane's document
+counter and G the number of lanes over all hosts (unique in a global batch). A document's
+``padding`` positions (filler inside it) get segment id 0 (their loss weight is the document's
+``loss_weights``).
 
 The cursor (``get_state``) is JSON: per lane the document reference, offset and serial, plus the
 provider's state; ``set_state`` re-fetches the lanes' documents from the provider, so resuming
@@ -41,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from fot.data.batch import Batch, concatenate
 from fot.data.documents import Document
 
 BOUNDARIES = ("continue", "pad")
@@ -48,7 +43,7 @@ _SEG_MOD = 2**31 - 2
 
 
 class Segmenter:
-    """Iterator of batches (dicts of numpy arrays) over a document provider.
+    """Iterator of ``Batch``es (numpy) over a document provider.
 
     Args:
       provider: a document provider (see ``fot.data.documents``).
@@ -89,14 +84,16 @@ class Segmenter:
 
     # ----------------------------------------------------------------- documents in lanes
     def _wrap(self, doc: Document) -> Document:
-        toks, w = doc.tokens, doc.loss_weights
+        toks, w, pad = doc.tokens, doc.loss_weights, doc.padding
         pre = [] if self.bos_id is None else [self.bos_id]
         post = [] if self.eos_id is None else [self.eos_id]
         if pre or post:
             toks = np.concatenate([np.asarray(pre, np.int32), toks, np.asarray(post, np.int32)])
             if w is not None:
                 w = np.concatenate([np.ones(len(pre), np.float32), w, np.ones(len(post), np.float32)])
-        return Document(np.asarray(toks, np.int32), doc.ref, w)
+            if pad is not None:
+                pad = np.concatenate([np.zeros(len(pre), bool), pad, np.zeros(len(post), bool)])
+        return Document(np.asarray(toks, np.int32), doc.ref, w, pad)
 
     def _exhausted(self, j: int) -> bool:
         d = self._docs[j]
@@ -123,17 +120,14 @@ class Segmenter:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> Batch:
         if self._finished:
             raise StopIteration
-        k, L = self.pack, self.seq_len
-        W = k * L
-        shape = (self.num_lanes, W)
-        inputs = np.zeros(shape, np.int32)
-        targets = np.zeros(shape, np.int32)
-        loss = np.zeros(shape, np.float32)
-        seg = np.zeros(shape, np.int32)
-        starts = np.zeros((self.num_lanes, k), bool)
+        W = self.pack * self.seq_len  # one lane's chunk: its k rows of L tokens, end to end
+        inputs = np.zeros((self.num_lanes, W), np.int32)
+        targets = np.zeros((self.num_lanes, W), np.int32)
+        loss = np.zeros((self.num_lanes, W), np.float32)
+        seg = np.zeros((self.num_lanes, W), np.int32)
         any_tokens = False
         for j in range(self.num_lanes):
             pos = 0
@@ -143,33 +137,33 @@ class Segmenter:
                         break
                     if not self._take_next(j):
                         break
-                doc, lane = self._docs[j], self._lanes[j]
-                off = lane["offset"]
-                take = min(len(doc.tokens) - 1 - off, W - pos)
-                if off == 0 and pos % L == 0:
-                    starts[j, pos // L] = True
-                inputs[j, pos:pos + take] = doc.tokens[off:off + take]
-                targets[j, pos:pos + take] = doc.tokens[off + 1:off + 1 + take]
-                loss[j, pos:pos + take] = 1.0 if doc.loss_weights is None else \
-                    doc.loss_weights[off + 1:off + 1 + take]
-                seg[j, pos:pos + take] = self._segment_id(j)
-                lane["offset"] = off + take
+                take = self._copy_span(j, pos, W, inputs[j], targets[j], loss[j], seg[j])
                 pos += take
                 any_tokens = True
         if not any_tokens:
             self._finished = True
             raise StopIteration
         self._step += 1
-        B = self.batch_size
-        seg = seg.reshape(B, L)
-        return {
-            "inputs": inputs.reshape(B, L),
-            "targets": targets.reshape(B, L),
-            "loss_mask": loss.reshape(B, L),
-            "segment_ids": seg,
-            "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy(),
-            "start_of_doc": starts.reshape(B) | (seg[:, 0] == 0),
-        }
+        B, L = self.batch_size, self.seq_len
+        return Batch(inputs=inputs.reshape(B, L), targets=targets.reshape(B, L), loss_mask=loss.reshape(B, L),
+                     segment_ids=seg.reshape(B, L),
+                     positions=np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy())
+
+    def _copy_span(self, j: int, pos: int, width: int, inputs, targets, loss, seg) -> int:
+        """Copies lane ``j``'s document from its offset into chunk positions ``pos…`` (at most up to
+        ``width``) of the lane's 1-D chunk arrays; returns the number of positions filled."""
+        doc, lane = self._docs[j], self._lanes[j]
+        off = lane["offset"]
+        take = min(len(doc.tokens) - 1 - off, width - pos)
+        span, nxt = slice(pos, pos + take), slice(off + 1, off + 1 + take)
+        inputs[span] = doc.tokens[off:off + take]
+        targets[span] = doc.tokens[nxt]
+        loss[span] = 1.0 if doc.loss_weights is None else doc.loss_weights[nxt]
+        seg[span] = self._segment_id(j)
+        if doc.padding is not None:
+            seg[span] = np.where(doc.padding[off:off + take], 0, seg[span])
+        lane["offset"] = off + take
+        return take
 
     # ----------------------------------------------------------------- cursor
     def get_state(self) -> dict[str, Any]:
@@ -180,15 +174,17 @@ class Segmenter:
             lanes.append({"ref": copy.deepcopy(lane["ref"]) if held else None,
                           "offset": int(lane["offset"]) if held else 0, "serial": int(lane["serial"])})
         return {"kind": "segmenter", "step": self._step, "finished": self._finished,
-                "geometry": [self.batch_size, self.seq_len, self.pack, self.boundary,
-                             self.bos_id, self.eos_id],
-                "lanes": lanes, "provider": self.provider.get_state()}
+                "geometry": self.geometry(), "lanes": lanes, "provider": self.provider.get_state()}
+
+    def geometry(self) -> list:
+        """``[batch_size, seq_len, pack, boundary, bos_id, eos_id]``: a cursor resumes only on the same."""
+        return [self.batch_size, self.seq_len, self.pack, self.boundary, self.bos_id, self.eos_id]
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restores a cursor from ``get_state`` (re-fetches the documents held by the lanes)."""
         if state.get("kind") != "segmenter":
             raise ValueError(f"not a segmenter state: {str(state)[:200]}")
-        geometry = [self.batch_size, self.seq_len, self.pack, self.boundary, self.bos_id, self.eos_id]
+        geometry = self.geometry()
         if list(state["geometry"]) != geometry:
             raise ValueError(f"state was saved with [batch_size, seq_len, pack, boundary, bos, eos]="
                              f"{state['geometry']}, this segmenter has {geometry}")
@@ -249,9 +245,8 @@ class SegmenterGroup:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
-        batches = [next(s) for s in self.segmenters.values()]
-        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    def __next__(self) -> Batch:
+        return concatenate([next(s) for s in self.segmenters.values()])
 
     def get_state(self) -> dict[str, Any]:
         return {"kind": self.KIND, "num_shards": self.num_shards,

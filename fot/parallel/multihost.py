@@ -155,16 +155,17 @@ def process_rows(sharding: jax.sharding.Sharding, num_rows: int) -> np.ndarray:
     return np.asarray(sorted(rows), np.int64)
 
 
-def local_rows(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding, num_rows: int):
-    """This process's rows of ``batch``. A batch of ``num_rows`` rows (a global batch, e.g. from a
+def local_rows(batch: Any, sharding: jax.sharding.Sharding, num_rows: int):
+    """This process's rows of ``batch`` (a pytree of ``[rows, ...]`` arrays, e.g. a ``fot.data.batch.Batch``).
+    A batch of ``num_rows`` rows (a global batch, e.g. from a
     process-independent generator) is sliced with :func:`process_rows`; a batch of exactly that
     many rows (already this process's share, e.g. the seqio pipeline's) passes through."""
     if jax.process_count() == 1:
         return batch
     rows = process_rows(sharding, num_rows)
-    n = {int(np.shape(v)[0]) for v in batch.values()}
+    n = {int(np.shape(v)[0]) for v in jax.tree.leaves(batch)}
     if n == {int(num_rows)}:
-        return {k: np.asarray(v)[rows] for k, v in batch.items()}
+        return jax.tree.map(lambda v: np.asarray(v)[rows], batch)
     if n == {len(rows)}:
         return batch
     raise ValueError(f"a batch with {sorted(n)} rows is neither the global batch ({num_rows} rows) nor this "

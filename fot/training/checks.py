@@ -35,13 +35,13 @@ def check_layout(name: str, batch_size: int, pack: int, data_size: int, microbat
 
 
 def check_batch(batch, vocab_size: int | None, what: str) -> None:
-    """Token ids of a host batch must lie in [0, vocab_size) (else the embedding gives NaN or another
+    """Token ids of a host ``Batch`` must lie in [0, vocab_size) (else the embedding gives NaN or another
     token's row silently); a cheap host-side check, no device sync."""
     if vocab_size is None:
         return
     for key in ("inputs", "targets"):
         try:
-            check_token_ids(batch[key], vocab_size, f"{what} ({key})")
+            check_token_ids(getattr(batch, key), vocab_size, f"{what} ({key})")
         except ValueError as e:
             raise ConfigError(str(e)) from None
 

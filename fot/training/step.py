@@ -3,15 +3,18 @@
 Loss: ``optax.softmax_cross_entropy_with_integer_labels`` in float32, weighted by ``loss_mask`` and
 averaged per token over the whole (global) batch; accuracy = argmax hits on masked tokens / count.
 
-Gradient accumulation: the batch is split into ``num_microbatches`` micro-batches of whole k-packs
-(strided over packs, see ``split_microbatches``) (``B / m`` divisible by ``pack``), each with its own crossbatch plan (extra rows stay
-inside the micro-batch, as in the reference's sliced micro-batches); per-micro-batch sums of loss
-and gradients are accumulated in a ``lax.scan`` and divided by the global token count, so the
-update equals the un-accumulated one up to float rounding.
+Gradient accumulation: the batch is split into ``num_microbatches`` = m micro-batches of whole k-packs
+(strided over packs, see ``split_microbatches``; ``B / m`` divisible by ``pack``), each with its own
+crossbatch plan (the d extra rows of a row stay inside its micro-batch, as in the reference's sliced
+micro-batches); per-micro-batch sums of loss and gradients are accumulated in a ``lax.scan`` and
+divided by the global token count, so the update equals the un-accumulated one up to float rounding.
+
+The crossbatch size is called d everywhere here (the paper's word; ``fot.ops`` calls it ``num_extra``):
+``extra_rows`` is the int32 ``[B/m, d]`` plan of which rows each row attends to.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +22,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fot.data.batch import Batch
 from fot.data.pipeline import make_global_batch
 from fot.model import memory_temperatures
 from fot.ops import crossbatch_plan
 from fot.parallel import DATA_AXIS, multihost
+from fot.training.checks import check_batch
 from fot.training.state import TrainState
 
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def token_sums(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> dict[str, jax.Array]:
@@ -52,16 +56,18 @@ def argmax_hits(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.logical_not(ahead.any(-1)).astype(jnp.float32)
 
 
-def plan_rows(batch_size: int, num_extra: int, pack: int, stepping: bool = True) -> np.ndarray | None:
-    """``fot.ops.crossbatch_plan`` or None for d = 0 (no extra contexts)."""
-    if num_extra == 0:
+def plan_rows(batch_size: int, d: int, pack: int, stepping: bool = True) -> np.ndarray | None:
+    """int32 [batch_size, d]: ``fot.ops.crossbatch_plan`` for d extra contexts per row, or None for d = 0."""
+    if d == 0:
         return None
-    return np.asarray(crossbatch_plan(batch_size, num_extra, pack=pack, stepping=stepping), np.int32)
+    return np.asarray(crossbatch_plan(batch_size, d, pack=pack, stepping=stepping), np.int32)
 
 
-def _apply(model, params, batch, extra_rows, mesh):
-    return model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                       segment_ids=batch["segment_ids"], extra_rows=extra_rows, mesh=mesh)
+def batch_sums(model, params, batch: Batch, extra_rows, mesh=None) -> dict[str, jax.Array]:
+    """``token_sums`` of ``model`` on ``batch`` (float32 scalars ``loss``, ``correct``, ``tokens``)."""
+    logits = model.apply({"params": params}, batch.inputs, positions=batch.positions,
+                         segment_ids=batch.segment_ids, extra_rows=extra_rows, mesh=mesh)  # [B, L, V]
+    return token_sums(logits, batch.targets, batch.loss_mask)
 
 
 def split_microbatches(x, m: int, pack: int):
@@ -82,7 +88,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mesh: Mes
                     batch_sharding: NamedSharding | None = None) -> Callable:
     """Returns ``step(state, batch, extra_rows) -> (state, metrics)``, jitted with shardings, state donated.
 
-    batch: dict of [B, L] arrays (``BATCH_KEYS``); extra_rows: int32 [B/m, d] plan of ONE micro-batch
+    batch: a ``Batch`` of [B, L] arrays; extra_rows: int32 [B/m, d] plan of ONE micro-batch
     (identical for every micro-batch) or None. metrics: dict of float32 scalars ``loss``,
     ``accuracy``, ``tokens``, ``grad_norm`` (of the gradients), ``param_norm`` (of the updated params), and
     ``qk_temperature`` (mean QK-norm temperature of the memory layers) when the model has ``qk_norm``.
@@ -90,19 +96,18 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mesh: Mes
     """
     m = int(num_microbatches)
 
-    def loss_fn(params, micro, rows):
-        sums = token_sums(_apply(model, params, micro, rows, mesh), micro["targets"], micro["loss_mask"])
+    def loss_fn(params, micro: Batch, extra_rows):
+        sums = batch_sums(model, params, micro, extra_rows, mesh)
         return sums["loss"], sums
 
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
-    def step(state: TrainState, batch: dict[str, jax.Array], extra_rows):
-        batch = {k: batch[k] for k in BATCH_KEYS}
-        total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    def step(state: TrainState, batch: Batch, extra_rows):
+        total = jnp.maximum(jnp.sum(batch.loss_mask.astype(jnp.float32)), 1.0)  # masked tokens of the global batch
         if m == 1:
             grads, sums = grad_fn(state.params, batch, extra_rows)
         else:
-            micro = jax.tree.map(lambda x: split_microbatches(x, m, pack), batch)
+            micro = batch.map(lambda x: split_microbatches(x, m, pack))  # fields [m, B/m, L]
 
             def body(carry, mb):
                 g_acc, s_acc = carry
@@ -132,45 +137,49 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mesh: Mes
         return jax.jit(step, donate_argnums=(0,))
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = batch_sharding or NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    in_shardings = (state_shardings, {k: batch_sharding for k in BATCH_KEYS}, replicated)
-    out_shardings = (state_shardings, replicated)
-    jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=(0,))
-
-    def call(state, batch, extra_rows):
-        return jitted(state, {k: batch[k] for k in BATCH_KEYS}, extra_rows)
-
-    call.jitted = jitted  # ``call.jitted._cache_size()`` = number of compilations (one per distinct d)
-    return call
+    # ``jitted._cache_size()`` = number of compilations (one per distinct d)
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
 
 def make_eval_step(model, *, mesh: Mesh | None = None, param_shardings=None,
                    batch_sharding: NamedSharding | None = None) -> Callable:
     """Returns ``eval_step(params, batch, extra_rows) -> sums`` (``loss``/``correct``/``tokens`` sums)."""
 
-    def step(params, batch, extra_rows):
-        logits = _apply(model, params, batch, extra_rows, mesh)
-        return token_sums(logits, batch["targets"], batch["loss_mask"])
+    def step(params, batch: Batch, extra_rows):
+        return batch_sums(model, params, batch, extra_rows, mesh)
 
     if mesh is None:
         return jax.jit(step)
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = batch_sharding or NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    jitted = jax.jit(step, in_shardings=(param_shardings, {k: batch_sharding for k in BATCH_KEYS}, replicated),
-                     out_shardings=replicated)
-    return lambda params, batch, extra_rows: jitted(params, {k: batch[k] for k in BATCH_KEYS}, extra_rows)
+    return jax.jit(step, in_shardings=(param_shardings, batch_sharding, replicated), out_shardings=replicated)
 
 
-def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding | None,
-              global_rows: int | None = None) -> dict[str, Any]:
-    """Host numpy batch (``BATCH_KEYS``) → global jax arrays sharded over the data axis
+def evaluate(eval_fn, params, data, d: int, steps: int, sharding, stepping: bool = True,
+             vocab_size: int | None = None) -> dict[str, float]:
+    """Per-token loss/accuracy over the next ``steps`` batches of ``data`` with d crossbatch contexts."""
+    totals = {"loss": 0.0, "correct": 0.0, "tokens": 0.0}
+    extra_rows = plan_rows(data.batch_size, d, data.pack, stepping)  # int32 [B, d] or None
+    for i in range(steps):
+        host_batch = next(data)
+        check_batch(host_batch, vocab_size, f"eval batch {i + 1}")
+        sums = jax.device_get(eval_fn(params, put_batch(host_batch, sharding, data.batch_size), extra_rows))
+        for k in totals:
+            totals[k] += float(sums[k])
+    n = max(totals["tokens"], 1.0)
+    return {"loss": totals["loss"] / n, "accuracy": totals["correct"] / n, "tokens": totals["tokens"]}
+
+
+def put_batch(batch: Batch, sharding: NamedSharding | None, global_rows: int | None = None) -> Batch:
+    """Host numpy ``Batch`` → global jax arrays sharded over the data axis
     (``fot.data.pipeline.make_global_batch``), or plain device arrays without a sharding.
 
     global_rows: rows of the global batch. With several processes, a batch of that many rows (a
     process-independent iterator) is cut to this process's rows (``fot.parallel.multihost.local_rows``);
     a process-sharded iterator's batch (its share of the rows) is used as it is."""
-    batch = {k: np.asarray(batch[k]) for k in BATCH_KEYS}
     if sharding is None:
-        return {k: jnp.asarray(x) for k, x in batch.items()}
+        return batch.map(jnp.asarray)
     if global_rows is not None:
         batch = multihost.local_rows(batch, sharding, global_rows)
-    return make_global_batch(batch, sharding)
+    return Batch(**make_global_batch(batch._asdict(), sharding))
