@@ -232,3 +232,28 @@ def write_results(workdir: str | None, results: dict[str, Any], stream=None) -> 
             f.write(line + "\n")
         os.replace(path + ".tmp", path)
     print(line, file=stream or sys.stdout, flush=True)
+
+
+def finished_results(workdir: str, step: int) -> dict[str, Any] | None:
+    """``workdir/results.json`` when it reports ``step`` (the run finished there), else None."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and results.get("step") == step else None
+
+
+def final_eval_summary(result: dict[str, Any]) -> str:
+    """One console line for a final-eval result: its ``sizes`` with the ``*accuracy`` lists, else its keys."""
+    sizes = result.get("sizes")
+    curves = {k: v for k, v in result.items() if k.endswith("accuracy") and isinstance(v, (list, tuple))}
+    if sizes is None or not curves:
+        return ", ".join(sorted(result))
+    return "; ".join(f"{k} " + " ".join(f"{n}: {a:.3f}" for n, a in zip(sizes, v)) for k, v in curves.items())
+
+
+def data_metrics(data) -> dict[str, float]:
+    """The iterator's own counters (``metrics()``: documents, tokens, skipped short documents), if any."""
+    fn = getattr(data, "metrics", None)
+    return {k: float(v) for k, v in fn().items()} if callable(fn) else {}
