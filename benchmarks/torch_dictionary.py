@@ -41,11 +41,11 @@ def main(argv=None) -> int:
 
     from fot.convert import to_hf
     from fot.eval import dictionary
-    from fot.eval.restore import _train_data_param, load_run
+    from fot.eval.restore import _train_data_param, load_model
     from fot.inference import MemoryInference, WindowedConfig
 
     torch.set_num_threads(1)
-    model, params, step = load_run(args.workdir)
+    model, params, step = load_model(args.workdir)
     window = int(_train_data_param(gin, "seq_len"))
     spec = dict(key_len=int(_train_data_param(gin, "key_len")), value_len=int(_train_data_param(gin, "value_len")),
                 vocab_size=model.config.vocab_size)

@@ -59,7 +59,7 @@ def main(argv) -> None:
     import jax
     import numpy as np
 
-    from fot.eval.restore import EvalError, _train_data_param, load_run, run_tokenizer
+    from fot.eval.restore import EvalError, _train_data_param, load_model, run_tokenizer
     from fot.data.vocab import make_tokenizer
     if len(argv) > 1:
         _fail(f"unexpected positional arguments: {argv[1:]}")
@@ -73,8 +73,8 @@ def main(argv) -> None:
     else:
         _fail("give --prompt or --prompt_file")
     try:
-        model, params, step = load_run(FLAGS.workdir, FLAGS.step, FLAGS.gin_bindings, FLAGS.gin_file,
-                                       FLAGS.gin_search_paths)
+        model, params, step = load_model(FLAGS.workdir, FLAGS.step, FLAGS.gin_file, FLAGS.gin_bindings,
+                                         FLAGS.gin_search_paths)
         import gin
         window = FLAGS.window or _train_data_param(gin, "seq_len")
         if not window:

@@ -106,19 +106,25 @@ def _includes_as_files_only() -> None:
                                    if r[0] is not resource_reader.system_path_reader]
 
 
+# fot.data's seqio pipeline: iterator, task / mixture registration and vocabulary functions (short names in gin).
+DATA_CONFIGURABLES = ("make_iterator", "register_files_task", "register_tfds_task", "register_stdlib_task",
+                      "register_dictionary_task", "register_mixture", "load_vocabulary", "stdlib_vocabulary",
+                      "run_vocabulary")
+
+
 def _register_data_pipeline(gin) -> None:
-    """The seqio pipeline's iterator factories (fot.data), registered only when that module imports."""
+    """The seqio pipeline's functions (``DATA_CONFIGURABLES``), registered only when that module imports."""
     try:
         from fot.data import pipeline  # noqa: F401  (seqio/TF are imported lazily inside its functions)
     except ImportError:
         return
-    for name in getattr(pipeline, "GIN_CONFIGURABLES", ()):
+    for name in DATA_CONFIGURABLES:
         gin.external_configurable(getattr(pipeline, name), name=name, module="fot.data")
 
 
-def model_config_bindings(cfg) -> list[str]:
-    """Gin bindings that rebuild ``cfg`` (a ``ModelConfig``): one ``ModelConfig.<field> = <value>`` per field."""
-    return [f"ModelConfig.{f.name} = {getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg)]
+def model_config_bindings(config) -> list[str]:
+    """Gin bindings that rebuild ``config`` (a ``ModelConfig``): one ``ModelConfig.<field> = <value>`` per field."""
+    return [f"ModelConfig.{f.name} = {getattr(config, f.name)!r}" for f in dataclasses.fields(config)]
 
 
 def parse_run_config(workdir: str, gin_files=(), gin_bindings=(), search_paths=()) -> None:
@@ -141,20 +147,6 @@ def parse_run_config(workdir: str, gin_files=(), gin_bindings=(), search_paths=(
     if gin_files or gin_bindings:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_bindings), skip_unknown=True,
                                             finalize_config=False)
-
-
-def load_run(workdir: str, step: int | None = None, gin_files=(), gin_bindings=(), search_paths=()):
-    """(ModelConfig, params, step) of a training run: parses its config (parse_run_config) and restores the
-    params of the checkpoint at ``step`` (default latest) as numpy arrays. For evaluation / inference /
-    export code; gin holds the run's config afterwards. ``fot.eval.restore.load_run`` adds CLI checks."""
-    import gin
-
-    from fot.training.checkpoint import load_params
-
-    parse_run_config(workdir, gin_files, gin_bindings, search_paths)
-    config = gin.get_configurable("fot.model.ModelConfig")()
-    params, step = load_params(workdir, step)
-    return config, params, step
 
 
 def _fail(message, code: int = EXIT_CONFIG) -> None:

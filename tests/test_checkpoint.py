@@ -96,7 +96,7 @@ def test_load_run_gives_config_and_params(tmp_path):
     import jax.numpy as jnp
 
     from fot.model import Decoder
-    from fot.train import load_run
+    from fot.eval.restore import load_run
 
     try:
         cfg, params, step = load_run(wd)

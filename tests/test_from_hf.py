@@ -62,7 +62,7 @@ def hf_tensors(path):
 
 
 def fot_run(workdir):
-    from fot.train import load_run
+    from fot.eval.restore import load_run
 
     cfg, params, step = load_run(str(workdir))
     return cfg, params, step

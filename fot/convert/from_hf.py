@@ -150,7 +150,7 @@ def convert_tensors(source: TensorSource, cfg, dtype: str = "float32") -> dict:
 
 
 def load_hf(path: str, dtype: str = "float32"):
-    """HF directory → (ModelConfig, params tree of numpy arrays in ``dtype``), as ``fot.train.load_run``."""
+    """HF directory → (ModelConfig, params tree of numpy arrays in ``dtype``), as ``fot.eval.restore.load_run``."""
     cfg = config_from_hf(read_config(path), param_dtype=dtype)
     return cfg, convert_tensors(TensorSource(path), cfg, dtype)
 

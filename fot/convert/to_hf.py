@@ -244,7 +244,7 @@ def export(params, cfg, out_dir: str, *, max_position_embeddings: int, last_cont
 
 
 def _training_window(workdir: str):
-    """Training ``seq_len`` of the run (gin holds its operative config after fot.train.load_run)."""
+    """Training ``seq_len`` of the run (gin holds its operative config after fot.eval.restore.load_run)."""
     try:
         import gin
 
@@ -301,17 +301,11 @@ def main(argv=None) -> int:
         if not os.path.isfile(os.path.join(workdir, "config.gin")):
             raise ValueError(f"{workdir}/config.gin not found (the operative config written by fot.train)")
         prepare_out(args.out, args.overwrite)  # fail before the (slow) restore
-        from fot.train import load_run
-        from fot.training.checkpoint import CheckpointDamagedError
+        from fot.eval.restore import EvalError, load_run
         try:
             cfg, params, step = load_run(workdir, args.step)
-        except FileNotFoundError as e:
-            raise ValueError(f"no checkpoint to export: {e}") from None
-        except CheckpointDamagedError:
-            raise
-        except Exception as e:  # noqa: BLE001 - orbax raises various errors for a missing step
-            raise ValueError(f"cannot restore checkpoint (step={args.step}) under {workdir}: "
-                             f"{type(e).__name__}: {e}") from None
+        except EvalError as e:  # no checkpoint, an unreadable step, a bad config: one line
+            raise ValueError(f"cannot export {workdir}: {e}") from None
         window = args.max_position_embeddings or _training_window(workdir)
         if window is None:
             raise ValueError("--max_position_embeddings not given and the run's seq_len is unknown")

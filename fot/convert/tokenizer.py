@@ -76,7 +76,7 @@ ID_TABLE_TOKEN_IDS = {"pad_token_id": 0, "eos_token_id": None, "bos_token_id": N
 
 
 def from_run(gin, model_vocab_size: int) -> tuple[dict[str, bytes] | None, dict | None, str]:
-    """Tokenizer files of the run whose operative config ``gin`` holds (after ``fot.train.load_run``):
+    """Tokenizer files of the run whose operative config ``gin`` holds (after ``fot.eval.restore.load_run``):
     the dictionary id table for ``DictionaryLookupIterator`` runs, the seqio task's SentencePiece
     vocabulary for ``make_iterator`` runs. Returns ``(files or None, config.json token ids or None,
     description)``."""

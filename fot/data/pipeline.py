@@ -22,10 +22,6 @@ from fot.data.tasks import (register_dictionary_task, register_files_task, regis
                             register_mixture, register_stdlib_task, register_tfds_task)
 from fot.data.vocab import check_vocab_size, load_vocabulary, run_vocabulary, stdlib_vocabulary  # noqa: F401
 
-# Registered by fot.train with gin.external_configurable(..., module="fot.data") (short names in gin).
-GIN_CONFIGURABLES = ("make_iterator", "register_files_task", "register_tfds_task", "register_stdlib_task",
-                     "register_dictionary_task", "register_mixture", "load_vocabulary", "stdlib_vocabulary",
-                     "run_vocabulary")
 
 
 class PrefetchIterator:
@@ -278,13 +274,13 @@ def _sharded_iterator(task: str, host, num_shards: int, *, batch_size: int, seq_
                          f"k-packs (pack={pack})")
     if not isinstance(seq_len, (int, np.integer)) or seq_len <= 1:
         raise ValueError(f"seq_len (window length) must be an int > 1, got {seq_len!r}")
-    rows = batch_size // num_shards
-    lanes, per_host = rows // pack, num_shards // host.num_shards
+    shard_rows = batch_size // num_shards
+    lanes, per_host = shard_rows // pack, num_shards // host.num_shards
     bos, eos = _special_ids(task, add_bos, add_eos)
     segmenters = {}
     for i in range(host.index * per_host, (host.index + 1) * per_host):
         provider = make_provider(task, shard_info=seqio.ShardInfo(i, num_shards), **stream)
-        segmenters[i] = Segmenter(provider, rows, seq_len, pack=pack, bos_id=bos, eos_id=eos, boundary=boundary,
+        segmenters[i] = Segmenter(provider, shard_rows, seq_len, pack=pack, bos_id=bos, eos_id=eos, boundary=boundary,
                                   lane_offset=i * lanes, num_global_lanes=lanes * num_shards)
     vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
     return PrefetchIterator(SegmenterGroup(segmenters, num_shards), prefetch, batch_size=batch_size,

@@ -36,7 +36,7 @@ TASKS = ("dictionary", "passkey", "perplexity", "distraction")
 # --gin_bindings (e.g. 'dictionary_eval.sizes = [512, 1024]') and --gin_search_paths.
 from fot import train as _train  # noqa: E402  (defines the shared absl flags once)
 
-from fot.eval.restore import (EvalError, _bound, _resolve, _train_data_param, load_run,  # noqa: E402
+from fot.eval.restore import (EvalError, _bound, _resolve, _train_data_param, load_model,  # noqa: E402
                               run_tokenizer)
 
 FLAGS = flags.FLAGS
@@ -136,12 +136,12 @@ def run(task: str, workdir: str) -> dict:
     baseline = None
     if task == "dictionary" and FLAGS.baseline_workdir:
         # Loaded first: loading a run replaces the gin config, and the evaluated run's must stay active.
-        b_model, b_params, b_step = load_run(FLAGS.baseline_workdir, FLAGS.baseline_step)
+        b_model, b_params, b_step = load_model(FLAGS.baseline_workdir, FLAGS.baseline_step)
         baseline = (b_model, b_params)
     elif FLAGS.baseline_workdir:
         raise EvalError("--baseline_workdir applies to --task=dictionary only")
-    model, params, step = load_run(workdir, FLAGS.step, FLAGS.gin_bindings, FLAGS.gin_file,
-                                   FLAGS.gin_search_paths)
+    model, params, step = load_model(workdir, FLAGS.step, FLAGS.gin_file, FLAGS.gin_bindings,
+                                     FLAGS.gin_search_paths)
     import gin
     if FLAGS.temperature_scale is not None:
         from fot.model import scale_memory_temperatures

@@ -34,9 +34,18 @@ from fot.eval import resources
 from fot.eval.baseline import FullContext
 from fot.eval.plotting import line_plot
 from fot.inference.windowed import MemoryInference, WindowedConfig
+from fot.training.step import token_sums
 
 HOST_BYTES_PER_TOKEN = 48  # one generated document while it is laid out: int32 tokens/segment, answer, copies
 FILL_TOKENS_PER_CALL = 1 << 16  # MemoryInference.fill's default rows per call (tokens)
+
+
+_token_sums = jax.jit(token_sums)
+
+
+def _hits(logits, targets, answer) -> int:
+    """Argmax hits of logits [b, Tq, V] on the answer tokens (``answer`` float [b, Tq]), as training counts them."""
+    return int(_token_sums(logits, targets, answer)["correct"])
 
 
 def _round_up(x: int, m: int) -> int:
@@ -131,6 +140,35 @@ def _check(sizes, window, key_len, value_len, vocab_size, top_k, aligned, num_do
     return ns, limit
 
 
+def _score_documents(runners, docs, n: int, use, prog) -> tuple[dict[str, int], int, float]:
+    """Argmax hits of each used line on the query answers of ``docs`` (``documents``) with their first ``n``
+    tokens in memory: (hits per line, answer tokens, seconds spent filling the memory)."""
+    inputs, targets = docs["tokens"][:, :-1], docs["tokens"][:, 1:]  # [b, n + Tq]
+    answer, keep = docs["answer"][:, 1:], docs["segment"][:, :-1] > 0  # [b, n + Tq]
+    b = inputs.shape[0]
+    done = [0]
+
+    def tick(t):
+        prog.update((t - done[0]) * b, note=f"size {n:,}")
+        done[0] = t
+
+    tf = time.perf_counter()
+    fot_runner = runners["fot"]
+    stores = fot_runner.fill(fot_runner.init_memory(b, n), inputs[:, :n], keep[:, :n], progress=tick)
+    jax.block_until_ready(stores)
+    fill_s = time.perf_counter() - tf
+    q = jnp.asarray(inputs[:, n:])  # [b, Tq] query tokens
+    tgt, ans = jnp.asarray(targets[:, n:]), jnp.asarray(answer[:, n:], jnp.float32)  # [b, Tq]
+    hits = {"fot": _hits(fot_runner.query(stores, q), tgt, ans)}
+    if use["dense"]:
+        hits["dense"] = _hits(runners["dense"].query(stores, q), tgt, ans)
+    del stores
+    hits["off"] = _hits(runners["off"].query({}, q), tgt, ans)
+    if use["baseline"]:
+        hits["baseline"] = _hits(runners["baseline"](inputs, n), tgt, ans)
+    return hits, int(answer[:, n:].sum()), fill_s
+
+
 def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_size: int,
              sizes: Sequence[int], num_docs: int = 16, top_k: int | None = 32, seed: int = 0,
              mem_dtype: str = "float32", memory_budget_bytes: int = 1 << 30, aligned: bool = True,
@@ -154,16 +192,16 @@ def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_
         raise ValueError("the model has no memory layers (ModelConfig.mem_layers is empty)")
     resources.check_fits(estimate_bytes(model_config, max(ns), 1, mem_dtype),
                          f"dictionary eval at {max(ns):,} tokens in memory (mem_dtype {mem_dtype})")
-    fot_runner = MemoryInference(model, params, WindowedConfig(window=window, top_k=top_k, mem_dtype=mem_dtype,
-                                                                on_overflow="error"), mesh=mesh)
-    dense_runner = MemoryInference(model, params, WindowedConfig(window=window, mem_dtype=mem_dtype), mesh=mesh)
-    off_runner = MemoryInference(model, params, WindowedConfig(window=window, use_memory=False), mesh=mesh)
-    base_fn = None
+    runners = {"fot": MemoryInference(model, params, WindowedConfig(window=window, top_k=top_k, mem_dtype=mem_dtype,
+                                                                    on_overflow="error"), mesh=mesh),
+               "dense": MemoryInference(model, params, WindowedConfig(window=window, mem_dtype=mem_dtype), mesh=mesh),
+               "off": MemoryInference(model, params, WindowedConfig(window=window, use_memory=False), mesh=mesh),
+               "baseline": None}
     if baseline is not None:
         b_model, b_params = baseline
         if b_model.config.vocab_size < vocab_size:
             raise ValueError(f"baseline vocab_size {b_model.config.vocab_size} < the task's {vocab_size}")
-        base_fn = FullContext(b_model, b_params, chunk=baseline_chunk).logits
+        runners["baseline"] = FullContext(b_model, b_params, chunk=baseline_chunk).logits
     bpt = memory_bytes_per_token(model_config, mem_dtype)
     prog = resources.Progress(sum(ns) * num_docs, "dictionary eval (memory tokens filled)", enabled=progress)
     lines = {k: [] for k in ("fot", "dense", "baseline", "off")}
@@ -172,40 +210,18 @@ def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_
         t0 = time.perf_counter()
         rows = max(1, min(num_docs, memory_budget_bytes // max(1, n * bpt)))
         use = {"fot": True, "dense": dense and (dense_max_tokens is None or n <= dense_max_tokens),
-               "baseline": base_fn is not None and n + window <= baseline_max_tokens, "off": True}
+               "baseline": runners["baseline"] is not None and n + window <= baseline_max_tokens, "off": True}
         correct = dict.fromkeys(lines, 0)
         total, fill_s = 0, 0.0
         for r in range(0, num_docs, rows):
             docs = documents(seed, n, window=window, key_len=key_len, value_len=value_len, vocab_size=vocab_size,
                              indices=range(r, min(r + rows, num_docs)), aligned=aligned)
-            batch = {"inputs": docs["tokens"][:, :-1], "targets": docs["tokens"][:, 1:],
-                     "answer": docs["answer"][:, 1:], "keep": docs["segment"][:, :-1] > 0}
+            hits, n_answers, seconds_filling = _score_documents(runners, docs, n, use, prog)
             del docs
-            b = batch["inputs"].shape[0]
-            done = [0]
-
-            def tick(t, b=b, done=done):
-                prog.update((t - done[0]) * b, note=f"size {n:,}")
-                done[0] = t
-
-            tf = time.perf_counter()
-            stores = fot_runner.fill(fot_runner.init_memory(b, n), batch["inputs"][:, :n], batch["keep"][:, :n],
-                                     progress=tick)
-            jax.block_until_ready(stores)
-            fill_s += time.perf_counter() - tf
-            q = jnp.asarray(batch["inputs"][:, n:])
-            preds = {"fot": fot_runner.query(stores, q)}
-            if use["dense"]:
-                preds["dense"] = dense_runner.query(stores, q)
-            preds = {k: np.asarray(v).argmax(-1) for k, v in preds.items()}
-            del stores
-            preds["off"] = np.asarray(off_runner.query({}, q)).argmax(-1)
-            if use["baseline"]:
-                preds["baseline"] = base_fn(batch["inputs"], n).argmax(-1)
-            tgt, ans = batch["targets"][:, n:], batch["answer"][:, n:]
-            for k, p in preds.items():
-                correct[k] += int(np.sum((p == tgt) & ans))
-            total += int(ans.sum())
+            for k, v in hits.items():
+                correct[k] += v
+            total += n_answers
+            fill_s += seconds_filling
         for k in lines:
             lines[k].append(correct[k] / total if use[k] else None)
         answers.append(total)
@@ -219,7 +235,7 @@ def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_
               "window": window, "top_k": top_k, "num_docs": num_docs, "seed": seed, "mem_dtype": mem_dtype,
               "key_len": key_len, "value_len": value_len, "vocab_size": vocab_size,
               "max_dictionary_tokens": limit, "aligned": aligned}
-    if base_fn is not None:
+    if runners["baseline"] is not None:
         result["baseline_accuracy"] = lines["baseline"]
         result["baseline_max_tokens"] = baseline_max_tokens
     return result

@@ -34,6 +34,7 @@ import numpy as np
 from fot.eval import resources
 from fot.eval.plotting import line_plot
 from fot.inference.windowed import MemoryInference, WindowedConfig
+from fot.training.step import token_sums
 
 
 def load_tokens_file(path: str, doc_separator: int | None = None, min_doc_len: int = 2) -> list[np.ndarray]:
@@ -71,10 +72,7 @@ def task_documents(task: str, split: str = "validation", max_docs: int = 64, see
     return docs
 
 
-@jax.jit
-def _token_nll(logits, targets):
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+_token_sums = jax.jit(token_sums)  # loss / correct / tokens sums, as in training
 
 
 def _round_up(x: int, m: int) -> int:
@@ -137,8 +135,8 @@ def _score_rows(runner: MemoryInference, rows: np.ndarray, mask: np.ndarray, mem
         nxt = min(e + 1, t)  # predict token j+1 from position j, across into the next window
         tgt = np.pad(rows[:, s + 1:nxt], [(0, 0), (0, w - (nxt - s - 1))])
         valid = np.pad(mask[:, s + 1:nxt] & mask[:, s:nxt - 1], [(0, 0), (0, w - (nxt - s - 1))])
-        nll = np.asarray(_token_nll(logits, jnp.asarray(tgt)))
-        total += float(np.sum(nll * valid))
+        sums = _token_sums(logits, jnp.asarray(tgt), jnp.asarray(valid, jnp.float32))  # logits [B, w, V]
+        total += float(sums["loss"])
         count += int(valid.sum())
         if tick is not None:
             tick(b * (e - s))

@@ -44,8 +44,13 @@ def _train_data_param(gin, name: str):
     return None
 
 
-def load_run(workdir: str, step: int | None = None, gin_bindings=(), gin_files=(), search_paths=()):
-    """(model, params, step) from a training workdir; gin holds the run's operative config afterwards."""
+def load_run(workdir: str, step: int | None = None, gin_files=(), gin_bindings=(), search_paths=()):
+    """(ModelConfig, params as numpy arrays, step) of a training run (or one imported by fot.convert.from_hf):
+    parses its config (``fot.train.parse_run_config``, plus extra gin files / bindings) and restores the
+    checkpoint at ``step`` (default latest); gin holds the run's operative config afterwards.
+
+    ``EvalError`` (a ValueError, one line) for a missing workdir / config / checkpoint or a bad config;
+    ``CheckpointDamagedError`` (an OSError) for a damaged checkpoint, naming its step."""
     if not workdir:
         raise EvalError("--workdir is required")
     workdir = os.path.abspath(workdir)
@@ -58,7 +63,6 @@ def load_run(workdir: str, step: int | None = None, gin_bindings=(), gin_files=(
     if not os.path.isdir(ckpt) or not any(n.isdigit() for n in os.listdir(ckpt)):
         raise EvalError(f"no checkpoint under {ckpt}")
     import gin
-    import jax.numpy as jnp
 
     from fot import train as _train
     from fot.training.checkpoint import CheckpointDamagedError, load_params
@@ -68,9 +72,8 @@ def load_run(workdir: str, step: int | None = None, gin_bindings=(), gin_files=(
         raise EvalError(f"gin file not found: {e}") from None
     except Exception as e:  # noqa: BLE001 - gin raises many exception types for bad bindings
         raise EvalError(f"bad gin config: {type(e).__name__}: {e}") from None
-    from fot.model import Decoder
     try:
-        mcfg = gin.get_configurable("fot.model.ModelConfig")()
+        config = gin.get_configurable("fot.model.ModelConfig")()
     except Exception as e:  # noqa: BLE001
         raise EvalError(f"cannot build ModelConfig from {cfg_path}: {e}") from None
     try:
@@ -81,8 +84,17 @@ def load_run(workdir: str, step: int | None = None, gin_bindings=(), gin_files=(
         raise  # an OSError: the CLIs report it with exit 4, naming the damaged step
     except Exception as e:  # noqa: BLE001 - orbax errors for a missing/corrupt step
         raise EvalError(f"cannot restore checkpoint step {step} under {ckpt}: {type(e).__name__}: {e}") from None
-    params = __import__("jax").tree.map(jnp.asarray, params)
-    return Decoder(mcfg), params, step
+    return config, params, step
+
+
+def load_model(workdir: str, step: int | None = None, gin_files=(), gin_bindings=(), search_paths=()):
+    """(Decoder, params as device arrays, step): ``load_run`` for evaluation and generation."""
+    import jax
+    import jax.numpy as jnp
+
+    from fot.model import Decoder
+    config, params, step = load_run(workdir, step, gin_files, gin_bindings, search_paths)
+    return Decoder(config), jax.tree.map(jnp.asarray, params), step
 
 
 def run_tokenizer(gin, workdir: str | None = None) -> tuple[str | None, int | None]:
