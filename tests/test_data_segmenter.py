@@ -332,3 +332,31 @@ def test_two_hosts_have_disjoint_lanes_and_segment_ids(rng):
     assert content[1] <= {tuple(wrap(d)) for d in docs[1::2]}
     with pytest.raises(ValueError, match="num_global_lanes"):
         Segmenter(ListDocuments(docs), 8, 16, pack=2, lane_offset=6, num_global_lanes=8)
+
+
+def test_document_padding_gets_segment_zero(rng):
+    """A document's ``padding`` positions (filler inside it) get segment id 0 at those input positions; the
+    rest of the document keeps its id, targets and loss weights are unchanged."""
+    from fot.data.documents import Document
+
+    toks = rng.integers(4, 100, size=33).astype(np.int32)
+    pad = rng.random(33) < 0.3
+    weights = rng.random(33).astype(np.float32)
+
+    class One:
+        def __init__(self):
+            self.given = False
+
+        def next_document(self):
+            if self.given:
+                return None
+            self.given = True
+            return Document(toks, 0, weights, pad)
+
+    b = next(Segmenter(One(), 2, 16, pack=2, boundary="pad"))
+    seg = b.segment_ids.reshape(-1)
+    np.testing.assert_array_equal(seg == 0, pad[:32])
+    assert len(np.unique(seg[seg > 0])) == 1
+    np.testing.assert_array_equal(b.inputs.reshape(-1), toks[:32])
+    np.testing.assert_array_equal(b.targets.reshape(-1), toks[1:])
+    np.testing.assert_array_equal(b.loss_mask.reshape(-1), weights[1:])

@@ -111,3 +111,20 @@ def test_bad_input():
         DictionarySpec(key_len=1, value_len=1, vocab_size=8, doc_len=128)
     with pytest.raises(ValueError, match="query"):
         DictionaryLookupIterator(4, 8, key_len=4, value_len=4)
+
+
+def test_cursor_of_the_pre_segmenter_iterator_resumes(rng):
+    """A checkpoint cursor written before the dictionary task went through the segmenter ({"kind": "dictionary",
+    "seed", "step"}) resumes at that step: the batches equal a fresh iterator's from that step on."""
+    seed, step = int(rng.integers(1 << 30)), int(rng.integers(1, 20))
+    ref = DictionaryLookupIterator(8, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=seed)
+    for _ in range(step):
+        next(ref)
+    it = DictionaryLookupIterator(8, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=seed)
+    it.set_state({"kind": "dictionary", "seed": seed, "step": step})
+    for _ in range(3):
+        want, got = next(ref), next(it)
+        for k in want._fields:
+            np.testing.assert_array_equal(getattr(got, k), getattr(want, k), err_msg=k)
+    with pytest.raises(ValueError, match="seed"):
+        it.set_state({"kind": "dictionary", "seed": seed + 1, "step": step})
