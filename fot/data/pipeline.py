@@ -291,7 +291,7 @@ def make_global_batch(batch: Mapping[str, np.ndarray], sharding) -> dict[str, An
     """Host-local batch → global ``jax.Array``s with ``jax.make_array_from_process_local_data``.
 
     ``sharding``: a ``jax.sharding.NamedSharding`` for the [B, L] arrays (batch over the data
-    axis); 1-D arrays (``start_of_doc``) use its first spec entry. Or a dict key → sharding.
+    axis); arrays of fewer dimensions use its first spec entries. Or a dict key → sharding.
     Each host passes its own rows; the global batch is their concatenation in process order.
     """
     import jax  # pylint: disable=g-import-not-at-top

@@ -103,13 +103,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, mesh: Mes
     grad_fn = jax.grad(loss_fn, has_aux=True)
 
     def step(state: TrainState, batch: Batch, extra_rows):
-        total = jnp.maximum(jnp.sum(batch.loss_mask.astype(jnp.float32)), 1.0)  # masked tokens of the global batch
+        # scalar: masked tokens of the global batch (batch fields [B, L])
+        total = jnp.maximum(jnp.sum(batch.loss_mask.astype(jnp.float32)), 1.0)
         if m == 1:
             grads, sums = grad_fn(state.params, batch, extra_rows)
         else:
             micro = batch.map(lambda x: split_microbatches(x, m, pack))  # fields [m, B/m, L]
 
-            def body(carry, mb):
+            def body(carry, mb):  # mb: one micro-batch, fields [B/m, L]
                 g_acc, s_acc = carry
                 g, s = grad_fn(state.params, mb, extra_rows)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
