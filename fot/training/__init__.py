@@ -1,4 +1,5 @@
-"""Training: train state, optax optimizers, steps, loop, orbax checkpoints, d-curricula, metrics.
+"""Training: train state, optax optimizers, steps, the Trainer (settings, loop), orbax checkpoints, d-curricula,
+metrics.
 
 Gin-free library code; ``fot.train`` is the gin entry point.
 """
