@@ -128,3 +128,22 @@ def test_cursor_of_the_pre_segmenter_iterator_resumes(rng):
             np.testing.assert_array_equal(getattr(got, k), getattr(want, k), err_msg=k)
     with pytest.raises(ValueError, match="seed"):
         it.set_state({"kind": "dictionary", "seed": seed + 1, "step": step})
+
+
+def test_cursor_resumes_with_another_batch_size(rng):
+    """Batches are a pure function of (seed, step): a cursor saved with another batch size resumes at its step
+    (what ``fot.train --allow_config_change`` relies on), the batch of that step in the new geometry."""
+    seed, step = int(rng.integers(1 << 30)), int(rng.integers(1, 20))
+    a = DictionaryLookupIterator(8, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=seed)
+    for _ in range(step):
+        next(a)
+    ref = DictionaryLookupIterator(4, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=seed)
+    for _ in range(step):
+        next(ref)
+    b = DictionaryLookupIterator(4, 16, pack=2, key_len=1, value_len=1, vocab_size=16, seed=seed)
+    b.set_state(a.get_state())
+    want, got = next(ref), next(b)
+    for k in want._fields:
+        np.testing.assert_array_equal(getattr(got, k), getattr(want, k), err_msg=k)
+    with pytest.raises(ValueError, match="not a dictionary"):
+        b.set_state({"kind": "segmenter_shards"})

@@ -249,9 +249,16 @@ class DictionaryLookupIterator(Segmenter):
             self.set_state(saved)
 
     def set_state(self, state: dict[str, Any]) -> None:
-        if state.get("kind") == "dictionary":  # cursor saved before the iterator became a segmenter
-            state = self.cursor_at(int(state["step"]), seed=int(state["seed"]))
-        super().set_state(state)
+        """Resumes at the cursor's step. Batches are a pure function of (seed, step), so a cursor saved with
+        another batch size or window resumes too (``--allow_config_change``), as does the cursor
+        ``{"kind": "dictionary", "seed", "step"}`` saved before this iterator became a segmenter."""
+        if state.get("kind") == "dictionary":
+            seed = state["seed"]
+        elif state.get("kind") == "segmenter" and state.get("provider", {}).get("kind") == "dictionary_documents":
+            seed = state["provider"]["seed"]
+        else:
+            raise ValueError(f"not a dictionary iterator state: {str(state)[:200]}")
+        super().set_state(self.cursor_at(int(state["step"]), seed=int(seed)))
 
     def metrics(self, state: dict[str, Any] | None = None) -> dict[str, float]:
         """Generated documents: no reader counters (the loop logs none for this task)."""
