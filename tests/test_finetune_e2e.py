@@ -69,7 +69,7 @@ def _eval_batches(run_dir, steps):
     ref = gin.query_parameter("fot.training.train.eval_data")
     it = ref.scoped_configurable_fn()
     try:
-        return [{k: np.asarray(v) for k, v in next(it).items()} for _ in range(steps)]
+        return [next(it).map(np.asarray) for _ in range(steps)]
     finally:
         it.close()
 
