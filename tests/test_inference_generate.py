@@ -63,3 +63,28 @@ def test_sampling(setup, rng):
         Generator(model, params, WindowedConfig(window=W, last_context_length=0))
     with pytest.raises(ValueError, match="max_new_tokens"):
         gen.generate(prompt, 0)
+
+
+@pytest.mark.parametrize("kind", ["too_large", "negative"])
+def test_token_ids_outside_the_vocabulary_are_refused_on_every_inference_path(setup, rng, kind):
+    """Issue 15 item 2: an id >= vocab_size in a prompt gave NaN logits and a negative one another token's
+    embedding row, silently. Generator prompts and MemoryInference inputs (forward, fill, a host window for
+    step) now raise ValueError naming the first bad id and its position."""
+    model, params = setup
+    cfg = WindowedConfig(window=W, last_context_length=4, mem_dtype="float32")
+    bad = int(V + rng.integers(0, 1000)) if kind == "too_large" else int(-1 - rng.integers(0, 1000))
+    tokens = rng.integers(0, V, (2, 3 * W)).astype(np.int32)
+    r, c = int(rng.integers(0, 2)), int(rng.integers(0, W))  # inside the first window (step gets it)
+    tokens[r, c] = bad
+    where = fr"token id {bad} at position \({r}, {c}\) is outside \[0, {V}\)"
+    with pytest.raises(ValueError, match=r"^prompt: " + where):
+        Generator(model, params, cfg).generate(tokens, 2)
+    runner = MemoryInference(model, params, cfg)
+    with pytest.raises(ValueError, match=r"^MemoryInference\.forward tokens: " + where):
+        runner.forward(tokens)
+    with pytest.raises(ValueError, match=r"^MemoryInference\.fill tokens: " + where):
+        runner.fill(runner.init_memory(2, 3 * W), tokens)
+    with pytest.raises(ValueError, match=r"^MemoryInference\.step tokens: " + where):
+        runner.step(runner.init_memory(2, 3 * W), tokens[:, :W])
+    ok = np.where(tokens < 0, 0, np.where(tokens >= V, V - 1, tokens))  # the same input, ids in range: runs
+    assert np.isfinite(np.asarray(runner.forward(ok)["logits"])).all()
