@@ -87,19 +87,28 @@ def test_dictionary_end_to_end_writes_only_results(workdir):
 
 
 def test_perplexity_tokens_file_and_capacity(workdir, tmp_path):
-    toks = np.random.default_rng(0).integers(4, 64, 100).astype(np.int32)
+    """Item 10 (capacity): perplexity_eval.capacity caps the FIFO memory of every size (it changed nothing):
+    with the same scored predictions (score_from = 64), size 64 capped to 32 slots gives exactly the NLL of
+    size 32, which differs from the uncapped size 64."""
+    toks = np.random.default_rng().integers(4, 64, 100).astype(np.int32)
     np.save(tmp_path / "t.npy", toks)
-    ok = _run("fot.eval", f"--workdir={workdir}", "--task=perplexity", f"--tokens_file={tmp_path / 't.npy'}",
-              "--gin_bindings=perplexity_eval.sizes = [0, 32]")
+    common = ["--task=perplexity", f"--tokens_file={tmp_path / 't.npy'}",
+              "--gin_bindings=perplexity_eval.score_from = 64"]
+    ok = _run("fot.eval", f"--workdir={workdir}", *common, "--gin_bindings=perplexity_eval.sizes = [0, 32, 64]")
     assert ok.returncode == 0, ok.stderr[-2000:]
     res = json.loads(ok.stdout.strip().splitlines()[-1])
     assert np.isfinite(res["mean_nll"]) and set(res) >= {"single_doc", "multi_doc"}
-    assert res["single_doc"]["tokens"][0] == res["single_doc"]["tokens"][1] > 0
+    assert res["single_doc"]["tokens"][0] == res["single_doc"]["tokens"][1] == 100 - 1 - 64
     assert all(r > 0 for r in res["multi_doc"]["tokens_per_second"])
-    capped = _run("fot.eval", f"--workdir={workdir}", "--task=perplexity", f"--tokens_file={tmp_path / 't.npy'}",
-                  "--gin_bindings=perplexity_eval.sizes = [64]", "--gin_bindings=perplexity_eval.capacity = 32")
+    capped = _run("fot.eval", f"--workdir={workdir}", *common, "--gin_bindings=perplexity_eval.sizes = [32, 64]",
+                  "--gin_bindings=perplexity_eval.capacity = 32",
+                  "--gin_bindings=perplexity_eval.modes = ['single_doc']")
     assert capped.returncode == 0, capped.stderr[-2000:]
-    assert json.loads(capped.stdout.strip().splitlines()[-1])["memory_tokens"] == [32]
+    cap = json.loads(capped.stdout.strip().splitlines()[-1])
+    assert cap["memory_tokens"] == [32, 32] and cap["sizes"] == [32, 64]
+    nll, nll_cap = res["single_doc"]["mean_nll"], cap["single_doc"]["mean_nll"]
+    np.testing.assert_allclose(nll_cap, [nll[1], nll[1]], rtol=1e-6)
+    assert nll[2] != nll[1]  # without the cap, 64 memory tokens change the predictions
     bad = _run("fot.eval", f"--workdir={workdir}", "--task=perplexity", f"--tokens_file={tmp_path / 't.npy'}",
                "--gin_bindings=perplexity_eval.sizes = [64]", "--gin_bindings=perplexity_eval.capacity = 0")
     assert bad.returncode == 2 and "capacity" in bad.stderr
@@ -272,3 +281,28 @@ def test_perplexity_on_the_runs_seqio_task_with_bos_as_trained(spm_run):
     bad = _run("fot.eval", f"--workdir={spm_run['wd']}", "--task=perplexity", "--seqio_task=no_such_task")
     lines = _error_lines(bad, "fot.eval")
     assert bad.returncode == 2 and len(lines) == 1 and "this run registers ['local_files']" in lines[0], lines
+
+
+def test_perplexity_on_the_stdlib_task_of_a_stdlib_run(spm_run, tmp_path):
+    """Item 10 as reported: `fot.eval --task=perplexity --seqio_task=stdlib` on a gin/runs/stdlib_lm.gin run
+    ("No Task or Mixture found", a traceback, exit 1: the task was registered only by training). The run's
+    config registers it again, with the run's vocabulary (BOS/EOS as trained: the local-files test above)."""
+    from fot.data import stdlib_corpus
+
+    wd = tmp_path / "stdlib"
+    r = _run("fot.train", "--gin_file=gin/runs/stdlib_lm.gin", "--gin_bindings=register_stdlib_task.vocabulary = "
+             "@load_vocabulary()", f"--gin_bindings=load_vocabulary.path = '{spm_run['spm']}'",
+             "--gin_bindings=VOCAB = 300", "--gin_bindings=ROWS = 4", "--gin_bindings=WINDOW = 32",
+             "--gin_bindings=TOTAL_STEPS = 2", "--gin_bindings=train.eval_data = None",
+             # the validation split's documents are few and small: keeps this test fast
+             "--gin_bindings=train_data/make_iterator.split = 'validation'",
+             "--gin_bindings=train_data/make_iterator.shuffle_buffer = 0", f"--workdir={wd}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    e = _run("fot.eval", f"--workdir={wd}", "--task=perplexity", "--seqio_task=stdlib", "--split=validation",
+             "--gin_bindings=perplexity_eval.sizes = [0, 32]", "--gin_bindings=perplexity_eval.modes = ['multi_doc']",
+             "--gin_bindings=perplexity_eval.max_tokens = 64")
+    assert e.returncode == 0 and "Traceback" not in e.stderr, e.stderr[-2000:]
+    res = json.loads(e.stdout.strip().splitlines()[-1])
+    docs = stdlib_corpus.load_documents("validation")
+    assert res["num_docs"] == min(64, len(docs)) and res["multi_doc"]["tokens"] == [64, 64]
+    assert np.isfinite(res["multi_doc"]["mean_nll"]).all()
