@@ -231,6 +231,12 @@ def test_cli(tmp_path, rng, capsys):
     (nonempty / "x").write_text("keep")
     assert to_hf.main([f"--workdir={wd}", f"--out={nonempty}", "--max_position_embeddings=16"]) == 2
     assert "not empty" in capsys.readouterr().err and (nonempty / "x").read_text() == "keep"
+    # issue 15 item 12 through the CLI: one line naming the flag's range, exit 2, nothing written
+    assert to_hf.main([f"--workdir={wd}", f"--out={tmp_path / 'o'}", "--max_position_embeddings=16",
+                       "--last_context_length=0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "last_context_length must be in [1, max_position_embeddings=16], got 0" in err[0], err
+    assert not (tmp_path / "o").exists()
     out = tmp_path / "o"
     assert to_hf.main([f"--workdir={wd}", f"--out={out}", "--max_position_embeddings=16",
                        "--dtype=float16"]) == 0

@@ -273,7 +273,7 @@ def _run_tokenizer(args, cfg):
 
 
 def main(argv=None) -> int:
-    from fot.runtime import EXIT_CONFIG, arg_parser, describe_os_error, os_error_code
+    from fot.runtime import EXIT_CONFIG, arg_parser, describe_os_error, one_line, os_error_code
 
     p = arg_parser("fot.convert.to_hf", __doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="fot training run directory (config.gin + checkpoints/)")
@@ -317,7 +317,7 @@ def main(argv=None) -> int:
                          extra={"source_workdir": workdir, "step": int(step)})
         summary["tokenizer"] = tok_note
     except ValueError as e:
-        print(f"fot.convert.to_hf: error: {e}", file=sys.stderr, flush=True)
+        print(f"fot.convert.to_hf: error: {one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     except OSError as e:  # damaged checkpoint (4), disk full writing --out (4), ...
         print(f"fot.convert.to_hf: error: {describe_os_error(e)}", file=sys.stderr, flush=True)
