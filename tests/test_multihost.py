@@ -112,6 +112,26 @@ def test_unreachable_coordinator_is_one_clear_error():
     assert 1.5 < time.monotonic() - t < 30 and not jax.distributed.is_initialized()
 
 
+@pytest.mark.parametrize("module", ["fot.train", "fot.eval"])
+def test_unreachable_coordinator_exits_4_in_one_line(tmp_path, module):
+    """README "Exit codes": a CLI process whose coordinator does not answer exits 4 (retryable I/O), one line."""
+    import subprocess
+
+    from fot.parallel.launch import free_port
+    from fot.runtime import EXIT_IO
+
+    address = f"127.0.0.1:{free_port()}"  # nobody listens there
+    args = ([f"--gin_file={TINY}"] if module == "fot.train" else ["--task=dictionary"]) + [
+        f"--workdir={tmp_path / 'run'}", f"--coordinator_address={address}", "--num_processes=2", "--process_id=1",
+        "--distributed_initialization_timeout=2"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith(f"{module}: error:")]
+    assert proc.returncode == EXIT_IO and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"no coordinator answers at {address} after 2 s" in lines[0], lines
+
+
 def test_cluster_detection_follows_jax(monkeypatch):
     for k in ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID",
               "OMPI_MCA_orte_hnp_uri"):
