@@ -177,9 +177,19 @@ def fail(prog: str, message, code: int = EXIT_CONFIG) -> None:
     sys.exit(code)
 
 
+def unwrap_os_error(e: BaseException) -> BaseException:
+    """The OSError behind gin's re-raise: an exception raised inside a gin configurable (``fot.train`` calls
+    ``train`` through gin) comes back as an instance of a subclass of its type whose ``errno`` /
+    ``strerror`` / ``filename`` are None; the original is its ``__context__``."""
+    while (isinstance(e, OSError) and e.errno is None and isinstance(e.__context__, OSError)
+           and isinstance(e, type(e.__context__))):
+        e = e.__context__
+    return e
+
+
 def os_error_code(e: OSError) -> int:
     """EXIT_CONFIG for a path that does not exist / is not a file or directory as named, else EXIT_IO."""
-    return EXIT_CONFIG if getattr(e, "errno", None) in _INPUT_ERRNOS else EXIT_IO
+    return EXIT_CONFIG if getattr(unwrap_os_error(e), "errno", None) in _INPUT_ERRNOS else EXIT_IO
 
 
 _ERRNO_TEXT = (("No space left on device", errno.ENOSPC), ("Disk quota exceeded", errno.EDQUOT),
@@ -193,6 +203,7 @@ def errno_of(e: BaseException) -> int | None:
     ("No space left on device", ...). None when it is not an I/O failure."""
     import re
 
+    e = unwrap_os_error(e)
     if isinstance(e, OSError) and isinstance(e.errno, int):
         return e.errno
     text = str(e)
@@ -206,7 +217,11 @@ def errno_of(e: BaseException) -> int | None:
 
 
 def describe_os_error(e: OSError) -> str:
-    """``"No space left on device (ENOSPC): /path"`` for an OSError."""
+    """``"No space left on device (ENOSPC): /path"`` for an OSError (one whose class writes its own message,
+    such as ``CheckpointIOError``: that message)."""
+    e = unwrap_os_error(e)
+    if type(e).__str__ is not OSError.__str__:
+        return str(e)
     code = getattr(e, "errno", None)
     name = errno.errorcode.get(code, "") if isinstance(code, int) else ""
     what = e.strerror or str(e)

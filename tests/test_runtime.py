@@ -70,3 +70,33 @@ def test_fail_prints_one_line_and_os_errors_are_classified(capsys):
     assert describe_os_error(full) == "No space left on device (ENOSPC): /tmp/x/ckpt"
     assert os_error_code(FileNotFoundError(errno.ENOENT, "No such file or directory", "/nope")) == EXIT_CONFIG
     assert os_error_code(OSError(errno.EIO, "Input/output error")) == EXIT_IO
+
+
+def test_os_errors_raised_through_gin_keep_errno_and_path():
+    """Issue 15 item 7: fot.train calls train() through gin, which re-raises an OSError as a proxy without
+    errno / strerror / filename: a full disk while writing TensorBoard events printed "[Errno 28] ..." without
+    the errno name, and a missing file would have been exit 4 instead of 2."""
+    import errno
+
+    import gin
+    import pytest
+
+    from fot.runtime import EXIT_CONFIG, EXIT_IO, describe_os_error, errno_of, os_error_code
+    from fot.training.checkpoint_errors import CheckpointIOError
+
+    @gin.configurable("raise_os_error_for_test")
+    def boom(exc):
+        raise exc
+
+    cases = [(OSError(errno.ENOSPC, "cannot write TensorBoard events: No space left on device", "/w/run"),
+              EXIT_IO, "cannot write TensorBoard events: No space left on device (ENOSPC): /w/run"),
+             (FileNotFoundError(errno.ENOENT, "No such file or directory", "/w/x.npy"), EXIT_CONFIG,
+              "No such file or directory (ENOENT): /w/x.npy"),
+             (CheckpointIOError(errno.EDQUOT, "cannot write checkpoint step 4 under /w: quota (EDQUOT)"), EXIT_IO,
+              "cannot write checkpoint step 4 under /w: quota (EDQUOT)")]
+    for exc, code, text in cases:
+        with pytest.raises(OSError) as info:
+            boom(exc)
+        assert info.value is not exc and info.value.errno is None  # gin's proxy
+        assert os_error_code(info.value) == code and errno_of(info.value) == exc.errno
+        assert describe_os_error(info.value) == text
