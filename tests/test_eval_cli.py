@@ -252,7 +252,8 @@ def test_spm_run_is_sampled_and_evaluated_with_its_own_vocabulary(spm_run):
     assert g.returncode == 0, g.stderr[-2000:]
     out = json.loads(g.stdout.strip().splitlines()[-1])
     assert out["prompt_tokens"] == len(sp.encode("alpha beta gamma")) + 1  # + BOS, as trained
-    assert out["text"] == sp.decode(out["generated_tokens"])
+    # ids of the padded model vocabulary (>= 300) have no text (an untrained model can emit them)
+    assert out["text"] == sp.decode([i for i in out["generated_tokens"] if i < 300])
     p = _run("fot.eval", f"--workdir={wd}", "--task=passkey", "--gin_bindings=passkey_eval.context_lengths = [40]",
              "--gin_bindings=passkey_eval.trials = 1")
     assert p.returncode == 0, p.stderr[-2000:]

@@ -45,6 +45,26 @@ def test_byte_tokenizer_and_answer_split():
         vocab.make_tokenizer(None, 64)
 
 
+def test_sentencepiece_decode_of_ids_beyond_the_tokenizer(tmp_path, rng):
+    """Issue 15 item 15: a run whose model vocabulary is padded beyond its SentencePiece model (tiny_test.gin:
+    300 -> 512) can generate a padding id; fot.eval passkey / fot.generate decoded it with a traceback
+    ("piece id is out of range", exit 1). Such ids have no text; the others decode as SentencePiece."""
+    import sentencepiece
+
+    from fot.data.vocab import make_tokenizer, train_vocabulary
+
+    words = np.array("alpha beta gamma delta lane pack window token memory def return class".split())
+    (tmp_path / "c.txt").write_text("\n".join(" ".join(rng.choice(words, 30)) for _ in range(300)))
+    path = train_vocabulary(str(tmp_path / "c.txt"), 300, str(tmp_path / "spm"))
+    sp = sentencepiece.SentencePieceProcessor(model_file=path)
+    tok = make_tokenizer(path, 512, trained_vocab_size=300)
+    ids = rng.integers(3, 300, 12)
+    ids[int(rng.integers(0, 12))] = int(rng.integers(300, 512))
+    with pytest.raises(IndexError):
+        sp.decode(ids.tolist())  # what the readers used to call
+    assert tok.decode(ids) == sp.decode([int(i) for i in ids if i < 300])
+
+
 def test_distraction_identical_contexts_give_one_over_d(tiny):
     """If every extra context is a copy of the positive one, r_d is exactly 1/d."""
     model, params = tiny
