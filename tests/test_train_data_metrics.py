@@ -58,9 +58,9 @@ def test_a_bad_token_id_from_the_data_pipeline_stops_training_naming_step_and_id
         while True:
             step += 1
             b = next(ref)
-            key = next((k for k in ("inputs", "targets") if (b[k] == bad).any()), None)
+            key = next((k for k in ("inputs", "targets") if (getattr(b, k) == bad).any()), None)
             if key is not None:
-                r, c = (int(x) for x in np.argwhere(b[key] == bad)[0])
+                r, c = (int(x) for x in np.argwhere(getattr(b, key) == bad)[0])
                 break
         cfg = ModelConfig(vocab_size=vocab, d_model=16, num_layers=2, num_heads=2, mlp_dim=32, mem_layers=(1,))
         with pytest.raises(ConfigError, match=fr"^training batch of step {step} \({key}\): token id {bad} at "
