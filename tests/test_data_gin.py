@@ -1,4 +1,4 @@
-"""gin/tasks/*.gin and gin/runs/{lm,stdlib_lm,pg19_184m}.gin compose and build the data pipeline."""
+"""gin/tasks/*.gin and gin/runs/{lm,stdlib_lm,stdlib_scaling,pg19_184m}.gin compose and build the data pipeline."""
 import json
 import os
 
@@ -116,3 +116,35 @@ def test_local_files_template_and_pg19_run_parse(gin_env, tiny_spm, tmp_path):
     assert query(gin, "train_data/make_iterator.add_bos") is False
     assert query(gin, "ModelConfig.d_model") == 1024
     assert query(gin, "register_tfds_task.tfds_name") == "pg19:0.1.1"
+
+
+@pytest.mark.parametrize("d", [15, 0])
+def test_stdlib_scaling_recipe_composes(gin_env, tiny_spm, d):
+    """Issue 9 item 4: gin/runs/stdlib_scaling.gin (and its d = 0 twin, `D = 0`) composes: the model with
+    memory layer 2, log-parametrised QK-norm temperature scaled by ln(n)/ln(2048), the optimizer with the
+    temperature's 10x learning rate, constant d, and the packed stdlib iterators."""
+    import jax.numpy as jnp
+
+    gin = gin_env
+    gin.parse_config_files_and_bindings(
+        [os.path.join(GIN_DIR, "runs/stdlib_scaling.gin")],
+        ["register_stdlib_task.vocabulary = @load_vocabulary()", f"load_vocabulary.path = '{tiny_spm}'",
+         "VOCAB = 300", f"D = {d}", "train_data/make_iterator.split = 'validation'",
+         "train_data/make_iterator.shuffle_buffer = 0"])
+    cfg = gin.get_configurable("fot.model.ModelConfig")()
+    assert (cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.mem_layers) == (300, 128, 4, (2,))
+    assert cfg.qk_norm and cfg.qk_scale_param == "log" and cfg.qk_scale_n_ref == 2048
+    assert gin.get_configurable("fot.training.ConstantD")().values == (d,)
+    assert query(gin, "train.max_train_seconds") <= 3600 and query(gin, "train.eval_num_extra") == (15, 0)
+    # the temperature's learning-rate multiplier reaches the optimizer: one Adam step on zero gradients
+    # except log tau moves log tau 10x as far as an equal gradient on another parameter
+    opt = gin.get_configurable("fot.training.make_optimizer")(learning_rate=1e-2)
+    params = {"attn": {"qk_log_scale": jnp.zeros(4), "w": jnp.zeros(4)}}
+    rng = np.random.default_rng(0)
+    g = jnp.asarray(rng.normal(size=4).astype(np.float32))
+    upd, _ = opt.update({"attn": {"qk_log_scale": g, "w": g}}, opt.init(params), params)
+    np.testing.assert_allclose(np.asarray(upd["attn"]["qk_log_scale"]), 10 * np.asarray(upd["attn"]["w"]), rtol=1e-5)
+    it = build(gin)
+    b = next(it)
+    assert b.inputs.shape == (16, 128) and it.pack == 4
+    it.close()
