@@ -124,7 +124,7 @@ class Segmenter:
         if self._finished:
             raise StopIteration
         W = self.pack * self.seq_len  # one lane's chunk: its k rows of L tokens, end to end
-        inputs = np.zeros((self.num_lanes, W), np.int32)
+        inputs = np.zeros((self.num_lanes, W), np.int32)  # [lanes, k*L]: a lane's k rows end to end
         targets = np.zeros((self.num_lanes, W), np.int32)
         loss = np.zeros((self.num_lanes, W), np.float32)
         seg = np.zeros((self.num_lanes, W), np.int32)
