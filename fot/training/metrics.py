@@ -107,10 +107,29 @@ def _make_writer(workdir: str, tensorboard: bool):
 
 
 class _NullWriter:
-    """The writer of an inactive logger (a process other than 0): accepts every call, writes nothing."""
+    """The writer of an inactive logger (a process other than 0): the _JsonlWriter interface, writing
+    nothing; read back, its metrics.jsonl is empty."""
 
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+    def write_scalars(self, step, scalars):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        pass
+
+    def sync(self):
+        pass
+
+    def truncate_after(self, step: int) -> int:
+        return 0
+
+    def last_row(self, step: int, key: str = "loss") -> dict[str, Any]:
+        return {}
+
+    def close(self):
+        pass
 
 
 class _Both:
@@ -201,21 +220,20 @@ class MetricsLogger:
             print(text, file=self.stream, flush=True)
 
     @property
-    def _jsonl(self) -> _JsonlWriter:
-        return self.writer if isinstance(self.writer, _JsonlWriter) else self.writer.jsonl
+    def _jsonl(self) -> _JsonlWriter | _NullWriter:
+        return self.writer.jsonl if isinstance(self.writer, _Both) else self.writer
 
     def sync(self) -> None:
         """Flush TensorBoard events and fsync metrics.jsonl (called before every checkpoint)."""
-        if self.active:
-            self.writer.flush()
-            self._jsonl.sync()
+        self.writer.flush()
+        self._jsonl.sync()
 
     def truncate_after(self, step: int) -> int:
         """Resume: drop metrics.jsonl rows of steps after the checkpoint ``step`` (they will be re-run)."""
-        return self._jsonl.truncate_after(step) if self.active else 0
+        return self._jsonl.truncate_after(step)
 
     def last_row(self, step: int, key: str = "loss") -> dict[str, Any]:
-        return self._jsonl.last_row(step, key) if self.active else {}
+        return self._jsonl.last_row(step, key)
 
     def close(self) -> None:
         self.writer.flush()
