@@ -1,4 +1,5 @@
-"""Checkpoints: SIGTERM mid-run → save + exit 0; resume gives the uninterrupted run's losses exactly."""
+"""Checkpoints: SIGTERM mid-run → save + exit 5; resume gives the uninterrupted run's losses exactly; saves are
+committed before the next step by default."""
 import json
 import os
 import signal
@@ -39,7 +40,10 @@ def _losses(workdir):
 @pytest.mark.slow
 def test_sigterm_then_resume_matches_uninterrupted(tmp_path):
     wd = str(tmp_path / "interrupted")
-    proc = subprocess.Popen(_args(wd, 100000), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    # The interrupted run saves asynchronously (the SIGTERM save waits for the save in flight); the resume and
+    # the reference use the default synchronous saves: the mode may change across a resume.
+    proc = subprocess.Popen(_args(wd, 100000) + ["--gin_bindings=train.async_checkpointing = True"], cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     first = os.path.join(wd, "checkpoints", "4")
     deadline = time.time() + 600
@@ -109,3 +113,55 @@ def test_load_run_gives_config_and_params(tmp_path):
     import flax.linen as nn
     assert jax.tree.structure(params) == jax.tree.structure(
         nn.meta.unbox(jax.eval_shape(lambda: Decoder(cfg).init(jax.random.PRNGKey(0), tokens)))["params"])
+
+
+class _WatchedData:
+    """A DictionaryLookupIterator that records, whenever the loop asks for the batch of step n, which
+    checkpoint directories are committed (``<step>``) and which are still being written
+    (``<step>.orbax-checkpoint-tmp*``)."""
+
+    def __init__(self, workdir):
+        from fot.data.dictionary import DictionaryLookupIterator
+
+        self.it = DictionaryLookupIterator(8, 16, pack=2, key_len=1, value_len=1, vocab_size=16,
+                                           seed=int(np.random.default_rng().integers(1 << 30)))
+        self.batch_size, self.seq_len, self.pack = 8, 16, 2
+        self.dir = os.path.join(workdir, "checkpoints")
+        self.seen = {}  # step n -> (committed steps, steps in flight)
+        self.n = 0
+
+    def __next__(self):
+        self.n += 1
+        names = os.listdir(self.dir) if os.path.isdir(self.dir) else []
+        self.seen[self.n] = ({int(p) for p in names if p.isdigit()},
+                             {int(p.split(".")[0]) for p in names if ".orbax-checkpoint-tmp" in p})
+        return next(self.it)
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+def test_checkpoints_are_committed_before_the_next_step_by_default(tmp_path):
+    """The default (synchronous saves, as t5x): when step n+1 starts, the checkpoint of step n is committed,
+    so a kill from then on loses at most checkpoint_every steps. With asynchronous saves the checkpoint
+    of step n would still be in flight here (committed some steps later)."""
+    from fot.model import ModelConfig
+    from fot.training.checkpoint import load_params
+    from fot.training.loop import train
+    from fot.training.optim import make_optimizer
+
+    wd = str(tmp_path / "run")
+    data = _WatchedData(wd)
+    cfg = ModelConfig(vocab_size=16, d_model=32, num_layers=2, num_heads=2, mlp_dim=64, mem_layers=(1,))
+    with open(os.devnull, "w") as null:
+        train(workdir=wd, model_config=cfg, train_data=data, optimizer=make_optimizer("adamw", 1e-3),
+              total_steps=9, mesh_config={"data": 1}, checkpoint_every=2, keep_checkpoints=None, stream=null)
+    assert sorted(data.seen) == list(range(1, 10))
+    for n, (committed, in_flight) in data.seen.items():
+        due = set(range(2, n, 2))  # every checkpoint saved before step n
+        assert committed == due and not in_flight, (n, committed, in_flight)
+    _, step = load_params(wd)
+    assert step == 9

@@ -252,14 +252,17 @@ def _lr_jump(bad_lr, *extra):
             "--gin_bindings=train.total_steps = 12", *extra]
 
 
-@pytest.mark.parametrize("case", ["exploded_params", "finite_params_nan_loss"])
+@pytest.mark.parametrize("case", ["exploded_params", "finite_params_nan_loss", "finite_params_nan_loss_async"])
 def test_nan_guard_names_only_a_truly_good_checkpoint(tmp_path, case):
     """Issue 15 item 1: the checkpoint named "last good" must hold finite parameters that give a finite loss,
     even with a checkpoint every step and keep_checkpoints = 1, and resuming from it must work.
     exploded_params: lr 1e30 at step 4 overflows the parameters (their norm is inf; each still finite).
-    finite_params_nan_loss: float16 compute and lr 30 at step 4: finite parameters whose next loss is NaN."""
+    finite_params_nan_loss: float16 compute and lr 30 at step 4: finite parameters whose next loss is NaN
+    (``_async``: with asynchronous saves, the rejected checkpoint is moved once its write finished)."""
     wd = tmp_path / case
-    extra = ["--gin_bindings=ModelConfig.dtype = 'float16'"] if case == "finite_params_nan_loss" else []
+    extra = ["--gin_bindings=ModelConfig.dtype = 'float16'"] if case.startswith("finite_params_nan_loss") else []
+    if case.endswith("_async"):
+        extra.append("--gin_bindings=train.async_checkpointing = True")
     bad_lr = 30.0 if extra else 1e30
     proc = run_cli([f"--gin_file={TINY}", f"--workdir={wd}", *_lr_jump(bad_lr, *extra)])
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -273,7 +276,7 @@ def test_nan_guard_names_only_a_truly_good_checkpoint(tmp_path, case):
     leaves = [np.asarray(x, np.float64) for x in __import__("jax").tree.leaves(params)]
     assert all(np.all(np.isfinite(x)) for x in leaves)
     assert np.sqrt(sum(np.sum(x * x) for x in leaves)) < 1e3  # an overflowed update would be ~1e30
-    if case == "finite_params_nan_loss":
+    if case.startswith("finite_params_nan_loss"):
         assert "moved to" in lines[0] and (wd / "rejected_checkpoints" / "4-diverged").is_dir()
     else:  # resume with a sane learning rate from the checkpoint named good: trains to the end
         resumed = run_cli([f"--gin_file={TINY}", f"--workdir={wd}", *_lr_jump(1e-3)])

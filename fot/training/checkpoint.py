@@ -6,8 +6,10 @@ Layout (``workdir/checkpoints/<step>/``), one orbax item each:
   ``curriculum`` ``JsonSave`` of the d-curriculum state
 ``workdir/config.gin`` holds the operative gin config of the run (written by ``fot.train``).
 
-Saves are asynchronous (the step loop continues while orbax writes). ``load_params(workdir)``
-restores only what inference needs.
+Saves are synchronous by default (``save`` returns once the checkpoint is committed: its directory
+renamed from ``<step>.orbax-checkpoint-tmp*`` to ``<step>``); ``async_save=True`` lets the step loop go on
+while orbax writes (committed later; a failure surfaces at the next ``save``/``wait``).
+``load_params(workdir)`` restores only what inference needs.
 
 Good checkpoints only: the loop saves step s only after step s's loss, gradient norm and the norm of
 the updated parameters passed its finiteness guard. The newest checkpoint stays *unverified* until the
@@ -55,9 +57,11 @@ class Checkpointer:
 
     every: save when ``step % every == 0`` (plus explicit ``force`` saves at the end / on SIGTERM).
     keep: number of most recent checkpoints kept (None = all), plus the newest verified one.
+    async_save: False = ``save`` blocks until the checkpoint is committed; True = it returns once orbax
+    has a copy of the arrays and commits in the background.
     """
 
-    def __init__(self, workdir: str, *, every: int = 1000, keep: int | None = 3, async_save: bool = True):
+    def __init__(self, workdir: str, *, every: int = 1000, keep: int | None = 3, async_save: bool = False):
         if every < 1:
             raise ValueError(f"checkpoint every must be >= 1, got {every}")
         if keep is not None and keep < 1:

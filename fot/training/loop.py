@@ -7,10 +7,10 @@ evaluate → finish).
 One step: d from the curriculum → ``extra_rows = crossbatch_plan(B/m, d, pack=k)`` (a static shape
 per d, so each distinct d compiles once) → jitted, donated train step on the mesh. Metrics of step
 s are read after step s+1 is dispatched (host and device stay busy); they feed the curriculum, the
-NaN guard, TensorBoard and the console. Checkpoints (orbax, async) every N steps, at the end, and on
-SIGTERM; a run restarted on the same workdir resumes from the latest checkpoint exactly (params,
-optimizer, step, RNG, data cursor, curriculum). A time budget (``max_train_seconds``) ends training
-early and still evaluates and saves.
+NaN guard, TensorBoard and the console. Checkpoints (orbax; synchronous unless ``async_checkpointing``)
+every N steps, at the end, and on SIGTERM; a run restarted on the same workdir resumes from the latest
+checkpoint exactly (params, optimizer, step, RNG, data cursor, curriculum). A time budget
+(``max_train_seconds``) ends training early and still evaluates and saves.
 
 ``init_from=W`` starts a new run from the params of run ``W`` (its latest checkpoint, or ``init_from_step``;
 a trained run or one imported by ``fot.convert.from_hf``) with a fresh optimizer state at step 0: the
@@ -59,7 +59,7 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
           eval_steps: int = 4, eval_num_extra: Sequence[int] | None = None,
           mesh_config: dict[str, int] | None = None, fsdp: bool = False, num_microbatches: int = 1,
           stepping: bool = True, seed: int = 0, checkpoint_every: int = 1000, keep_checkpoints: int | None = 3,
-          async_checkpointing: bool = True, restore_fallback: bool = True, log_every: int = 50,
+          async_checkpointing: bool = False, restore_fallback: bool = True, log_every: int = 50,
           max_train_seconds: float | None = None,
           config_writer: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
           final_eval: Callable[[Any, Any], dict[str, Any]] | None = None, stream=None,
@@ -77,8 +77,11 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
     Returns the results dict (also printed as the final JSON line and written to workdir/results.json).
     Raises ``ConfigError`` for bad settings, ``TrainingDivergedError`` on a NaN/inf loss, gradient or
     parameter norm, and ``OSError`` (``CheckpointIOError``) for I/O failures and damaged checkpoints.
-    ``restore_fallback``: resume from the newest intact checkpoint when newer ones are damaged (moved to
-    ``workdir/rejected_checkpoints``); False refuses with the damaged step named.
+    ``async_checkpointing``: False (default) = each checkpoint is committed before the next step (a kill
+    loses at most ``checkpoint_every`` steps); True = orbax writes in the background (a kill also loses the
+    steps trained during the save in flight). ``restore_fallback``: resume from the newest intact checkpoint
+    when newer ones are damaged (moved to ``workdir/rejected_checkpoints``); False refuses with the damaged
+    step named.
     """
     run = RunSettings(total_steps=total_steps, curriculum=curriculum, mesh_config=mesh_config, fsdp=fsdp,
                       num_microbatches=num_microbatches, stepping=stepping, seed=seed,

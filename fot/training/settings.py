@@ -36,12 +36,16 @@ class RunSettings:
 @dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
     """Orbax checkpoints every ``every`` steps (and at the end / on SIGTERM), the last ``keep`` kept;
-    ``restore_fallback``: resume from the newest intact checkpoint when newer ones are damaged;
+    ``async_save``: False (default, as t5x) = the step loop waits until each checkpoint is committed, so a
+    kill loses at most ``every`` steps; True = orbax writes while training continues (for models whose save
+    stalls the step loop for long), and a kill during a save also loses the steps trained while it was
+    being written (the newest committed checkpoint is then the previous one); ``restore_fallback``: resume
+    from the newest intact checkpoint when newer ones are damaged;
     ``init_from`` / ``init_from_step``: a new run starts from that run's params (fresh optimizer)."""
 
     every: int = 1000
     keep: int | None = 3
-    async_save: bool = True
+    async_save: bool = False
     restore_fallback: bool = True
     init_from: str | None = None
     init_from_step: int | None = None
