@@ -214,12 +214,16 @@ def register_function_task(name: str, dataset_fn: Callable, *, vocabulary: Any,
 
 
 def register_stdlib_task(name: str = "stdlib", *, vocabulary: Any, root: str | None = None,
-                         val_percent: int = 5, min_length: int = 0) -> str:
+                         val_percent: int = 5, min_length: int = 0, echo_rate: float = 0.0) -> str:
     """Registers the Python standard library corpus (``fot.data.stdlib_corpus``) as a Task.
 
     Splits "train" / "validation" (deterministic by document name). Fields: ``id``, ``text``.
+    ``echo_rate`` > 0: "train" documents get copies of earlier line runs (``fot.data.echo``; about
+    this fraction of their characters, fixed per document and seed); "validation" is never changed.
     """
     from fot.data import stdlib_corpus  # pylint: disable=g-import-not-at-top
+    from fot.data.echo import echo_lines  # pylint: disable=g-import-not-at-top
+    echo_lines("", np.random.default_rng(0), echo_rate)  # fail early on a bad rate
     tf = import_tf()
 
     def dataset_fn(split, shuffle_files, seed=None):
@@ -232,6 +236,9 @@ def register_stdlib_task(name: str = "stdlib", *, vocabulary: Any, root: str | N
 
         def get(i):
             name, text = docs[int(i.numpy())]
+            if echo_rate and split == "train":
+                text = echo_lines(text, np.random.default_rng([0 if seed is None else int(seed), int(i.numpy())]),
+                                  echo_rate)
             return name.encode(), text.encode("utf-8")
 
         def load(i):
