@@ -8,8 +8,8 @@ CLI::
 writes the run directory ``W`` that every fot tool accepts (``fot.train`` with ``train.init_from='W'``,
 ``fot.eval``, ``fot.generate``, ``fot.convert.to_hf``):
 
-* ``W/checkpoints/0``: an orbax params-only checkpoint (``fot.training.checkpoint.save_params``), params in
-  ``--dtype`` (``ModelConfig.param_dtype``; float32 by default, the training dtype);
+* ``W/checkpoints/0``: an orbax params-only checkpoint (``fot.training.checkpoint_params.save_params``),
+  params in ``--dtype`` (``ModelConfig.param_dtype``; float32 by default, the training dtype);
 * ``W/config.gin``: the operative config derived from config.json: every ``ModelConfig`` field (sizes,
   ``num_kv_heads``, ``rope_theta``, ``norm_eps``, tied embeddings, vocab size, memory layers) and the
   window (``max_position_embeddings``, LongLLaMA's window) as the run's ``seq_len``;
@@ -179,7 +179,7 @@ def import_run(hf_dir: str, workdir: str, *, mem_layers=None, mem_positional: st
                dtype: str = "float32", overwrite: bool = False) -> dict:
     """Write the run directory ``workdir`` from ``hf_dir`` (see module docstring); returns a summary.
     ValueError (nothing written) for unsupported or bad input."""
-    from fot.training.checkpoint import save_params
+    from fot.training.checkpoint_params import save_params
 
     t0 = time.perf_counter()
     if dtype not in PARAM_DTYPES:

@@ -65,7 +65,8 @@ def load_run(workdir: str, step: int | None = None, gin_files=(), gin_bindings=(
     import gin
 
     from fot import train as _train
-    from fot.training.checkpoint import CheckpointDamagedError, load_params
+    from fot.training.checkpoint_errors import CheckpointDamagedError
+    from fot.training.checkpoint_params import load_params
     try:
         _train.parse_run_config(workdir, gin_files, gin_bindings, search_paths)
     except (OSError, IOError) as e:

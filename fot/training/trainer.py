@@ -19,9 +19,10 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from fot.model import Decoder
-from fot.parallel import DATA_AXIS, axis_rules, make_mesh, multihost
+from fot.parallel import DATA_AXIS, axis_rules, make_mesh, mesh_axis_sizes, multihost
 from fot.parallel.multihost import StopVote
-from fot.training.checkpoint import CheckpointMismatchError, Checkpointer, is_params_only, restore_params
+from fot.training.checkpoint import CheckpointMismatchError, Checkpointer
+from fot.training.checkpoint_params import is_params_only, restore_params
 from fot.training.checks import ConfigError, check_batch, check_layout, nan_guard
 from fot.training.curriculum import ConstantD
 from fot.training.lock import WorkdirLock
@@ -72,7 +73,7 @@ class Trainer:
 
     def _check_data(self) -> None:
         """Batch layout vs mesh and micro-batches, vocabulary size, d vs rows, whole k-packs per process."""
-        data_size = dict(zip(self.mesh.axis_names, self.mesh.devices.shape)).get(DATA_AXIS, 1)
+        data_size = mesh_axis_sizes(self.mesh).get(DATA_AXIS, 1)
         check_layout("train_data", self.batch_size, self.pack, data_size, self.settings.num_microbatches)
         ev = self.eval_data
         if ev is not None:
@@ -107,7 +108,7 @@ class Trainer:
             if done is not None:
                 return done
             self.n_params = count_params(self.state.params)
-            mesh_shape = dict(zip(self.mesh.axis_names, self.mesh.devices.shape))
+            mesh_shape = mesh_axis_sizes(self.mesh)
             self.log.message(f"model: {self.n_params:,} params | mesh {mesh_shape} | "
                              f"batch {self.batch_size}x{self.seq_len} pack {self.pack} | curriculum: "
                              f"{self.curriculum.describe()}")
