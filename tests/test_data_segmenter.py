@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from fot.data.documents import ListDocuments, MixtureDocuments
-from fot.data.pipeline import PrefetchIterator, make_global_batch
+from fot.data.pipeline import PrefetchIterator
 from fot.data.segmenter import Segmenter
+from fot.parallel.multihost import make_global_batch
 
 BOS, EOS = 3, 1
 KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")

@@ -4,7 +4,8 @@
 (``seqio.ShardInfo(jax.process_index(), jax.process_count())`` by default), gives the host
 ``batch_size // process_count`` rows (its lanes have globally unique segment ids) and returns a
 ``PrefetchIterator`` that follows the batch contract (``get_state``/``set_state``, ``batch_size``,
-``seq_len``, ``pack``). ``make_global_batch`` turns a host batch into global ``jax.Array``s.
+``seq_len``, ``pack``). ``fot.parallel.multihost.make_global_batch`` turns a host batch into global
+``jax.Array``s.
 """
 from __future__ import annotations
 
@@ -285,25 +286,3 @@ def _sharded_iterator(task: str, host, num_shards: int, *, batch_size: int, seq_
     vocab = seqio.get_mixture_or_task(task).output_features["targets"].vocabulary
     return PrefetchIterator(SegmenterGroup(segmenters, num_shards), prefetch, batch_size=batch_size,
                             vocab_size=int(vocab.vocab_size))
-
-
-def make_global_batch(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
-    """Host-local batch → global ``jax.Array``s with ``jax.make_array_from_process_local_data``.
-
-    ``sharding``: a ``jax.sharding.NamedSharding`` for the [B, L] arrays (batch over the data
-    axis); arrays of fewer dimensions use its first spec entries. Or a dict key → sharding.
-    Each host passes its own rows; the global batch is their concatenation in process order.
-    """
-    import jax  # pylint: disable=g-import-not-at-top
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        if isinstance(sharding, Mapping):
-            s = sharding[k]
-        elif isinstance(sharding, jax.sharding.NamedSharding):
-            spec = tuple(sharding.spec) + (None,) * max(0, v.ndim - len(sharding.spec))
-            s = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:v.ndim]))
-        else:
-            s = sharding
-        out[k] = jax.make_array_from_process_local_data(s, v)
-    return out

@@ -9,7 +9,8 @@ pieces fot needs on top of that:
   with failure timeouts in seconds instead of JAX's minutes;
 * :func:`process_rows` / :func:`local_rows` — which rows of a global ``[B, ...]`` batch this process
   feeds (the rows its devices hold under the batch sharding, in ascending order, as
-  ``jax.make_array_from_process_local_data`` expects them);
+  ``jax.make_array_from_process_local_data`` expects them); :func:`make_global_batch` — this process's
+  rows → global ``jax.Array``s;
 * :func:`gather_cursor` / :func:`local_cursor` — the data cursor of every process in one checkpoint
   item, and this process's share of it on restore;
 * :class:`StopVote` — one decision (stop now?) taken by all processes together, asynchronously;
@@ -170,6 +171,27 @@ def local_rows(batch: Any, sharding: jax.sharding.Sharding, num_rows: int):
         return batch
     raise ValueError(f"a batch with {sorted(n)} rows is neither the global batch ({num_rows} rows) nor this "
                      f"process's share ({len(rows)} rows of process {jax.process_index()})")
+
+
+def make_global_batch(batch: Mapping[str, np.ndarray], sharding) -> dict[str, Any]:
+    """Host-local batch → global ``jax.Array``s with ``jax.make_array_from_process_local_data``.
+
+    ``sharding``: a ``jax.sharding.NamedSharding`` for the [B, L] arrays (batch over the data
+    axis); arrays of fewer dimensions use its first spec entries. Or a dict key → sharding.
+    Each host passes its own rows; the global batch is their concatenation in process order.
+    """
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        if isinstance(sharding, Mapping):
+            s = sharding[k]
+        elif isinstance(sharding, jax.sharding.NamedSharding):
+            spec = tuple(sharding.spec) + (None,) * max(0, v.ndim - len(sharding.spec))
+            s = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:v.ndim]))
+        else:
+            s = sharding
+        out[k] = jax.make_array_from_process_local_data(s, v)
+    return out
 
 
 def check_whole_packs(sharding: jax.sharding.Sharding, num_rows: int, pack: int) -> None:

@@ -23,7 +23,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fot.data.batch import Batch
-from fot.data.pipeline import make_global_batch
 from fot.model import memory_temperatures
 from fot.ops import crossbatch_plan
 from fot.parallel import DATA_AXIS, multihost
@@ -174,7 +173,7 @@ def evaluate(eval_fn, params, data, d: int, steps: int, sharding, stepping: bool
 
 def put_batch(batch: Batch, sharding: NamedSharding | None, global_rows: int | None = None) -> Batch:
     """Host numpy ``Batch`` → global jax arrays sharded over the data axis
-    (``fot.data.pipeline.make_global_batch``), or plain device arrays without a sharding.
+    (``fot.parallel.multihost.make_global_batch``), or plain device arrays without a sharding.
 
     global_rows: rows of the global batch. With several processes, a batch of that many rows (a
     process-independent iterator) is cut to this process's rows (``fot.parallel.multihost.local_rows``);
@@ -183,4 +182,4 @@ def put_batch(batch: Batch, sharding: NamedSharding | None, global_rows: int | N
         return batch.map(jnp.asarray)
     if global_rows is not None:
         batch = multihost.local_rows(batch, sharding, global_rows)
-    return Batch(**make_global_batch(batch._asdict(), sharding))
+    return Batch(**multihost.make_global_batch(batch._asdict(), sharding))
