@@ -190,7 +190,7 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vm
     bit mask, instead of gathering group x D key values and re-scoring them (same selection; the values are
     the pass-1 scores).
     """
-    b, hk, q, d = qh.shape
+    b, hk, q, _ = qh.shape
     m = keys.shape[1]
     nt, gpt = m // tile, tile // group
     qt = b * hk * q
@@ -215,6 +215,16 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vm
             raise ValueError(f"keep_scores needs group <= {KEEP_MAX_GROUP}, got {group}")
         vals, idx = _rounds_kept(out[2].reshape(nt * qt * gpt, group), gm, tm, k, tile, group, vma)
         return vals.reshape(b, hk, q, k), idx.reshape(b, hk, q, k)
+    vals, idx = _rounds_rescored(qh, keys, bias, gm, tm, k, tile, group, vma)  # [Qt, k]
+    return vals.reshape(b, hk, q, k), idx.reshape(b, hk, q, k)
+
+
+def _rounds_rescored(qh, keys, bias, gm, tm, k, tile, group, vma):
+    """:func:`tournament_topk`'s k rounds without kept scores: each round re-scores the keys of the chosen
+    group from a gather. qh [B,Hk,Q,D]; keys [B,M,Hk,D]; bias float32 [B,M]; gm [nt, Qt, gpt] group maxima;
+    tm [Qt, nt] tile maxima. Returns (vals float32, idx int32) [Qt, k]."""
+    b, hk, q, d = qh.shape
+    qt, gpt = b * hk * q, tile // group
     bi = jnp.repeat(jnp.arange(b, dtype=jnp.int32), hk * q)[:, None]
     hi = jnp.tile(jnp.repeat(jnp.arange(hk, dtype=jnp.int32), q), b)[:, None]
     qf = qh.reshape(qt, d)
@@ -245,7 +255,7 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vm
     if vma:
         idx = lax.pcast(idx, tuple(sorted(vma)), to="varying")
     (_, _, vals, idx), _ = lax.scan(rnd, (gm, tm, vals, idx), jnp.arange(k, dtype=jnp.int32))
-    return vals.reshape(b, hk, q, k), idx.reshape(b, hk, q, k)
+    return vals, idx
 
 
 def _rounds_kept(rows, gm, tm, k, tile, group, vma):
