@@ -12,8 +12,7 @@ uses gin, library code does not.
 * only bindings of the configurables a reader needs are kept: ``ModelConfig``, the training data
   iterators (``make_iterator``, ``DictionaryLookupIterator``), the seqio task / vocabulary functions
   (``register_*_task``, ``register_mixture``, ``load_vocabulary``, ``stdlib_vocabulary``,
-  ``run_vocabulary``), macros, and
-  ``train``'s parameters (``train`` itself is never called);
+  ``run_vocabulary``), macros, and ``train``'s parameters (``train`` itself is never called);
 * a kept binding may only *call* (``@name()``) ``ModelConfig``, the task / vocabulary functions and macros;
   references to the iterators are kept only as values of ``train`` parameters (never evaluated by a
   reader); a binding that references anything else is dropped.
@@ -181,6 +180,27 @@ def _complete(gin, selector: str) -> str | None:
         return None
 
 
+def _kinds(gin, value, forbidden, depth: int = 0) -> set:
+    """Kinds of references in a parsed value: 'callable', 'inert', 'forbidden' (or ``forbidden``), ('macro', name)."""
+    found: set = set()
+    if depth > 50 or value is forbidden:
+        return {"forbidden"}
+    if isinstance(value, gin.config.ConfigurableReference):
+        sel = value.configurable.selector
+        if sel == "gin.macro":
+            found.add(("macro", "/".join(value.scopes)))
+        found.add("callable" if sel in CALLABLE else "inert" if sel in INERT else "forbidden")
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            found |= _kinds(gin, v, forbidden, depth + 1)
+    elif isinstance(value, dict):
+        for v in value.values():
+            found |= _kinds(gin, v, forbidden, depth + 1)
+    elif not isinstance(value, (str, int, float, bool, type(None))):
+        found.add("forbidden")  # an unknown-configurable placeholder or anything unexpected
+    return found
+
+
 def load_config(path: str) -> dict[str, int]:
     """Bind the safe subset of the gin config file ``path`` into gin's global config (see module docstring;
     the caller registers fot's configurables and clears gin first). Returns counts of what was skipped:
@@ -189,26 +209,6 @@ def load_config(path: str) -> dict[str, int]:
     from gin import config_parser
 
     forbidden = object()
-
-    def kind(value, depth: int = 0) -> set:
-        """Kinds of references in a parsed value: 'callable', 'inert', 'forbidden', ('macro', name)."""
-        found: set = set()
-        if depth > 50 or value is forbidden:
-            return {"forbidden"}
-        if isinstance(value, gin.config.ConfigurableReference):
-            sel = value.configurable.selector
-            if sel == "gin.macro":
-                found.add(("macro", "/".join(value.scopes)))
-            found.add("callable" if sel in CALLABLE else "inert" if sel in INERT else "forbidden")
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                found |= kind(v, depth + 1)
-        elif isinstance(value, dict):
-            for v in value.values():
-                found |= kind(v, depth + 1)
-        elif not isinstance(value, (str, int, float, bool, type(None))):
-            found.add("forbidden")  # an unknown-configurable placeholder or anything unexpected
-        return found
 
     class Safe(gin.config.ParserDelegate):
         def configurable_reference(self, scoped_configurable_name, evaluate):
@@ -229,10 +229,11 @@ def load_config(path: str) -> dict[str, int]:
         elif isinstance(st, config_parser.IncludeStatement):
             skipped["includes"] += 1
         elif isinstance(st, config_parser.BindingStatement):
+            kinds = _kinds(gin, st.value, forbidden)
             if st.arg_name:
-                params.append((st.scope, st.selector, st.arg_name, st.value, kind(st.value)))
+                params.append((st.scope, st.selector, st.arg_name, st.value, kinds))
             else:
-                macros[f"{st.scope}/{st.selector}" if st.scope else st.selector] = (st.value, kind(st.value))
+                macros[f"{st.scope}/{st.selector}" if st.scope else st.selector] = (st.value, kinds)
     # Macros holding anything but plain values / callable references are dropped, and so is everything that
     # uses a dropped or undefined macro (to a fixpoint: macros may refer to macros).
     good = {n for n, (_, k) in macros.items() if not k & {"forbidden", "inert"}}
