@@ -126,34 +126,37 @@ def _checked(docs, vocab_size: int, what: str):
     return docs
 
 
-def run(task: str, workdir: str) -> dict:
+def _check_flags(task: str) -> None:
     if task not in TASKS:
         raise EvalError(f"unknown --task={task!r}; choose one of {', '.join(TASKS)}")
     if FLAGS.top_k is not None and FLAGS.top_k <= 0:
         raise EvalError(f"--top_k must be >= 1, got {FLAGS.top_k}")
     if FLAGS.temperature_scale is not None and not FLAGS.temperature_scale > 0:
         raise EvalError(f"--temperature_scale must be > 0, got {FLAGS.temperature_scale}")
-    baseline = None
+    if FLAGS.baseline_workdir and task != "dictionary":
+        raise EvalError("--baseline_workdir applies to --task=dictionary only")
+
+
+def _load(task: str, workdir: str):
+    """(model, params, step, baseline (model, params) or None, baseline step); the run's gin config stays active."""
+    baseline = b_step = None
     if task == "dictionary" and FLAGS.baseline_workdir:
         # Loaded first: loading a run replaces the gin config, and the evaluated run's must stay active.
         b_model, b_params, b_step = load_model(FLAGS.baseline_workdir, FLAGS.baseline_step)
         baseline = (b_model, b_params)
-    elif FLAGS.baseline_workdir:
-        raise EvalError("--baseline_workdir applies to --task=dictionary only")
     model, params, step = load_model(workdir, FLAGS.step, FLAGS.gin_file, FLAGS.gin_bindings,
                                      FLAGS.gin_search_paths)
-    import gin
     if FLAGS.temperature_scale is not None:
         from fot.model import scale_memory_temperatures
         if not model.config.qk_norm:
             raise EvalError("--temperature_scale needs a model with qk_norm (a learned memory-layer temperature)")
         params = scale_memory_temperatures(model.config, params, FLAGS.temperature_scale)
+    return model, params, step, baseline, b_step
 
-    from fot.eval import dictionary, distraction, passkey, perplexity
-    mod = {"dictionary": dictionary, "passkey": passkey, "perplexity": perplexity,
-           "distraction": distraction}[task]
-    name = f"{task}_eval"
-    fn = gin.get_configurable(f"fot.eval.{name}")
+
+def _derived(gin, task: str, model, workdir: str) -> dict:
+    """Task settings inferred from the training config (module docstring), before gin bindings."""
+    from fot.eval import dictionary
     seq_len = _train_data_param(gin, "seq_len")
     derived = {"window": seq_len}
     if task == "dictionary":
@@ -174,7 +177,14 @@ def run(task: str, workdir: str) -> dict:
             derived["spm_path"] = spm_path
     if task == "perplexity" and seq_len is not None:
         derived["sizes"] = [0] + [seq_len * 2 ** i for i in (0, 1, 2, 3, 4)]
-    kwargs = {k: v for k, v in derived.items() if v is not None and not _bound(gin, f"{name}.{k}")}
+    return derived
+
+
+def _task_kwargs(gin, task: str, model, workdir: str) -> dict:
+    """Keyword arguments of ``<task>_eval``: what the training config implies and gin does not bind, --top_k."""
+    name = f"{task}_eval"
+    kwargs = {k: v for k, v in _derived(gin, task, model, workdir).items()
+              if v is not None and not _bound(gin, f"{name}.{k}")}
     if FLAGS.top_k is not None:
         if task == "distraction":
             raise EvalError("--top_k does not apply to --task=distraction (dense mass statistics)")
@@ -182,6 +192,20 @@ def run(task: str, workdir: str) -> dict:
     missing = [k for k in ("window",) if k not in kwargs and not _bound(gin, f"{name}.{k}")]
     if missing:
         raise EvalError(f"cannot infer {missing} from the training config; bind {name}.{missing[0]}")
+    return kwargs
+
+
+def run(task: str, workdir: str) -> dict:
+    """Evaluate ``task`` on run ``workdir`` (module docstring); process 0 writes the results and the plot."""
+    _check_flags(task)
+    model, params, step, baseline, b_step = _load(task, workdir)
+    import gin
+
+    from fot.eval import dictionary, distraction, passkey, perplexity
+    mod = {"dictionary": dictionary, "passkey": passkey, "perplexity": perplexity,
+           "distraction": distraction}[task]
+    name = f"{task}_eval"
+    kwargs = _task_kwargs(gin, task, model, workdir)
     if baseline is not None:
         kwargs["baseline"] = baseline
     args = (model, params)
@@ -189,7 +213,7 @@ def run(task: str, workdir: str) -> dict:
         win = kwargs.get("window") or _resolve(gin, gin.query_parameter(f"{name}.window"))
         args = (model, params, _documents(gin, model, win))
     try:
-        result = fn(*args, **kwargs)
+        result = gin.get_configurable(f"fot.eval.{name}")(*args, **kwargs)
     except ValueError as e:
         raise EvalError(str(e)) from None
     result["checkpoint_step"] = step

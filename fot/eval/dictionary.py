@@ -21,6 +21,7 @@ largest size is estimated and the evaluation refused if it cannot fit.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Sequence
@@ -34,6 +35,7 @@ from fot.eval import resources
 from fot.eval.baseline import FullContext
 from fot.eval.plotting import line_plot
 from fot.inference.windowed import MemoryInference, WindowedConfig
+from fot.keyword_api import keyword_api
 from fot.training.step import token_sums
 
 HOST_BYTES_PER_TOKEN = 48  # one generated document while it is laid out: int32 tokens/segment, answer, copies
@@ -117,23 +119,61 @@ def estimate_bytes(model_config, n: int, rows: int, mem_dtype: str) -> int:
     return rows * n * (memory_bytes_per_token(model_config, mem_dtype) + HOST_BYTES_PER_TOKEN) + act
 
 
-def _check(sizes, window, key_len, value_len, vocab_size, top_k, aligned, num_docs):
-    if num_docs < 1:
-        raise ValueError(f"dictionary_eval.num_docs must be >= 1, got {num_docs}")
+@dataclasses.dataclass(frozen=True)
+class DictionaryTask:
+    """The lookup task the model was trained on: ``window`` (the query window, the training ``seq_len``),
+    ``key_len`` / ``value_len`` tokens per key / value, ``vocab_size`` (symbols: ``vocab_size - 4``);
+    ``aligned``: definitions laid out as in training (``window // record`` whole records per window,
+    padding at the window's end)."""
+
+    window: int
+    key_len: int
+    value_len: int
+    vocab_size: int
+    aligned: bool = True
+
+    @property
+    def record(self) -> int:
+        return self.key_len + self.value_len + 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DictionaryEvalSettings:
+    """What :func:`evaluate` measures and within which bounds (its docstring)."""
+
+    sizes: Sequence[int]
+    num_docs: int = 16
+    top_k: int | None = 32
+    seed: int = 0
+    mem_dtype: str = "float32"
+    memory_budget_bytes: int = 1 << 30
+    dense: bool = True
+    dense_max_tokens: int | None = None
+    baseline_max_tokens: int = 1 << 14
+    baseline_chunk: int = 512
+    progress: bool = True
+
+
+def _check(task: DictionaryTask, settings: DictionaryEvalSettings) -> tuple[list[int], int]:
+    """(sizes rounded up to windows, the task's unique-key limit); ValueError naming the bad setting."""
+    sizes, window, record = settings.sizes, task.window, task.record
+    if settings.num_docs < 1:
+        raise ValueError(f"dictionary_eval.num_docs must be >= 1, got {settings.num_docs}")
     if not sizes:
         raise ValueError("dictionary_eval.sizes must name at least one memory size")
     if min(int(s) for s in sizes) < 1:
         raise ValueError(f"dictionary_eval.sizes must be >= 1, got {list(sizes)}")
     ns = [_round_up(int(s), window) for s in sizes]
-    record = key_len + value_len + 2
-    if aligned and window // record < 1:
+    if task.aligned and window // record < 1:
         raise ValueError(f"window={window} holds no whole record of {record} tokens")
-    limit = max_dictionary_tokens(key_len, value_len, vocab_size)
-    too_big = [s for s in sizes if not size_fits(int(s), window, key_len, value_len, vocab_size, aligned)]
+    limit = max_dictionary_tokens(task.key_len, task.value_len, task.vocab_size)
+    too_big = [s for s in sizes
+               if not size_fits(int(s), window, task.key_len, task.value_len, task.vocab_size, task.aligned)]
     if too_big:
         raise ValueError(f"dictionary_eval.sizes {too_big} exceed the task's unique-key limit of {limit:,} "
-                         f"tokens ({vocab_size - 4} symbols ** key_len {key_len} keys x {record}-token "
+                         f"tokens ({task.vocab_size - 4} symbols ** key_len {task.key_len} keys x {record}-token "
                          "records); use smaller sizes or a model trained with longer keys")
+    top_k = settings.top_k
     if top_k is not None and top_k > min(ns):
         raise ValueError(f"top_k={top_k} is larger than the memory at size {min(ns)} ({min(ns)} tokens); "
                          "lower top_k or drop the smaller sizes")
@@ -169,11 +209,47 @@ def _score_documents(runners, docs, n: int, use, prog) -> tuple[dict[str, int], 
     return hits, int(answer[:, n:].sum()), fill_s
 
 
-def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_size: int,
-             sizes: Sequence[int], num_docs: int = 16, top_k: int | None = 32, seed: int = 0,
-             mem_dtype: str = "float32", memory_budget_bytes: int = 1 << 30, aligned: bool = True,
-             dense: bool = True, dense_max_tokens: int | None = None, baseline=None,
-             baseline_max_tokens: int = 1 << 14, baseline_chunk: int = 512, progress: bool = True, mesh=None) -> dict[str, Any]:
+def _runners(model, params, task: DictionaryTask, settings: DictionaryEvalSettings, baseline, mesh) -> dict:
+    """The evaluated lines: ``fot`` (top-k), ``dense``, ``off`` (memory off) ``MemoryInference``s and
+    ``baseline`` (``FullContext(...).logits`` or None)."""
+    window, mem_dtype = task.window, settings.mem_dtype
+    runners = {"fot": MemoryInference(model, params, WindowedConfig(window=window, top_k=settings.top_k,
+                                                                    mem_dtype=mem_dtype, on_overflow="error"),
+                                      mesh=mesh),
+               "dense": MemoryInference(model, params, WindowedConfig(window=window, mem_dtype=mem_dtype), mesh=mesh),
+               "off": MemoryInference(model, params, WindowedConfig(window=window, use_memory=False), mesh=mesh),
+               "baseline": None}
+    if baseline is not None:
+        b_model, b_params = baseline
+        if b_model.config.vocab_size < task.vocab_size:
+            raise ValueError(f"baseline vocab_size {b_model.config.vocab_size} < the task's {task.vocab_size}")
+        runners["baseline"] = FullContext(b_model, b_params, chunk=settings.baseline_chunk).logits
+    return runners
+
+
+def _score_size(runners, task: DictionaryTask, settings: DictionaryEvalSettings, n: int, rows: int,
+                prog) -> tuple[dict[str, float | None], int, float]:
+    """Accuracy of every line at memory size ``n`` over ``num_docs`` documents, ``rows`` at a time (None for
+    a line not evaluated at ``n``): (accuracies, answer tokens, seconds spent filling the memory)."""
+    s = settings
+    use = {"fot": True, "dense": s.dense and (s.dense_max_tokens is None or n <= s.dense_max_tokens),
+           "baseline": runners["baseline"] is not None and n + task.window <= s.baseline_max_tokens, "off": True}
+    correct = dict.fromkeys(use, 0)
+    total, fill_s = 0, 0.0
+    for r in range(0, s.num_docs, rows):
+        docs = documents(s.seed, n, window=task.window, key_len=task.key_len, value_len=task.value_len,
+                         vocab_size=task.vocab_size, indices=range(r, min(r + rows, s.num_docs)), aligned=task.aligned)
+        hits, n_answers, seconds_filling = _score_documents(runners, docs, n, use, prog)
+        del docs
+        for k, v in hits.items():
+            correct[k] += v
+        total += n_answers
+        fill_s += seconds_filling
+    return {k: correct[k] / total if use[k] else None for k in use}, total, fill_s
+
+
+def run_eval(model, params, task: DictionaryTask, settings: DictionaryEvalSettings, *, baseline=None,
+             mesh=None) -> dict[str, Any]:
     """Accuracy curves (module docstring). ``sizes``: definition tokens in memory (rounded up to a
     multiple of ``window``; beyond the task's unique-key limit → ValueError). ``aligned``: lay
     definitions out as in training — ``window // record`` whole records per window, padding at the
@@ -184,61 +260,45 @@ def evaluate(model, params, *, window: int, key_len: int, value_len: int, vocab_
 
     Returns ``{"sizes", "fot_accuracy", "fot_dense_accuracy", "baseline_accuracy", "no_memory_accuracy",
     "answers", "seconds", "fill_tokens_per_second", "peak_rss_gib", ...}`` (None where a line was not
-    evaluated at that size).
+    evaluated at that size). :func:`evaluate` is this function with flat keyword arguments (the fields of
+    :class:`DictionaryTask` and :class:`DictionaryEvalSettings`; gin binds them as ``dictionary_eval.*``).
     """
-    ns, limit = _check(sizes, window, key_len, value_len, vocab_size, top_k, aligned, num_docs)
+    s = settings
+    ns, limit = _check(task, s)
     model_config = model.config
     if not model_config.mem_layers:
         raise ValueError("the model has no memory layers (ModelConfig.mem_layers is empty)")
-    resources.check_fits(estimate_bytes(model_config, max(ns), 1, mem_dtype),
-                         f"dictionary eval at {max(ns):,} tokens in memory (mem_dtype {mem_dtype})")
-    runners = {"fot": MemoryInference(model, params, WindowedConfig(window=window, top_k=top_k, mem_dtype=mem_dtype,
-                                                                    on_overflow="error"), mesh=mesh),
-               "dense": MemoryInference(model, params, WindowedConfig(window=window, mem_dtype=mem_dtype), mesh=mesh),
-               "off": MemoryInference(model, params, WindowedConfig(window=window, use_memory=False), mesh=mesh),
-               "baseline": None}
-    if baseline is not None:
-        b_model, b_params = baseline
-        if b_model.config.vocab_size < vocab_size:
-            raise ValueError(f"baseline vocab_size {b_model.config.vocab_size} < the task's {vocab_size}")
-        runners["baseline"] = FullContext(b_model, b_params, chunk=baseline_chunk).logits
-    bpt = memory_bytes_per_token(model_config, mem_dtype)
-    prog = resources.Progress(sum(ns) * num_docs, "dictionary eval (memory tokens filled)", enabled=progress)
+    resources.check_fits(estimate_bytes(model_config, max(ns), 1, s.mem_dtype),
+                         f"dictionary eval at {max(ns):,} tokens in memory (mem_dtype {s.mem_dtype})")
+    runners = _runners(model, params, task, s, baseline, mesh)
+    bpt = memory_bytes_per_token(model_config, s.mem_dtype)
+    prog = resources.Progress(sum(ns) * s.num_docs, "dictionary eval (memory tokens filled)", enabled=s.progress)
     lines = {k: [] for k in ("fot", "dense", "baseline", "off")}
     answers, seconds, fill_rates = [], [], []
     for n in ns:
         t0 = time.perf_counter()
-        rows = max(1, min(num_docs, memory_budget_bytes // max(1, n * bpt)))
-        use = {"fot": True, "dense": dense and (dense_max_tokens is None or n <= dense_max_tokens),
-               "baseline": runners["baseline"] is not None and n + window <= baseline_max_tokens, "off": True}
-        correct = dict.fromkeys(lines, 0)
-        total, fill_s = 0, 0.0
-        for r in range(0, num_docs, rows):
-            docs = documents(seed, n, window=window, key_len=key_len, value_len=value_len, vocab_size=vocab_size,
-                             indices=range(r, min(r + rows, num_docs)), aligned=aligned)
-            hits, n_answers, seconds_filling = _score_documents(runners, docs, n, use, prog)
-            del docs
-            for k, v in hits.items():
-                correct[k] += v
-            total += n_answers
-            fill_s += seconds_filling
+        rows = max(1, min(s.num_docs, s.memory_budget_bytes // max(1, n * bpt)))
+        accuracy, total, fill_s = _score_size(runners, task, s, n, rows, prog)
         for k in lines:
-            lines[k].append(correct[k] / total if use[k] else None)
+            lines[k].append(accuracy[k])
         answers.append(total)
         seconds.append(round(time.perf_counter() - t0, 3))
-        fill_rates.append(round(n * num_docs / max(fill_s, 1e-9), 1))
+        fill_rates.append(round(n * s.num_docs / max(fill_s, 1e-9), 1))
     prog.close(note="done")
     result = {"task": "dictionary", "sizes": ns, "fot_accuracy": lines["fot"],
               "fot_dense_accuracy": lines["dense"], "no_memory_accuracy": lines["off"],
               "answers": answers, "seconds": seconds, "fill_tokens_per_second": fill_rates,
               "peak_rss_gib": round(resources.peak_rss_bytes() / resources.GIB, 3),
-              "window": window, "top_k": top_k, "num_docs": num_docs, "seed": seed, "mem_dtype": mem_dtype,
-              "key_len": key_len, "value_len": value_len, "vocab_size": vocab_size,
-              "max_dictionary_tokens": limit, "aligned": aligned}
+              "window": task.window, "top_k": s.top_k, "num_docs": s.num_docs, "seed": s.seed,
+              "mem_dtype": s.mem_dtype, "key_len": task.key_len, "value_len": task.value_len,
+              "vocab_size": task.vocab_size, "max_dictionary_tokens": limit, "aligned": task.aligned}
     if runners["baseline"] is not None:
         result["baseline_accuracy"] = lines["baseline"]
-        result["baseline_max_tokens"] = baseline_max_tokens
+        result["baseline_max_tokens"] = s.baseline_max_tokens
     return result
+
+
+evaluate = keyword_api(run_eval, "evaluate", task=DictionaryTask, settings=DictionaryEvalSettings)
 
 
 def plot(result: dict[str, Any], path: str) -> None:

@@ -12,6 +12,7 @@ Tokenizers: ``fot.data.vocab.make_tokenizer`` (a SentencePiece model file, or th
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,6 +21,7 @@ from fot.data.vocab import make_tokenizer
 from fot.inference.generate import Generator
 from fot.inference.windowed import WindowedConfig
 from fot.eval.plotting import line_plot
+from fot.keyword_api import keyword_api
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
         "I will quiz you about the important information there.")
@@ -62,22 +64,41 @@ def garbage_for_tokens(tok, target_tokens: int) -> int:
     return int(max(0, min(len(_GARBAGE_INF), (target_tokens - overhead) / per_char)))
 
 
-def evaluate(model, params, *, context_lengths: Sequence[int], trials: int = 5, seed: int = 555,
-             window: int, last_context_length: int, top_k: int | None = None, capacity: int | None = None,
-             spm_path: str | None = None, add_bos: bool = True, mem_dtype: str = "float32",
-             trained_vocab_size: int | None = None, mesh=None) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class PasskeySettings:
+    """Prompts of about ``context_lengths`` tokens, ``trials`` each; generation with a ``window`` /
+    ``last_context_length`` / ``top_k`` / ``capacity`` ``WindowedConfig``; tokenizer ``spm_path`` (None:
+    bytes) checked against ``trained_vocab_size``."""
+
+    context_lengths: Sequence[int]
+    window: int
+    last_context_length: int
+    trials: int = 5
+    seed: int = 555
+    top_k: int | None = None
+    capacity: int | None = None
+    spm_path: str | None = None
+    add_bos: bool = True
+    mem_dtype: str = "float32"
+    trained_vocab_size: int | None = None
+
+
+def run_eval(model, params, settings: PasskeySettings, *, mesh=None) -> dict[str, Any]:
     """Exact-match accuracy per target context length (tokens), ``trials`` seeded trials each.
 
     Trial ``j`` at length index ``i`` uses seed ``seed + 1000 * i + j``. ``trained_vocab_size``: see
-    :func:`make_tokenizer` (the eval CLI passes the run's vocabulary size).
+    :func:`make_tokenizer` (the eval CLI passes the run's vocabulary size). :func:`evaluate` is this
+    function with the fields of :class:`PasskeySettings` as keyword arguments (gin: ``passkey_eval.*``).
     """
+    context_lengths, trials, seed, window = settings.context_lengths, settings.trials, settings.seed, settings.window
+    last_context_length, spm_path, add_bos = settings.last_context_length, settings.spm_path, settings.add_bos
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     if not context_lengths:
         raise ValueError("context_lengths must name at least one length")
-    tok = make_tokenizer(spm_path, model.config.vocab_size, trained_vocab_size)
-    windowed = WindowedConfig(window=window, last_context_length=last_context_length, top_k=top_k,
-                              capacity=capacity, mem_dtype=mem_dtype)
+    tok = make_tokenizer(spm_path, model.config.vocab_size, settings.trained_vocab_size)
+    windowed = WindowedConfig(window=window, last_context_length=last_context_length, top_k=settings.top_k,
+                              capacity=settings.capacity, mem_dtype=settings.mem_dtype)
     gen = Generator(model, params, windowed, mesh=mesh)
     accs, lengths, examples = [], [], []
     for i, target in enumerate(context_lengths):
@@ -96,8 +117,11 @@ def evaluate(model, params, *, context_lengths: Sequence[int], trials: int = 5, 
         lengths.append(float(np.mean(toks)))
     return {"task": "passkey", "context_lengths": [int(c) for c in context_lengths], "mean_prompt_tokens": lengths,
             "accuracy": accs, "trials": trials, "seed": seed, "tokenizer": spm_path or "bytes",
-            "window": window, "last_context_length": last_context_length, "top_k": top_k,
+            "window": window, "last_context_length": last_context_length, "top_k": settings.top_k,
             "examples": examples}
+
+
+evaluate = keyword_api(run_eval, "evaluate", settings=PasskeySettings)
 
 
 def plot(result: dict[str, Any], path: str) -> None:

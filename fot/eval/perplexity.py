@@ -24,8 +24,9 @@ The JSON reports per mode and size the mean next-token NLL (nats), perplexity, s
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ import numpy as np
 from fot.eval import resources
 from fot.eval.plotting import line_plot
 from fot.inference.windowed import MemoryInference, WindowedConfig
+from fot.keyword_api import keyword_api
 from fot.training.step import token_sums
 
 
@@ -143,7 +145,27 @@ def _score_rows(runner: MemoryInference, rows: np.ndarray, mask: np.ndarray, mem
     return total, count
 
 
-def _check(sizes, window, modes, top_k, capacity):
+@dataclasses.dataclass(frozen=True)
+class PerplexitySettings:
+    """What :func:`evaluate` scores (its docstring): ``window``, memory ``sizes``, ``modes``, top-k,
+    FIFO ``capacity``, ``max_tokens`` scored per mode, single-doc ``rows`` per batch and ``score_from``."""
+
+    window: int
+    sizes: Sequence[int]
+    modes: Sequence[str] = ("single_doc", "multi_doc")
+    top_k: int | None = None
+    capacity: int | None = None
+    max_tokens: int | None = 1 << 16
+    rows: int = 8
+    mem_dtype: str = "float32"
+    score_from: int | None = None
+    progress: bool = True
+
+
+def _check(settings: PerplexitySettings) -> tuple[list[int], list[int]]:
+    """(sizes rounded up to windows, memory tokens held at each size); ValueError naming the bad setting."""
+    sizes, window, modes, top_k, capacity = (settings.sizes, settings.window, settings.modes, settings.top_k,
+                                             settings.capacity)
     if not sizes:
         raise ValueError("perplexity_eval.sizes must name at least one memory size")
     bad = [m for m in modes if m not in ("single_doc", "multi_doc")]
@@ -163,84 +185,114 @@ def _check(sizes, window, modes, top_k, capacity):
     return sizes, mem
 
 
-def evaluate(model, params, docs: Sequence[np.ndarray], *, window: int, sizes: Sequence[int],
-             modes: Sequence[str] = ("single_doc", "multi_doc"), top_k: int | None = None,
-             capacity: int | None = None, max_tokens: int | None = 1 << 16, rows: int = 8,
-             mem_dtype: str = "float32", score_from: int | None = None, progress: bool = True,
-             mesh=None) -> dict[str, Any]:
+class _ModePlan(NamedTuple):
+    """One mode's scoring: ``work[i]`` tokens processed at memory ``mem[i]``, result fields ``extra``, and
+    ``score(m, runner, tick) -> (NLL sum, count)`` with a memory of ``m`` tokens."""
+
+    work: list[int]
+    extra: dict[str, Any]
+    score: Callable[[int, MemoryInference, Callable[[int], None]], tuple[float, int]]
+
+
+def _single_doc_plan(docs: Sequence[np.ndarray], mem: list[int], warm: int, settings: PerplexitySettings) -> _ModePlan:
+    """Single-doc: each memory prefilled from the ``min(m, warm)`` tokens before ``warm`` of its document."""
+    plan = plan_single_doc(docs, warm, settings.max_tokens)
+    if not plan:
+        raise ValueError(f"single-doc: no document is longer than score_from={warm} + 1 tokens "
+                         f"(longest: {max(len(d) for d in docs)}); lower perplexity_eval.score_from "
+                         "or the sizes, or evaluate modes=['multi_doc']")
+
+    def score(m, runner, tick):
+        pre = min(m, warm)
+        tot, cnt = 0.0, 0
+        for r in range(0, len(plan), settings.rows):
+            group = plan[r:r + settings.rows]
+            length = pre + max(n for _, n in group) + 1
+            arr = np.zeros((len(group), length), np.int32)  # [rows, pre + scored + 1] tokens
+            msk = np.zeros((len(group), length), bool)
+            for j, (i, n) in enumerate(group):
+                piece = docs[i][warm - pre:warm + n + 1]
+                arr[j, :len(piece)], msk[j, :len(piece)] = piece, True
+            a, c = _score_rows(runner, arr, msk, m, pre, tick)
+            tot, cnt = tot + a, cnt + c
+        return tot, cnt
+
+    work = [sum(min(m, warm) + n for _, n in plan) for m in mem]
+    return _ModePlan(work, {"score_from": warm, "scored_docs": len(plan)}, score)
+
+
+def _multi_doc_plan(docs: Sequence[np.ndarray], mem: list[int], settings: PerplexitySettings) -> _ModePlan:
+    """Multi-doc: one stream; its first largest-memory tokens are warm-up, the ``max_tokens`` after are scored."""
+    max_tokens = settings.max_tokens
+    warm_m = _round_up(max(mem), settings.window)
+    stream, ids = multi_doc_stream(docs, None if not max_tokens else warm_m + int(max_tokens) + 1)  # [T]
+    if len(stream) - 1 <= warm_m:
+        raise ValueError(f"multi-doc: the documents hold {len(stream)} tokens, not more than the "
+                         f"{warm_m}-token warm-up (the largest memory); pass more documents or lower sizes")
+    n_scored = len(stream) - 1 - warm_m if not max_tokens else min(int(max_tokens), len(stream) - 1 - warm_m)
+
+    def score(m, runner, tick):
+        piece = stream[warm_m - m:warm_m + n_scored + 1][None]  # [1, m + scored + 1]
+        return _score_rows(runner, piece, np.ones(piece.shape, bool), m, m, tick)
+
+    extra = {"warmup": warm_m, "stream_docs": int(len(np.unique(ids[:warm_m + n_scored + 1]))),
+             "scored_docs": int(len(np.unique(ids[warm_m + 1:warm_m + n_scored + 1])))}
+    return _ModePlan([m + n_scored for m in mem], extra, score)
+
+
+def _score_mode(mode: str, plan: _ModePlan, sizes: list[int], mem: list[int], runner, progress: bool) -> dict:
+    """One mode's result: NLL, perplexity, scored tokens, throughput per size."""
+    prog = resources.Progress(sum(plan.work), f"perplexity {mode}", enabled=progress)
+    nlls, counts, rates, secs = [], [], [], []
+    for size, m in zip(sizes, mem):
+        t0, done0 = time.perf_counter(), prog.done
+        tick = lambda n, size=size: prog.update(n, note=f"size {size:,}")  # noqa: E731
+        tot, cnt = plan.score(m, runner(m), tick)
+        dt = time.perf_counter() - t0
+        nlls.append(tot / max(cnt, 1))
+        counts.append(cnt)
+        secs.append(round(dt, 3))
+        rates.append(round((prog.done - done0) / max(dt, 1e-9), 1))
+    prog.close(note="done")
+    if len(set(counts)) > 1:  # by construction; a failure here is a bug, not bad input
+        raise AssertionError(f"{mode}: scored token counts differ across sizes: {counts}")
+    return {"mean_nll": nlls, "perplexity": [float(np.exp(x)) for x in nlls], "tokens": counts,
+            "tokens_per_second": rates, "seconds": secs, **plan.extra}
+
+
+def run_eval(model, params, docs: Sequence[np.ndarray], settings: PerplexitySettings, *, mesh=None) -> dict[str, Any]:
     """Mean NLL / perplexity per memory size and mode (module docstring). ``sizes``: memory tokens
     (rounded up to multiples of ``window``). ``capacity``: FIFO slots of the memory for every size (a
     size above it keeps only its newest ``capacity`` tokens; ``memory_tokens`` in the result); None =
     each size. ``max_tokens``: scored predictions per mode (None: all). ``score_from``: single-doc
     scored positions start (default: the largest memory, so every size can fill its memory from the
-    document; rounded up to a window multiple). ``rows``: single-doc documents per batch."""
-    sizes, mem = _check(sizes, window, modes, top_k, capacity)
-    warm = _round_up(max(mem) if score_from is None else int(score_from), window)
+    document; rounded up to a window multiple). ``rows``: single-doc documents per batch.
+    :func:`evaluate` is this function with the fields of :class:`PerplexitySettings` as keyword arguments
+    (gin: ``perplexity_eval.*``)."""
+    s = settings
+    sizes, mem = _check(s)
+    warm = _round_up(max(mem) if s.score_from is None else int(s.score_from), s.window)
     runners = {}
 
     def runner(m):
         key = m > 0
         if key not in runners:
             runners[key] = MemoryInference(model, params, WindowedConfig(
-                window=window, top_k=top_k, mem_dtype=mem_dtype, use_memory=key), mesh=mesh)
+                window=s.window, top_k=s.top_k, mem_dtype=s.mem_dtype, use_memory=key), mesh=mesh)
         return runners[key]
 
-    result: dict[str, Any] = {"task": "perplexity", "sizes": sizes, "memory_tokens": mem, "window": window,
-                              "top_k": top_k, "capacity": capacity, "num_docs": len(docs),
-                              "max_tokens": max_tokens, "mem_dtype": mem_dtype}
-    for mode in modes:
-        if mode == "single_doc":
-            plan = plan_single_doc(docs, warm, max_tokens)
-            if not plan:
-                raise ValueError(f"single-doc: no document is longer than score_from={warm} + 1 tokens "
-                                 f"(longest: {max(len(d) for d in docs)}); lower perplexity_eval.score_from "
-                                 "or the sizes, or evaluate modes=['multi_doc']")
-            work = [sum(min(m, warm) + n for _, n in plan) for m in mem]
-            extra = {"score_from": warm, "scored_docs": len(plan)}
-        else:
-            warm_m = _round_up(max(mem), window)
-            stream, ids = multi_doc_stream(docs, None if not max_tokens else warm_m + int(max_tokens) + 1)
-            if len(stream) - 1 <= warm_m:
-                raise ValueError(f"multi-doc: the documents hold {len(stream)} tokens, not more than the "
-                                 f"{warm_m}-token warm-up (the largest memory); pass more documents or lower sizes")
-            n_scored = len(stream) - 1 - warm_m if not max_tokens else min(int(max_tokens), len(stream) - 1 - warm_m)
-            work = [m + n_scored for m in mem]
-            extra = {"warmup": warm_m, "stream_docs": int(len(np.unique(ids[:warm_m + n_scored + 1]))),
-                     "scored_docs": int(len(np.unique(ids[warm_m + 1:warm_m + n_scored + 1])))}
-        prog = resources.Progress(sum(work), f"perplexity {mode}", enabled=progress)
-        nlls, counts, rates, secs = [], [], [], []
-        for size, m in zip(sizes, mem):
-            t0, done0 = time.perf_counter(), prog.done
-            tick = lambda n, size=size: prog.update(n, note=f"size {size:,}")  # noqa: E731
-            if mode == "single_doc":
-                pre = min(m, warm)
-                tot, cnt = 0.0, 0
-                for r in range(0, len(plan), rows):
-                    group = plan[r:r + rows]
-                    length = pre + max(n for _, n in group) + 1
-                    arr = np.zeros((len(group), length), np.int32)
-                    msk = np.zeros((len(group), length), bool)
-                    for j, (i, n) in enumerate(group):
-                        piece = docs[i][warm - pre:warm + n + 1]
-                        arr[j, :len(piece)], msk[j, :len(piece)] = piece, True
-                    a, c = _score_rows(runner(m), arr, msk, m, pre, tick)
-                    tot, cnt = tot + a, cnt + c
-            else:
-                piece = stream[warm_m - m:warm_m + n_scored + 1][None]
-                tot, cnt = _score_rows(runner(m), piece, np.ones(piece.shape, bool), m, m, tick)
-            dt = time.perf_counter() - t0
-            nlls.append(tot / max(cnt, 1))
-            counts.append(cnt)
-            secs.append(round(dt, 3))
-            rates.append(round((prog.done - done0) / max(dt, 1e-9), 1))
-        prog.close(note="done")
-        if len(set(counts)) > 1:  # by construction; a failure here is a bug, not bad input
-            raise AssertionError(f"{mode}: scored token counts differ across sizes: {counts}")
-        result[mode] = {"mean_nll": nlls, "perplexity": [float(np.exp(x)) for x in nlls], "tokens": counts,
-                        "tokens_per_second": rates, "seconds": secs, **extra}
-    first = result[modes[0]]
+    result: dict[str, Any] = {"task": "perplexity", "sizes": sizes, "memory_tokens": mem, "window": s.window,
+                              "top_k": s.top_k, "capacity": s.capacity, "num_docs": len(docs),
+                              "max_tokens": s.max_tokens, "mem_dtype": s.mem_dtype}
+    for mode in s.modes:
+        plan = _single_doc_plan(docs, mem, warm, s) if mode == "single_doc" else _multi_doc_plan(docs, mem, s)
+        result[mode] = _score_mode(mode, plan, sizes, mem, runner, s.progress)
+    first = result[s.modes[0]]
     result["mean_nll"] = first["mean_nll"][-1]
     return result
+
+
+evaluate = keyword_api(run_eval, "evaluate", settings=PerplexitySettings)
 
 
 def plot(result: dict[str, Any], path: str) -> None:
