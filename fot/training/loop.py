@@ -1,8 +1,8 @@
 """The training loop: ``train(...)`` (gin-free; ``fot.train`` binds it from gin files as ``train.*``).
 
-``train`` groups its keyword arguments into the Trainer's settings (``fot.training.settings``: run,
-checkpointing, evaluation, logging) and runs ``fot.training.trainer.Trainer`` (restore → step →
-evaluate → finish).
+``train`` takes the Trainer's settings (``fot.training.settings``: run, checkpointing, evaluation,
+logging) as flat keyword arguments (``fot.keyword_api``) and runs ``fot.training.trainer.Trainer``
+(restore → step → evaluate → finish).
 
 One step: d from the curriculum → ``extra_rows = crossbatch_plan(B/m, d, pack=k)`` (a static shape
 per d, so each distinct d compiles once) → jitted, donated train step on the mesh. Metrics of step
@@ -25,9 +25,9 @@ from typing import Any, Callable, Sequence
 
 import optax
 
+from fot.keyword_api import keyword_api
 from fot.model import ModelConfig
 from fot.training.checks import ConfigError, TrainingDivergedError  # noqa: F401  (raised by train)
-from fot.training.curriculum import Curriculum
 from fot.training.settings import CheckpointSettings, EvalSettings, LogSettings, RunSettings
 from fot.training.trainer import Trainer
 
@@ -54,21 +54,17 @@ class StopSignal:
             signal.signal(s, h)
 
 
-def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: optax.GradientTransformation,
-          total_steps: int, curriculum: Curriculum | None = None, eval_data=None, eval_every: int = 0,
-          eval_steps: int = 4, eval_num_extra: Sequence[int] | None = None,
-          mesh_config: dict[str, int] | None = None, fsdp: bool = False, num_microbatches: int = 1,
-          stepping: bool = True, seed: int = 0, checkpoint_every: int = 1000, keep_checkpoints: int | None = 3,
-          async_checkpointing: bool = False, restore_fallback: bool = True, log_every: int = 50,
-          max_train_seconds: float | None = None,
-          config_writer: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
-          final_eval: Callable[[Any, Any], dict[str, Any]] | None = None, stream=None,
-          init_from: str | None = None, init_from_step: int | None = None) -> dict[str, Any]:
+def run_training(*, workdir: str, model_config: ModelConfig, train_data, optimizer: optax.GradientTransformation,
+                 run: RunSettings, checkpointing: CheckpointSettings, evaluation: EvalSettings, logging: LogSettings,
+                 should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train ``Decoder(model_config)`` on ``train_data`` (a ``Batch`` iterator or a factory of one).
 
-    The gin-facing adaptor (its keyword arguments are the ``train.*`` bindings of gin/*.gin, hence their
-    number): it only groups them into ``RunSettings`` / ``CheckpointSettings`` / ``EvalSettings`` /
-    ``LogSettings`` and runs a ``Trainer``. ``eval_num_extra``: the d values evaluated.
+    :func:`train` is this function with the fields of the four settings groups as flat keyword arguments:
+    the ``train.*`` bindings of gin/*.gin (``RunSettings``: total_steps, curriculum, mesh_config, fsdp,
+    num_microbatches, stepping, seed, max_train_seconds; ``CheckpointSettings``: checkpoint_every,
+    keep_checkpoints, async_checkpointing, restore_fallback, init_from, init_from_step; ``EvalSettings``:
+    eval_data, eval_every, eval_steps, eval_num_extra (the d values evaluated), final_eval;
+    ``LogSettings``: log_every, stream, config_writer).
 
     ``final_eval(model, params) -> dict``: run once after training (not after a stop signal), e.g. the
     dictionary-lookup accuracy vs tokens in memory (``fot.eval.dictionary.evaluate`` bound in gin); its
@@ -83,14 +79,9 @@ def train(*, workdir: str, model_config: ModelConfig, train_data, optimizer: opt
     when newer ones are damaged (moved to ``workdir/rejected_checkpoints``); False refuses with the damaged
     step named.
     """
-    run = RunSettings(total_steps=total_steps, curriculum=curriculum, mesh_config=mesh_config, fsdp=fsdp,
-                      num_microbatches=num_microbatches, stepping=stepping, seed=seed,
-                      max_train_seconds=max_train_seconds)
-    checkpointing = CheckpointSettings(every=checkpoint_every, keep=keep_checkpoints, async_save=async_checkpointing,
-                                       restore_fallback=restore_fallback, init_from=init_from,
-                                       init_from_step=init_from_step)
-    evaluation = EvalSettings(data=eval_data, every=eval_every, steps=eval_steps, d_values=eval_num_extra,
-                              final_eval=final_eval)
-    logging = LogSettings(every=log_every, stream=stream, config_writer=config_writer)
     return Trainer(workdir, model_config, train_data, optimizer, run, checkpointing, evaluation, logging,
                    should_stop).run()
+
+
+train = keyword_api(run_training, "train", run=RunSettings, checkpointing=CheckpointSettings,
+                    evaluation=EvalSettings, logging=LogSettings)

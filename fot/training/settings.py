@@ -1,7 +1,8 @@
 """The Trainer's settings, grouped (t5x style): what to run, checkpointing, evaluation, logging.
 
-``fot.training.loop.train`` (the function gin binds as ``train.*``) builds these from its keyword
-arguments; library callers may build them directly and run a ``fot.training.trainer.Trainer``.
+``fot.training.loop.train`` (the function gin binds as ``train.*``) takes their fields as flat keyword
+arguments (``fot.keyword_api``; a field's ``train.*`` name, where it differs, is its ``KEYWORD`` metadata);
+library callers may build them directly and run a ``fot.training.trainer.Trainer``.
 ``check_settings`` raises ``ConfigError`` (one line naming the ``train.<name>`` binding, exit 2).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 
+from fot.keyword_api import KEYWORD
 from fot.training.checks import ConfigError, check_int
 from fot.training.curriculum import Curriculum
 
@@ -43,9 +45,9 @@ class CheckpointSettings:
     from the newest intact checkpoint when newer ones are damaged;
     ``init_from`` / ``init_from_step``: a new run starts from that run's params (fresh optimizer)."""
 
-    every: int = 1000
-    keep: int | None = 3
-    async_save: bool = False
+    every: int = dataclasses.field(default=1000, metadata={KEYWORD: "checkpoint_every"})
+    keep: int | None = dataclasses.field(default=3, metadata={KEYWORD: "keep_checkpoints"})
+    async_save: bool = dataclasses.field(default=False, metadata={KEYWORD: "async_checkpointing"})
     restore_fallback: bool = True
     init_from: str | None = None
     init_from_step: int | None = None
@@ -57,10 +59,10 @@ class EvalSettings:
     steps (0 = only at the end) over ``steps`` batches, for each d of ``d_values`` (None = the
     curriculum's current d and 0); ``final_eval(model, params) -> dict`` once after training."""
 
-    data: Any = None
-    every: int = 0
-    steps: int = 4
-    d_values: Sequence[int] | None = None
+    data: Any = dataclasses.field(default=None, metadata={KEYWORD: "eval_data"})
+    every: int = dataclasses.field(default=0, metadata={KEYWORD: "eval_every"})
+    steps: int = dataclasses.field(default=4, metadata={KEYWORD: "eval_steps"})
+    d_values: Sequence[int] | None = dataclasses.field(default=None, metadata={KEYWORD: "eval_num_extra"})
     final_eval: Callable[[Any, Any], dict[str, Any]] | None = None
 
 
@@ -69,7 +71,7 @@ class LogSettings:
     """Console / TensorBoard / metrics.jsonl every ``every`` steps; ``stream``: where the console lines and
     the final JSON line go (None = stdout); ``config_writer(workdir)``: writes the operative config."""
 
-    every: int = 50
+    every: int = dataclasses.field(default=50, metadata={KEYWORD: "log_every"})
     stream: Any = None
     config_writer: Callable[[str], None] | None = None
 
