@@ -32,6 +32,7 @@ source checkpoint's own tokenizer files and token ids (bos/eos/pad) unless ``--s
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -43,6 +44,7 @@ from fot.convert import hf_remote
 from fot.convert.hf_files import np_dtype
 from fot.convert.mapping import flatten, param_table, qk_scale_param
 from fot.convert.outdir import atomic_dir, prepare_out
+from fot.keyword_api import keyword_api
 
 DTYPES = ("float32", "bfloat16", "float16")
 # fot's SentencePiece convention (fot.data.vocab): 0 PAD / 1 EOS / 2 UNK / 3 BOS.
@@ -193,20 +195,32 @@ def _shards(tensors: dict[str, np.ndarray], max_shard_bytes: int) -> list[dict[s
     return shards
 
 
-def export(params, cfg, out_dir: str, *, max_position_embeddings: int, last_context_length: int | None = None,
-           mem_dtype: str = "bfloat16", dtype: str = "float32", overwrite: bool = False,
-           max_shard_bytes: int = 5 * 2**30, token_ids: dict | None = None, extra: dict | None = None,
-           mem_top_k: int | None = None, mem_capacity: int | None = None,
-           tokenizer_files: dict[str, bytes] | None = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class ConfigOptions:
+    """The config.json settings of an export: :func:`hf_config`'s keyword arguments (``dtype`` is also the
+    dtype the weights are written in)."""
+
+    max_position_embeddings: int
+    last_context_length: int | None = None
+    mem_dtype: str = "bfloat16"
+    dtype: str = "float32"
+    token_ids: dict | None = None
+    extra: dict | None = None
+    mem_top_k: int | None = None
+    mem_capacity: int | None = None
+
+
+def write_export(params, cfg, out_dir: str, *, options: ConfigOptions, overwrite: bool = False,
+                 max_shard_bytes: int = 5 * 2**30, tokenizer_files: dict[str, bytes] | None = None) -> dict:
     """Write ``out_dir`` (see module docstring). Returns a summary dict (files, tensors, bytes, warnings).
+    :func:`export` is this function with the fields of :class:`ConfigOptions` as keyword arguments.
 
     ``tokenizer_files``: {file name: bytes} written beside the weights (``fot.convert.tokenizer``)."""
     from safetensors.numpy import save_file
 
     out_dir = prepare_out(out_dir, overwrite)
-    kw = dict(max_position_embeddings=max_position_embeddings, last_context_length=last_context_length,
-              mem_dtype=mem_dtype, dtype=dtype, token_ids=token_ids, extra=extra, mem_top_k=mem_top_k,
-              mem_capacity=mem_capacity)
+    dtype = options.dtype
+    kw = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
     configs = {"config.json": hf_config(cfg, **kw)}
     if llama_compatible(cfg):
         configs["config_longllama.json"] = hf_config(cfg, longllama=True, **kw)
@@ -241,6 +255,9 @@ def export(params, cfg, out_dir: str, *, max_position_embeddings: int, last_cont
     return {"out": out_dir, "files": files, "num_tensors": len(tensors),
             "bytes": int(sum(x.nbytes for x in tensors.values())), "dtype": dtype,
             "warnings": check_exportable(cfg)}
+
+
+export = keyword_api(write_export, "export", options=ConfigOptions)
 
 
 def _training_window(workdir: str):

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import queue
 import threading
@@ -22,6 +23,7 @@ from fot.data.segmenter import Segmenter
 from fot.data.tasks import (register_dictionary_task, register_files_task, register_function_task,  # noqa: F401
                             register_mixture, register_stdlib_task, register_tfds_task)
 from fot.data.vocab import check_vocab_size, load_vocabulary, run_vocabulary, stdlib_vocabulary  # noqa: F401
+from fot.keyword_api import keyword_api
 
 
 
@@ -210,12 +212,29 @@ def _special_ids(task_or_mixture: str, add_bos: bool, add_eos: bool) -> tuple[in
     return ids[0], ids[1]
 
 
-def make_iterator(task: str, *, batch_size: int, seq_len: int, pack: int = 1, split: str = "train",
-                  seed: int = 0, shuffle: bool = True, shuffle_buffer: int | None = 128,
-                  num_epochs: int | None = None, add_bos: bool = True, add_eos: bool = True,
-                  boundary: str = "continue", min_lengths: Mapping[str, int] | None = None,
-                  shard_info=None, data_shards: int | None = None, prefetch: int = 2) -> PrefetchIterator:
-    """The training/eval batch iterator for a registered seqio Task or Mixture.
+@dataclasses.dataclass(frozen=True)
+class DocumentStream:
+    """Which documents in which order (:func:`make_provider`'s settings): ``split``, ``seed``, ``shuffle``
+    through ``shuffle_buffer`` documents, ``num_epochs`` (None = forever), ``min_lengths`` (per-task
+    minimum document length overrides)."""
+
+    split: str = "train"
+    seed: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int | None = 128
+    num_epochs: int | None = None
+    min_lengths: Mapping[str, int] | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The fields as :func:`make_provider` keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def build_iterator(task: str, *, batch_size: int, seq_len: int, pack: int = 1, stream: DocumentStream,
+                   add_bos: bool = True, add_eos: bool = True, boundary: str = "continue", shard_info=None,
+                   data_shards: int | None = None, prefetch: int = 2) -> PrefetchIterator:
+    """The training/eval batch iterator for a registered seqio Task or Mixture (:func:`make_iterator`, the
+    gin-bound ``make_iterator.*``, is this function with the fields of ``DocumentStream`` as keywords).
 
     Args:
       task: registered Task or Mixture name (e.g. the return value of a ``tasks.register_*``).
@@ -238,9 +257,8 @@ def make_iterator(task: str, *, batch_size: int, seq_len: int, pack: int = 1, sp
     shard = host_shard(shard_info)
     if data_shards is not None:
         return _sharded_iterator(task, shard, int(data_shards), batch_size=batch_size, seq_len=seq_len, pack=pack,
-                                 split=split, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                                 num_epochs=num_epochs, add_bos=add_bos, add_eos=add_eos, boundary=boundary,
-                                 min_lengths=min_lengths, prefetch=prefetch)
+                                 add_bos=add_bos, add_eos=add_eos, boundary=boundary, prefetch=prefetch,
+                                 **stream.settings())
     if batch_size % shard.num_shards:
         raise ValueError(f"batch_size={batch_size} is not divisible by the number of hosts "
                          f"{shard.num_shards}")
@@ -250,8 +268,7 @@ def make_iterator(task: str, *, batch_size: int, seq_len: int, pack: int = 1, sp
                          f"is not divisible by pack={pack}")
     if not isinstance(seq_len, (int, np.integer)) or seq_len <= 1:
         raise ValueError(f"seq_len (window length) must be an int > 1, got {seq_len!r}")
-    provider = make_provider(task, split=split, shard_info=shard, seed=seed, shuffle=shuffle,
-                             shuffle_buffer=shuffle_buffer, num_epochs=num_epochs, min_lengths=min_lengths)
+    provider = make_provider(task, shard_info=shard, **stream.settings())
     bos, eos = _special_ids(task, add_bos, add_eos)
     lanes = local // pack
     seg = Segmenter(provider, local, seq_len, pack=pack, bos_id=bos, eos_id=eos, boundary=boundary,
@@ -259,6 +276,9 @@ def make_iterator(task: str, *, batch_size: int, seq_len: int, pack: int = 1, sp
     from fot.data.tf_env import import_seqio  # pylint: disable=g-import-not-at-top
     vocab = import_seqio().get_mixture_or_task(task).output_features["targets"].vocabulary
     return PrefetchIterator(seg, prefetch, batch_size=batch_size, vocab_size=int(vocab.vocab_size))
+
+
+make_iterator = keyword_api(build_iterator, "make_iterator", stream=DocumentStream)
 
 
 def _sharded_iterator(task: str, host, num_shards: int, *, batch_size: int, seq_len: int, pack: int,
