@@ -107,7 +107,7 @@ def memory_only_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs,
         b = p.q.shape[0]
         mask = jnp.ones(p.q.shape[:2], bool) if inputs.extra_key_mask is None else inputs.extra_key_mask
         rows = inputs.extra_rows
-        rows_ok = jnp.take(mask.any(-1), jnp.clip(rows, 0, b - 1), axis=0) & (rows >= 0)  # [B, n]
+        rows_ok = jnp.take(mask.any(-1), jnp.clip(rows, 0, b - 1), axis=0) & (rows >= 0)  # [B, d]
         return out, rows_ok.any(-1)
     own_row = jnp.arange(p.q.shape[0], dtype=jnp.int32)[:, None]  # [B, 1]
     # Row b's memory as the one "extra row" of row b, no local keys.

@@ -58,7 +58,7 @@ class Decoder(nn.Module):
           positions: int [B,T]; default ``arange(T)`` per row (``C + arange(T)`` with a cache of length C).
           segment_ids: int [B,T] (0 = padding, docs >= 1); with a cache also [B,C+T] (ids of cached keys
             first). A [B,T] array with a cache gives the cached keys the id of each row's first token.
-          extra_rows: int [B,n] training crossbatch rows for memory layers (-1 = unused).
+          extra_rows: int [B,d] training crossbatch rows for memory layers (-1 = unused).
           extra_key_mask: bool [B,T]; default ``segment_ids > 0`` with segment_ids, else all True.
           memory: {memory layer: LayerMemory(keys, values, mask)} [B,M,Hkv,Dh],[B,M,Hkv,Dh],[B,M] bool
             (Hkv = config.num_kv_heads; a plain (k, v, mask) tuple is accepted).

@@ -42,7 +42,7 @@ class LayerInputs(NamedTuple):
     """Per-call inputs every layer reads (memory layers alone read the crossbatch fields).
 
     positions int32 [B,T]; segment_ids int32 [B,T] or None (0 = padding); cache_segment_ids int32
-    [B,C+T] with a cache (ids of the cached keys, then the window's); extra_rows int32 [B,n] training
+    [B,C+T] with a cache (ids of the cached keys, then the window's); extra_rows int32 [B,d] training
     crossbatch rows (-1 = unused) or None; extra_key_mask bool [B,T] (valid keys of a source row).
     """
 
@@ -115,7 +115,7 @@ def check_memory(cfg: ModelConfig, memory, batch: int) -> dict[int, LayerMemory]
 
 def _check_extra_rows(extra_rows, batch: int, has_memory: bool, has_cache: bool) -> None:
     if extra_rows.ndim != 2 or extra_rows.shape[0] != batch:
-        raise _shape_error("extra_rows", extra_rows.shape, f"[batch={batch}, num_extra]")
+        raise _shape_error("extra_rows", extra_rows.shape, f"[batch={batch}, d]")
     if not jnp.issubdtype(extra_rows.dtype, jnp.integer):
         raise ValueError(f"extra_rows must be integer, got dtype {extra_rows.dtype}")
     rows = _concrete(extra_rows)
@@ -177,7 +177,7 @@ def layer_inputs(tokens, c: int | None, positions=None, segment_ids=None, extra_
             else:
                 cache_seg, segment_ids = segment_ids, segment_ids[:, c:]  # [B, C+T], [B, T]
     if extra_rows is not None:
-        extra_rows = extra_rows.astype(jnp.int32)  # [B, n]
+        extra_rows = extra_rows.astype(jnp.int32)  # [B, d]
         if extra_key_mask is None:
             extra_key_mask = (segment_ids > 0) if segment_ids is not None else jnp.ones((b, t), bool)
         extra_key_mask = extra_key_mask.astype(bool)  # [B, T]

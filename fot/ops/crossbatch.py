@@ -1,5 +1,8 @@
 """Crossbatch attention (FoT training): one joint softmax over local causal keys and the keys of other
-batch rows, computed blockwise over the extra contexts (memory independent of their number)."""
+batch rows, computed blockwise over the extra contexts (memory independent of their number).
+
+d: the crossbatch size, the number of other rows each row attends to (``extra_rows`` is the int32 [B, d]
+plan of which rows, ``fot.ops.crossbatch_plan``)."""
 from __future__ import annotations
 
 import functools
@@ -16,14 +19,14 @@ from fot.ops.attention import blockwise_attention, query_positions, segments
 ACCEL_KEYS_PER_BLOCK = 1024  # default extra keys per online-softmax block on GPU/TPU (see block_rows_for)
 
 
-def block_rows_for(num_extra, block_rows=None, seq_len=None):
-    """(rows per block g, number of blocks). g = block_rows (capped at n); default (None): 1 on CPU, and on
+def block_rows_for(d, block_rows=None, seq_len=None):
+    """(rows per block g, number of blocks). g = block_rows (capped at d); default (None): 1 on CPU, and on
     accelerators as many rows as fit ACCEL_KEYS_PER_BLOCK keys (g = 1024 // seq_len, at least 1), decided at
-    trace time from jax.default_backend(). Measured (BUILD_NOTES "FoT ops", B=4, L=256, H=8, Dh=64, n=64):
+    trace time from jax.default_backend(). Measured (BUILD_NOTES "FoT ops", B=4, L=256, H=8, Dh=64, d=64):
     on CPU larger blocks are slower (score blocks fall out of cache); on an H100 g=1 runs each block as a
     few small kernels and the 37M train step's time ratio was 1.18x its FLOP ratio, g=4 1.09x, while the
-    layer's memory at n=64 stayed 1.19-1.41x that of n=1."""
-    if num_extra == 0:
+    layer's memory at d=64 stayed 1.19-1.41x that of d=1."""
+    if d == 0:
         return 1, 0
     if block_rows is not None:
         g = int(block_rows)
@@ -31,8 +34,8 @@ def block_rows_for(num_extra, block_rows=None, seq_len=None):
         g = 1
     else:
         g = max(1, ACCEL_KEYS_PER_BLOCK // int(seq_len))
-    g = min(g, num_extra)
-    return g, -(-num_extra // g)
+    g = min(g, d)
+    return g, -(-d // g)
 
 
 def check_block_rows(value, name="block_rows"):
@@ -80,10 +83,10 @@ def _crossbatch_local(q, k, v, extra_k, extra_v, extra_rows, key_mask, segment_i
                       include_local, block_rows):
     q_pos = query_positions(q, k)
     seg_q, seg_k = segments(segment_ids, q_pos, k)
-    n = extra_rows.shape[1]
-    g, n_blocks = block_rows_for(n, block_rows, extra_k.shape[1])
-    if n_blocks * g > n:  # pad with unused rows (fully masked)
-        extra_rows = jnp.pad(extra_rows, ((0, 0), (0, n_blocks * g - n)), constant_values=-1)
+    d = extra_rows.shape[1]
+    g, n_blocks = block_rows_for(d, block_rows, extra_k.shape[1])
+    if n_blocks * g > d:  # pad with unused rows (fully masked) to [B, n_blocks * g]
+        extra_rows = jnp.pad(extra_rows, ((0, 0), (0, n_blocks * g - d)), constant_values=-1)
     src = (jnp.swapaxes(extra_k, 1, 2), jnp.swapaxes(extra_v, 1, 2))  # head-major once, not per block
     return blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, (extra_rows, key_mask),
                                fetch=_fetch_rows(g), n_blocks=n_blocks, scale=scale,
@@ -97,13 +100,13 @@ def crossbatch_attention(q, k, v, extra_k, extra_v, extra_rows, *, extra_key_mas
 
     q: [B, T, H, Dh]; k, v: [B, T', Hkv, Dh] (k/v may be longer than q: END alignment as in causal_attention;
     Hkv divides H: grouped-query attention, query head h reads kv head h // (H / Hkv), without repeating K/V).
-    extra_k, extra_v: [B, S, Hkv, Dh] source rows; extra_rows: int [B, n], row b attends to every unmasked
+    extra_k, extra_v: [B, S, Hkv, Dh] source rows; extra_rows: int [B, d], row b attends to every unmasked
     key of source rows extra_rows[b, j] (-1 = unused); extra_key_mask: bool [B, S] (False = padding key);
     segment_ids: int [B, T] (local attention only within equal ids).
     include_local=False: attend to extra keys only (a query without any visible key returns 0).
     Computed with an online softmax over blocks of g extra contexts (lax.scan; one block = the keys of g
     rows, [B, H, T, g*S] scores) and a flash-style custom VJP: forward and backward memory grow with g,
-    not with n. block_rows=g (default: 1 on CPU, 1024 // S on accelerators; see block_rows_for; n not divisible
+    not with d. block_rows=g (default: 1 on CPU, 1024 // S on accelerators; see block_rows_for; d not divisible
     by g is padded with unused rows; exact for every g). Gradients flow into q, k, v, extra_k, extra_v.
     mesh: inputs sharded with batch over `data_axis` and heads over `model_axis`; the extra rows are
     fetched with an explicit all_gather over `data_axis` inside jax.shard_map (same result as unsharded).
@@ -117,7 +120,7 @@ def crossbatch_attention(q, k, v, extra_k, extra_v, extra_rows, *, extra_key_mas
                                "extra_key_mask", extra_key_mask)
     _checks.check_rank("extra_rows", extra_rows, 2)
     if tuple(extra_rows.shape)[0] != q.shape[0]:
-        raise ValueError(f"extra_rows must be [B, n] with B = {q.shape[0]} (q {q.shape}), got "
+        raise ValueError(f"extra_rows must be [B, d] with B = {q.shape[0]} (q {q.shape}), got "
                          f"{tuple(extra_rows.shape)}")
     rows_np = _checks.concrete_or_none(extra_rows)
     if rows_np is not None and rows_np.size and (rows_np.min() < -1 or rows_np.max() >= extra_k.shape[0]):

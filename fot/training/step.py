@@ -9,7 +9,7 @@ crossbatch plan (the d extra rows of a row stay inside its micro-batch, as in th
 micro-batches); per-micro-batch sums of loss and gradients are accumulated in a ``lax.scan`` and
 divided by the global token count, so the update equals the un-accumulated one up to float rounding.
 
-The crossbatch size is called d everywhere here (the paper's word; ``fot.ops`` calls it ``num_extra``):
+The crossbatch size is called d (the paper's word, as in ``fot.ops`` and ``fot.model``):
 ``extra_rows`` is the int32 ``[B/m, d]`` plan of which rows each row attends to.
 """
 from __future__ import annotations
