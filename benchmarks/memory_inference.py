@@ -18,14 +18,13 @@ keys/values kept). Target (issue 14): prefill ≥ 0.8x the no-memory forward's t
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from benchmarks.common import emit
 from benchmarks.topk import _time  # best-of-repeats wall time after a warm-up call
 from fot import memory as fmem
 from fot.inference import MemoryInference, WindowedConfig
@@ -139,10 +138,7 @@ def main(argv=None):
     res = {"devices": str(jax.devices()), "appends": appends(caps),
            "prefill": prefill(1 << 16 if a.quick else 1 << 18)}
     report(res)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
-    print(json.dumps(res))
+    emit(res, a.json)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import time
 
@@ -38,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from benchmarks.common import emit
 from fot.ops import topk_scores
 
 
@@ -286,10 +286,7 @@ def main(argv=None):
     if stream:
         res["streaming"] = streaming(stream, models=a.stream_models.split(","))
     print_report(res)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
-    print(json.dumps(res))
+    emit(res, a.json)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from fot.inference import MemoryInference, WindowedConfig
 from fot.model import Decoder, ModelConfig
 from fot.ops import crossbatch_plan
-from fot.parallel import axis_rules, make_mesh, param_shardings, shard_params
+from test_model_sharding import assert_sharded_equals
 
 B, T, V = 8, 8, 48
 
@@ -84,23 +84,12 @@ def test_gqa_sharded_fsdp_equals_single_device(rng, kv):
         logits = Decoder(cfg).apply({"params": params}, tokens, segment_ids=seg, extra_rows=rows, mesh=mesh)
         return jnp.sum(logits * w), logits
 
-    vg = jax.value_and_grad(loss, has_aux=True)
     params = nn.meta.unbox(variables)["params"]
-    (_, want), g_want = jax.jit(vg, static_argnums=4)(params, tokens, seg, rows, None)
-    mesh = make_mesh({"data": 4, "model": 2})
-    rules = axis_rules(fsdp=True)
-    placed = shard_params(variables, mesh, rules)["params"]
+    (_, want), g_want = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=4)(params, tokens, seg, rows,
+                                                                                           None)
+    placed = assert_sharded_equals(loss, variables, (tokens, seg, rows), {"data": 4, "model": 2}, True, want, g_want)
     want_spec = P("data", "model") if kv * 8 % 2 == 0 else P("data")
     assert placed["layers_1"]["attn"]["k"]["kernel"].sharding.spec == want_spec
-    batch = NamedSharding(mesh, P("data"))
-    args = [jax.device_put(x, batch) for x in (tokens, seg, rows)]
-    f = jax.jit(vg, static_argnums=4, out_shardings=((None, batch), param_shardings(variables, mesh, rules)["params"]))
-    (_, got), g = f(placed, *args, mesh)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_want)):
-        b = np.asarray(b)
-        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-5 * np.abs(b).max(),
-                                   err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("top_k", [None, 3])

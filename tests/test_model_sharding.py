@@ -36,26 +36,33 @@ def setup():
     return cfg, variables, tokens, seg, rows, loss_and_logits, logits, grads
 
 
-@pytest.mark.parametrize("mesh_cfg, fsdp", [({"data": -1}, False), ({"data": 4, "model": 2}, True)])
-def test_sharded_forward_and_grads_equal_single_device(setup, mesh_cfg, fsdp):
-    cfg, variables, tokens, seg, rows, loss_and_logits, logits, grads = setup
+def assert_sharded_equals(loss_and_logits, variables, batch_args, mesh_cfg, fsdp, logits, grads):
+    """``loss_and_logits(params, *batch_args, mesh) -> (loss, logits [B, T, V])`` run on ``mesh_cfg`` (params
+    placed by the rules, batch over the data axis) gives the single-device ``logits`` and ``grads``.
+    Returns the placed params."""
     mesh = make_mesh(mesh_cfg)
     rules = axis_rules(fsdp=fsdp)
     placed = shard_params(variables, mesh, rules)["params"]
-    if fsdp:  # params really are sharded as the rules say
-        assert placed["layers_0"]["mlp"]["gate"]["kernel"].sharding.spec == P("data", "model")
-        assert placed["embed"]["embedding"].sharding.spec == P("model", "data")
     batch = NamedSharding(mesh, P("data"))
-    args = [jax.device_put(x, batch) for x in (tokens, seg, rows)]
-    p_shard = param_shardings(variables, mesh, rules)["params"]
-    f = jax.jit(jax.value_and_grad(loss_and_logits, has_aux=True), static_argnums=4,
-                out_shardings=((None, NamedSharding(mesh, P("data"))), p_shard))
+    args = [jax.device_put(x, batch) for x in batch_args]
+    f = jax.jit(jax.value_and_grad(loss_and_logits, has_aux=True), static_argnums=len(batch_args) + 1,
+                out_shardings=((None, batch), param_shardings(variables, mesh, rules)["params"]))
     (_, out), g = f(placed, *args, mesh)
     np.testing.assert_allclose(np.asarray(out), np.asarray(logits), rtol=1e-5, atol=1e-5)
     for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(grads)):
         b_ = np.asarray(b_)
         np.testing.assert_allclose(np.asarray(a), b_, rtol=1e-4, atol=1e-5 * np.abs(b_).max(),
                                    err_msg=jax.tree_util.keystr(path))
+    return placed
+
+
+@pytest.mark.parametrize("mesh_cfg, fsdp", [({"data": -1}, False), ({"data": 4, "model": 2}, True)])
+def test_sharded_forward_and_grads_equal_single_device(setup, mesh_cfg, fsdp):
+    cfg, variables, tokens, seg, rows, loss_and_logits, logits, grads = setup
+    placed = assert_sharded_equals(loss_and_logits, variables, (tokens, seg, rows), mesh_cfg, fsdp, logits, grads)
+    if fsdp:  # params really are sharded as the rules say
+        assert placed["layers_0"]["mlp"]["gate"]["kernel"].sharding.spec == P("data", "model")
+        assert placed["embed"]["embedding"].sharding.spec == P("model", "data")
 
 
 @pytest.mark.parametrize("top_k", [None, 5])
