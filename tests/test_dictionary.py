@@ -147,3 +147,38 @@ def test_cursor_resumes_with_another_batch_size(rng):
         np.testing.assert_array_equal(getattr(got, k), getattr(want, k), err_msg=k)
     with pytest.raises(ValueError, match="not a dictionary"):
         b.set_state({"kind": "segmenter_shards"})
+
+
+def test_key_symbols_share_one_alphabet_per_step_and_make_hard_negatives():
+    """``key_symbols = A``: every key of one step's documents is spelled from one set of A symbols (another
+    set next step), values from all symbols, answers still match; near-miss keys across the step's
+    documents become as common as drawing from A symbols predicts (vs the full alphabet)."""
+    K, A, B = 4, 12, 32
+    it = DictionaryLookupIterator(B, 64, pack=2, key_len=K, value_len=4, vocab_size=64, key_symbols=A, seed=5)
+    full = DictionaryLookupIterator(B, 64, pack=2, key_len=K, value_len=4, vocab_size=64, seed=5)
+    alphabets, shares = [], {"hard": [], "full": []}
+    for name, iterator in (("hard", it), ("full", full)):
+        for _ in range(3):
+            b = next(iterator)
+            keys, vals = [], []
+            for doc in range(B // 2):
+                defs, queries = _parse_document(list(b.inputs[2 * doc:2 * doc + 2].reshape(-1)), K, 4)
+                assert queries and all(defs[k] == v for k, v, _ in queries)
+                keys += list(defs)
+                vals += list(defs.values())
+            symbols = {s for k in keys for s in k}
+            if name == "hard":
+                assert len(symbols) <= A
+                alphabets.append(frozenset(symbols))
+                assert len({s for v in vals for s in v}) > A  # values are not restricted
+            k = np.array(keys)  # [n_keys, K]
+            same = (k[:, None, :] == k[None, :, :]).sum(-1)[np.triu_indices(len(k), 1)]
+            shares[name].append(np.mean(same == 1))  # fraction of key pairs sharing exactly one position
+    assert len(set(alphabets)) == 3, "each step draws its own alphabet"
+    expect = lambda s: K * (1 / s) * (1 - 1 / s) ** (K - 1)  # noqa: E731
+    assert abs(np.mean(shares["hard"]) - expect(A)) < 0.05
+    assert abs(np.mean(shares["full"]) - expect(60)) < 0.02
+    with pytest.raises(ValueError, match="key_symbols"):
+        DictionarySpec(key_len=4, vocab_size=64, key_symbols=61)
+    with pytest.raises(ValueError, match="distinct keys"):
+        DictionarySpec(key_len=1, vocab_size=64, doc_len=512, key_symbols=3)

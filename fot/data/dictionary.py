@@ -41,6 +41,10 @@ class DictionarySpec:
     doc_len: tokens per document (paper: 512); query_len: the last ``query_len`` tokens are queries
       (paper: doc_len // 2, the default when None).
     num_definitions: definitions per document (default: as many as fit in ``doc_len - query_len``).
+    key_symbols: if set, the keys of one ``generate_documents`` call (one training step's documents in
+      ``DictionaryDocuments``) are spelled from one random subset of this many symbols (values still use
+      all of them): near-miss keys sharing 1..K-1 tokens with a query become common among its crossbatch
+      negatives (hard negatives; an option of this implementation, not the paper's). None: all symbols.
     """
 
     key_len: int = 4
@@ -50,16 +54,20 @@ class DictionarySpec:
     query_len: int | None = None
 
     num_definitions: int | None = None
+    key_symbols: int | None = None
 
     def __post_init__(self):
+        if self.key_symbols is not None and not 2 <= self.key_symbols <= self.num_symbols:
+            raise ValueError(f"key_symbols must be in [2, {self.num_symbols}] (the symbols of vocab_size="
+                             f"{self.vocab_size}), got {self.key_symbols}")
         if self.key_len < 1 or self.value_len < 1:
             raise ValueError(f"key_len and value_len must be >= 1, got {self.key_len}, {self.value_len}")
         if self.vocab_size < NUM_SPECIAL + 2:
             raise ValueError(f"vocab_size must be >= {NUM_SPECIAL + 2}, got {self.vocab_size}")
-        if self.num_symbols ** self.key_len < self.max_definitions:
+        if self.key_alphabet ** self.key_len < self.max_definitions:
             raise ValueError(
-                f"vocab_size={self.vocab_size}, key_len={self.key_len}: only "
-                f"{self.num_symbols ** self.key_len} distinct keys for {self.max_definitions} definitions")
+                f"vocab_size={self.vocab_size}, key_symbols={self.key_symbols}, key_len={self.key_len}: only "
+                f"{self.key_alphabet ** self.key_len} distinct keys for {self.max_definitions} definitions")
         if self.queries < 1:
             raise ValueError(f"query_len={self.resolved_query_len} holds no query record of "
                              f"{self.record_len} tokens")
@@ -70,6 +78,11 @@ class DictionarySpec:
     @property
     def num_symbols(self) -> int:
         return self.vocab_size - NUM_SPECIAL
+
+    @property
+    def key_alphabet(self) -> int:
+        """Symbols the keys of one generated block are spelled from."""
+        return self.num_symbols if self.key_symbols is None else self.key_symbols
 
     @property
     def record_len(self) -> int:
@@ -109,14 +122,17 @@ def generate_documents(rng: np.random.Generator, num_docs: int, spec: Dictionary
     K, V, R = spec.key_len, spec.value_len, spec.record_len
     n_def, n_q = spec.definitions, spec.queries
     S = spec.num_symbols
-    # Unique keys per document: draw key ids without replacement from S**K, then spell them in base S.
-    total = S ** K
+    A = spec.key_alphabet
+    # Unique keys per document: draw key ids without replacement from A**K, then spell them in base A.
+    total = A ** K
     if total <= 2**62:
         key_ids = np.stack([rng.choice(total, size=n_def, replace=False) for _ in range(num_docs)])
-        digits = S ** np.arange(K - 1, -1, -1, dtype=np.int64)
-        keys = (key_ids[..., None] // digits) % S
+        digits = A ** np.arange(K - 1, -1, -1, dtype=np.int64)
+        keys = (key_ids[..., None] // digits) % A
     else:  # astronomically many keys: rejection of duplicates is cheap.
-        keys = rng.integers(0, S, size=(num_docs, n_def, K))
+        keys = rng.integers(0, A, size=(num_docs, n_def, K))
+    if spec.key_symbols is not None:  # one random alphabet of A symbols for the whole block
+        keys = rng.permutation(S)[:A][keys]
     keys = keys.astype(np.int32) + NUM_SPECIAL
     values = rng.integers(0, S, size=(num_docs, n_def, V)).astype(np.int32) + NUM_SPECIAL
     if n_q <= n_def:
@@ -207,13 +223,14 @@ class DictionaryLookupIterator(Segmenter):
       batch_size: rows per step (B); must be divisible by ``pack``.
       seq_len: window length L (the model's local context).
       pack: windows per document (k); each document has ``doc_len = pack * seq_len`` tokens.
-      key_len, value_len, vocab_size, query_len, num_definitions: see ``DictionarySpec``.
+      key_len, value_len, vocab_size, query_len, num_definitions, key_symbols: see ``DictionarySpec``
+        (``key_symbols``: one alphabet per step's documents, i.e. hard crossbatch negatives).
       seed: batches are a pure function of (seed, step).
     """
 
     def __init__(self, batch_size: int, seq_len: int, *, pack: int = 2, key_len: int = 4,
                  value_len: int = 4, vocab_size: int = 64, query_len: int | None = None,
-                 num_definitions: int | None = None, seed: int = 0):
+                 num_definitions: int | None = None, key_symbols: int | None = None, seed: int = 0):
         if pack < 1 or batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size, seq_len and pack must be >= 1, got {batch_size}, {seq_len}, {pack}")
         if batch_size % pack:
@@ -222,7 +239,7 @@ class DictionaryLookupIterator(Segmenter):
             query_len = seq_len if pack > 1 else seq_len // 2
         self.spec = DictionarySpec(key_len=key_len, value_len=value_len, vocab_size=vocab_size,
                                    doc_len=pack * seq_len, query_len=query_len,
-                                   num_definitions=num_definitions)
+                                   num_definitions=num_definitions, key_symbols=key_symbols)
         self.seed = int(seed)
         super().__init__(DictionaryDocuments(self.spec, self.seed, batch_size // pack), batch_size, seq_len,
                          pack=pack, boundary="pad")
