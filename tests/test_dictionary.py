@@ -182,3 +182,24 @@ def test_key_symbols_share_one_alphabet_per_step_and_make_hard_negatives():
         DictionarySpec(key_len=4, vocab_size=64, key_symbols=61)
     with pytest.raises(ValueError, match="distinct keys"):
         DictionarySpec(key_len=1, vocab_size=64, doc_len=512, key_symbols=3)
+
+
+def test_key_symbols_from_step_starts_the_hard_keys_at_that_step_and_resumes():
+    """Before ``key_symbols_from_step`` the batches equal the plain iterator's; from it on, one step's keys use
+    at most ``key_symbols`` symbols; ``batch_at`` (the resume path) gives the same batches."""
+    kw = dict(pack=2, key_len=4, value_len=4, vocab_size=64, seed=9)
+    plain = DictionaryLookupIterator(16, 64, **kw)
+    hard = DictionaryLookupIterator(16, 64, key_symbols=10, key_symbols_from_step=2, **kw)
+    for step in range(4):
+        a, b = next(plain), next(hard)
+        keys = {k for doc in range(8) for k in _parse_document(list(b.inputs[2 * doc:2 * doc + 2].reshape(-1)),
+                                                                4, 4)[0]}
+        symbols = {s for k in keys for s in k}
+        if step < 2:
+            np.testing.assert_array_equal(a.inputs, b.inputs)
+            assert len(symbols) > 10
+        else:
+            assert len(symbols) <= 10
+        np.testing.assert_array_equal(hard.batch_at(step).inputs, b.inputs)
+    with pytest.raises(ValueError, match="key_symbols_from_step"):
+        DictionaryLookupIterator(16, 64, key_symbols=10, key_symbols_from_step=-1, **kw)

@@ -177,11 +177,13 @@ class DictionaryDocuments:
     ``generate_documents(default_rng([seed, block]), per_block, spec)``, so any document is re-made from
     its number (the ``ref``) and the stream is a pure function of ``seed``. Each document is
     ``doc_len + 1`` tokens; ``loss_weights`` = the answer mask, ``padding`` = the gap between the
-    definitions and the queries (segment id 0 in the batch).
+    definitions and the queries (segment id 0 in the batch). ``spec.key_symbols`` applies to blocks
+    ``>= key_symbols_from_block`` only (earlier blocks spell keys from all symbols).
     """
 
-    def __init__(self, spec: DictionarySpec, seed: int, per_block: int):
+    def __init__(self, spec: DictionarySpec, seed: int, per_block: int, key_symbols_from_block: int = 0):
         self.spec, self.seed, self.per_block = spec, int(seed), int(per_block)
+        self.key_symbols_from_block = int(key_symbols_from_block)
         self._next = 0
         self._block: tuple[int, dict[str, np.ndarray]] | None = None
 
@@ -189,7 +191,10 @@ class DictionaryDocuments:
         block, i = divmod(int(n), self.per_block)
         if self._block is None or self._block[0] != block:
             rng = np.random.default_rng([self.seed, block])
-            self._block = (block, generate_documents(rng, self.per_block, self.spec))
+            spec = self.spec
+            if block < self.key_symbols_from_block:
+                spec = dataclasses.replace(spec, key_symbols=None)
+            self._block = (block, generate_documents(rng, self.per_block, spec))
         docs = self._block[1]
         return Document(docs["tokens"][i], int(n), docs["answer"][i].astype(np.float32), docs["segment"][i] == 0)
 
@@ -225,12 +230,15 @@ class DictionaryLookupIterator(Segmenter):
       pack: windows per document (k); each document has ``doc_len = pack * seq_len`` tokens.
       key_len, value_len, vocab_size, query_len, num_definitions, key_symbols: see ``DictionarySpec``
         (``key_symbols``: one alphabet per step's documents, i.e. hard crossbatch negatives).
+      key_symbols_from_step: the first step whose documents use ``key_symbols`` (a curriculum: retrieval
+        forms on ordinary keys first; with restricted alphabets from step 0 it forms much later).
       seed: batches are a pure function of (seed, step).
     """
 
     def __init__(self, batch_size: int, seq_len: int, *, pack: int = 2, key_len: int = 4,
                  value_len: int = 4, vocab_size: int = 64, query_len: int | None = None,
-                 num_definitions: int | None = None, key_symbols: int | None = None, seed: int = 0):
+                 num_definitions: int | None = None, key_symbols: int | None = None,
+                 key_symbols_from_step: int = 0, seed: int = 0):
         if pack < 1 or batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size, seq_len and pack must be >= 1, got {batch_size}, {seq_len}, {pack}")
         if batch_size % pack:
@@ -241,7 +249,10 @@ class DictionaryLookupIterator(Segmenter):
                                    doc_len=pack * seq_len, query_len=query_len,
                                    num_definitions=num_definitions, key_symbols=key_symbols)
         self.seed = int(seed)
-        super().__init__(DictionaryDocuments(self.spec, self.seed, batch_size // pack), batch_size, seq_len,
+        if key_symbols_from_step < 0:
+            raise ValueError(f"key_symbols_from_step must be >= 0, got {key_symbols_from_step}")
+        docs = DictionaryDocuments(self.spec, self.seed, batch_size // pack, key_symbols_from_step)
+        super().__init__(docs, batch_size, seq_len,
                          pack=pack, boundary="pad")
 
     @property
