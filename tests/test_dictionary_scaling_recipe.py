@@ -41,8 +41,8 @@ def test_scaling_recipe_is_the_papers_task_with_the_tuned_memory_temperature(rec
     cfg = gin.get_configurable("fot.model.ModelConfig")()
     assert (cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.mem_layers) == (64, 3, 4, (1,))
     assert (cfg.head_dim, cfg.num_kv_heads) == (64, 1)  # 4 query heads of 64 sharing one key/value head
-    # hard negatives from step 1000 on: one 12-symbol key alphabet per training step; held-out data untouched
-    assert (it.spec.key_symbols, it.provider.key_symbols_from_block) == (12, 1000)
+    # hard negatives from step 1000 on: one 8-symbol key alphabet per training step; held-out data untouched
+    assert (it.spec.key_symbols, it.provider.key_symbols_from_block) == (8, 1000)
     assert ev.spec.key_symbols is None
     assert cfg.qk_norm and cfg.mem_positional == "none"
     assert (cfg.qk_scale_param, cfg.qk_scale_init, cfg.qk_scale_n_ref) == ("log", 10.0, None)
@@ -61,7 +61,7 @@ def test_scaling_recipe_is_the_papers_task_with_the_tuned_memory_temperature(rec
     assert gin.query_parameter("train.curriculum").selector == "SwitchOnAccuracy"
     assert (gin.query_parameter("SwitchOnAccuracy.before"), gin.query_parameter("SwitchOnAccuracy.after")) \
         == (1, it.batch_size - 1)
-    assert _resolve(gin, gin.query_parameter("train.total_steps")) == 1500
+    assert _resolve(gin, gin.query_parameter("train.total_steps")) == 1250
     assert gin.query_parameter("train.max_train_seconds") is None
 
     # its final evaluation: sizes the task can hold, exact top-k, held-out seed
