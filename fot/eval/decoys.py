@@ -19,11 +19,10 @@ import math
 import sys
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
-from fot.eval.dictionary import _hits, documents
-from fot.inference.windowed import MemoryInference, WindowedConfig
+from fot.eval import resources
+from fot.eval.dictionary import DictionaryEvalSettings, DictionaryTask, _runners, _score_documents, documents
 
 # (shared key tokens, decoys per query): six queries per 64-token window of queries, so at n = 4096
 # (384 records) the largest case rewrites 300 of them.
@@ -79,21 +78,21 @@ def evaluate(model, params, *, n: int = 4096, window: int = 64, key_len: int = 4
              cases: Sequence[tuple[int, int]] = DEFAULT_CASES) -> dict:
     """Accuracy (top-k, dense) on the answers of ``num_docs`` held-out documents with ``n`` memory tokens:
     ``"none"`` without decoys, ``"shared=s,count=c"`` with decoys; ``per_decoy_loss`` = the top-k accuracy
-    lost per planted decoy for each case."""
+    lost per planted decoy for each case. Filling and scoring are ``fot.eval.dictionary``'s own."""
+    task = DictionaryTask(window=window, key_len=key_len, value_len=value_len, vocab_size=vocab_size)
+    settings = DictionaryEvalSettings(sizes=[n], num_docs=num_docs, top_k=top_k, seed=seed, progress=False)
+    runners = _runners(model, params, task, settings, None, None)
+    use = {"fot": True, "dense": True, "baseline": False, "off": True}  # off: always scored there
+    prog = resources.Progress(0, "decoys", enabled=False)
     base = documents(seed, n, window=window, key_len=key_len, value_len=value_len, vocab_size=vocab_size,
                      num_docs=num_docs)
-    runners = [MemoryInference(model, params, WindowedConfig(window=window, top_k=top_k, mem_dtype="float32")),
-               MemoryInference(model, params, WindowedConfig(window=window, mem_dtype="float32"))]
     rng = np.random.default_rng([seed, n, 7])
-    ans = jnp.asarray(base["answer"][:, 1:][:, n:], jnp.float32)  # [b, window]
-    keep = base["segment"][:, :-1] > 0  # [b, n + window]
-    out: dict = {"n": n, "num_docs": num_docs, "top_k": top_k, "seed": seed, "answers": int(ans.sum())}
+    out: dict = {"n": n, "num_docs": num_docs, "top_k": top_k, "seed": seed}
 
     def accuracy(tokens):
-        inputs, targets = tokens[:, :-1], tokens[:, 1:]  # [b, n + window]
-        stores = runners[0].fill(runners[0].init_memory(num_docs, n), inputs[:, :n], keep[:, :n])
-        q, tgt = jnp.asarray(inputs[:, n:]), jnp.asarray(targets[:, n:])  # [b, window]
-        return [round(_hits(r.query(stores, q), tgt, ans) / float(ans.sum()), 4) for r in runners]
+        hits, answers, _ = _score_documents(runners, {**base, "tokens": tokens}, n, use, prog)
+        out["answers"] = answers
+        return [round(hits[line] / answers, 4) for line in ("fot", "dense")]
 
     out["none"] = accuracy(base["tokens"])
     out["per_decoy_loss"] = {}
@@ -109,8 +108,10 @@ def evaluate(model, params, *, n: int = 4096, window: int = 64, key_len: int = 4
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    from fot.eval.restore import EvalError, load_model
-    p = argparse.ArgumentParser(prog="python -m fot.eval.decoys", description=__doc__.split("\n")[0])
+    from fot.eval.restore import EvalError, _train_data_param, load_model
+    from fot.runtime import describe_os_error, fail, os_error_code
+    prog = "fot.eval.decoys"
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--n", type=int, default=4096, help="definition tokens in memory")
@@ -121,16 +122,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         model, params, step = load_model(a.workdir, a.step)
     except EvalError as e:
-        print(f"fot.eval.decoys: {e}", file=sys.stderr)
-        return 2
+        fail(prog, e)
+    except OSError as e:  # a damaged checkpoint: exit 4, naming it
+        fail(prog, describe_os_error(e), os_error_code(e))
     import gin
-    g = lambda name: gin.query_parameter(f"%{name}")  # noqa: E731 - the run's task macros
-    window, key_len, value_len, vocab = g("WINDOW"), g("KEY_LEN"), g("VALUE_LEN"), g("VOCAB")
+    task = {k: _train_data_param(gin, k) for k in ("seq_len", "key_len", "value_len", "vocab_size")}
+    if None in task.values():
+        fail(prog, f"{a.workdir} is not a dictionary-task run (its training data binds {task})")
+    window = task["seq_len"]
     if a.n % window or a.n < window:
-        print(f"fot.eval.decoys: --n={a.n} must be a positive multiple of the window {window}", file=sys.stderr)
-        return 2
-    res = evaluate(model, params, n=a.n, window=window, key_len=key_len, value_len=value_len,
-                   vocab_size=vocab, num_docs=a.num_docs, top_k=a.top_k, seed=a.seed)
+        fail(prog, f"--n={a.n} must be a positive multiple of the window {window}")
+    res = evaluate(model, params, n=a.n, window=window, key_len=task["key_len"], value_len=task["value_len"],
+                   vocab_size=task["vocab_size"], num_docs=a.num_docs, top_k=a.top_k, seed=a.seed)
     res.update(workdir=a.workdir, checkpoint_step=step)
     print(json.dumps(res))
     return 0
