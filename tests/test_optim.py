@@ -30,6 +30,27 @@ def test_make_schedule_kinds():
         make_schedule("warmup_cosine", peak_lr=1.0, warmup_steps=10, decay_steps=5)
 
 
+def test_warmup_stable_decay_equals_constant_until_decay_start_then_cosine():
+    peak, warm, start, end_step, end = 3e-3, 100, 1000, 2000, 3e-5
+    wsd = make_schedule("warmup_stable_decay", peak_lr=peak, warmup_steps=warm, decay_start=start,
+                        decay_steps=end_step, end_lr=end)
+    const = make_schedule("constant", peak_lr=peak, warmup_steps=warm)
+    before = np.arange(0, start, 7)
+    # bit-identical to the constant schedule before the decay (a constant run resumes into the decay)
+    np.testing.assert_array_equal(np.array([float(wsd(s)) for s in before]), np.array([float(const(s)) for s in before]))
+    for s in (start, 1250, 1500, 1999, end_step, 2500):
+        frac = min(s - start, end_step - start) / (end_step - start)
+        want = end + (peak - end) * 0.5 * (1 + np.cos(np.pi * frac))
+        np.testing.assert_allclose(float(wsd(s)), want, rtol=1e-5)
+    for bad in (dict(decay_start=None, decay_steps=2000), dict(decay_start=2000, decay_steps=2000),
+                dict(decay_start=50, decay_steps=2000)):
+        with pytest.raises(ValueError, match="decay_start"):
+            make_schedule("warmup_stable_decay", peak_lr=peak, warmup_steps=warm, end_lr=end, **bad)
+    with pytest.raises(ValueError, match="end_lr"):
+        make_schedule("warmup_stable_decay", peak_lr=peak, warmup_steps=warm, decay_start=start,
+                      decay_steps=end_step, end_lr=2 * peak)
+
+
 def _params(rng):
     return {"embed": {"embedding": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)},
             "layers_0": {"attn_norm": {"scale": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},

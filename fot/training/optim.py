@@ -37,13 +37,19 @@ def inverse_sqrt_schedule(peak_lr: float, warmup_steps: int, min_lr: float = 0.0
 
 
 def make_schedule(kind: str = "constant", *, peak_lr: float = 1e-3, warmup_steps: int = 0,
-                  decay_steps: int | None = None, end_lr: float = 0.0, min_lr: float = 0.0) -> optax.Schedule:
+                  decay_steps: int | None = None, end_lr: float = 0.0, min_lr: float = 0.0,
+                  decay_start: int | None = None) -> optax.Schedule:
     """Learning-rate schedule by name.
 
     kind: ``constant`` (optional linear warm-up from 0), ``inverse_sqrt`` (warm-up then 1/sqrt,
     floored at ``min_lr``), ``warmup_cosine`` (``optax.warmup_cosine_decay_schedule`` to ``end_lr``
-    at ``decay_steps``, which counts the warm-up as in optax).
+    at ``decay_steps``, which counts the warm-up as in optax), ``warmup_stable_decay`` (warm-up,
+    ``peak_lr`` held until step ``decay_start``, then a cosine to ``end_lr`` at step ``decay_steps``;
+    before ``decay_start`` it equals ``constant`` step for step, so a constant-lr run can be resumed
+    into its decay phase).
     """
+    if kind == "warmup_stable_decay":
+        return _warmup_stable_decay(peak_lr, warmup_steps, decay_start, decay_steps, end_lr)
     if kind == "constant":
         if warmup_steps > 0:
             return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup_steps),
@@ -56,7 +62,21 @@ def make_schedule(kind: str = "constant", *, peak_lr: float = 1e-3, warmup_steps
             raise ValueError(f"warmup_cosine needs decay_steps > warmup_steps, got decay_steps={decay_steps}, "
                              f"warmup_steps={warmup_steps}")
         return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, decay_steps, end_lr)
-    raise ValueError(f"unknown schedule kind {kind!r}; expected constant, inverse_sqrt or warmup_cosine")
+    raise ValueError(f"unknown schedule kind {kind!r}; expected constant, inverse_sqrt, warmup_cosine or "
+                     "warmup_stable_decay")
+
+
+def _warmup_stable_decay(peak_lr: float, warmup_steps: int, decay_start: int | None, decay_steps: int | None,
+                         end_lr: float) -> optax.Schedule:
+    """Linear warm-up to ``peak_lr``, constant until ``decay_start``, cosine to ``end_lr`` at ``decay_steps``."""
+    if decay_start is None or decay_steps is None or not warmup_steps <= decay_start < decay_steps:
+        raise ValueError(f"warmup_stable_decay needs warmup_steps <= decay_start < decay_steps, got warmup_steps="
+                         f"{warmup_steps}, decay_start={decay_start}, decay_steps={decay_steps}")
+    if not 0 <= end_lr <= peak_lr:
+        raise ValueError(f"warmup_stable_decay needs 0 <= end_lr <= peak_lr, got end_lr={end_lr}, peak_lr={peak_lr}")
+    decay = optax.cosine_decay_schedule(peak_lr, decay_steps - decay_start, alpha=end_lr / peak_lr)
+    stable = make_schedule("constant", peak_lr=peak_lr, warmup_steps=warmup_steps)
+    return optax.join_schedules([stable, decay], [decay_start])
 
 
 def _path_names(path) -> list[str]:
