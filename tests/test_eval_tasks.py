@@ -256,6 +256,27 @@ def test_dictionary_alignment_keeps_whole_records():
         assert (al["segment"][d, :n] > 0).sum() == 8 * rec
 
 
+def test_dictionary_alignment_equals_window_by_window_layout(rng):
+    """The vectorised layout equals laying the records out window by window (a loop over windows, in
+    order: window w holds records w*per .. (w+1)*per - 1, then padding), segments and queries included."""
+    from fot.data.dictionary import DictionarySpec, generate_documents
+    w, nwin, rec = 32, 6, 10  # key_len 4, value_len 4 -> 3 records of 10 tokens per window, 2 padding
+    per, n = w // rec, nwin * w
+    spec = DictionarySpec(key_len=4, value_len=4, vocab_size=64, doc_len=n + w, query_len=w,
+                          num_definitions=nwin * per)
+    docs = generate_documents(np.random.default_rng(int(rng.integers(1 << 30))), 3, spec)
+    al = dictionary._align_definitions(docs, n, w, rec)
+    tok, seg = docs["tokens"].copy(), docs["segment"].copy()
+    recs = docs["tokens"][:, :nwin * per * rec].copy()
+    tok[:, :n], seg[:, :n] = 0, 0
+    for i in range(nwin):
+        tok[:, i * w:i * w + per * rec] = recs[:, i * per * rec:(i + 1) * per * rec]
+        seg[:, i * w:i * w + per * rec] = 1
+    np.testing.assert_array_equal(al["tokens"], tok)
+    np.testing.assert_array_equal(al["segment"], seg)
+    np.testing.assert_array_equal(al["answer"], docs["answer"])
+
+
 @pytest.mark.parametrize("base,fot_run", [("runs/dictionary_baseline_quickstart.gin", "quickstart.gin"),
                                           ("runs/dictionary_baseline_cpu.gin", "runs/dictionary_cpu_k4.gin"),
                                           ("runs/dictionary_baseline_cpu.gin", "runs/dictionary_scaling_cpu.gin")])

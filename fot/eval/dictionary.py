@@ -21,6 +21,7 @@ largest size is estimated and the evaluation refused if it cannot fit.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import time
@@ -39,7 +40,8 @@ from fot.keyword_api import keyword_api
 from fot.training.step import token_sums
 
 HOST_BYTES_PER_TOKEN = 48  # one generated document while it is laid out: int32 tokens/segment, answer, copies
-FILL_TOKENS_PER_CALL = 1 << 16  # MemoryInference.fill's default rows per call (tokens)
+HOST_DOCUMENT_BATCHES = 2  # batches of documents held at once: the scored one and the next (generated meanwhile)
+FILL_TOKENS_PER_CALL = 1 << 16  # bound on the fill's activations (tokens at once; it scans 4K-token blocks)
 
 
 _token_sums = jax.jit(token_sums)
@@ -64,15 +66,15 @@ def max_dictionary_tokens(key_len: int, value_len: int, vocab_size: int) -> int:
 def _align_definitions(docs, n: int, window: int, record: int):
     """Re-lay the ``n`` definition tokens of ``docs`` window by window (whole records, padded)."""
     tokens, segment = docs["tokens"].copy(), docs["segment"].copy()
-    per = window // record
-    n_def = docs["keys"].shape[1]
-    recs = tokens[:, : n_def * record].reshape(tokens.shape[0], n_def, record).copy()
-    tokens[:, :n] = 0
-    segment[:, :n] = 0
-    for w in range(n // window):
-        chunk = recs[:, w * per:(w + 1) * per].reshape(tokens.shape[0], -1)
-        tokens[:, w * window: w * window + chunk.shape[1]] = chunk
-        segment[:, w * window: w * window + chunk.shape[1]] = 1
+    b, per, nw = tokens.shape[0], window // record, n // window
+    n_def = docs["keys"].shape[1]  # = nw * per (num_definitions, aligned)
+    recs = tokens[:, : n_def * record].reshape(b, nw, per * record)  # [b, windows, records of a window]
+    laid = np.zeros((b, nw, window), tokens.dtype)  # [b, windows, window]: records, then padding
+    laid[:, :, : per * record] = recs
+    tokens[:, :n] = laid.reshape(b, n)
+    laid[:, :, : per * record] = 1
+    laid[:, :, per * record:] = 0
+    segment[:, :n] = laid.reshape(b, n)
     return {**docs, "tokens": tokens, "segment": segment}
 
 
@@ -114,9 +116,11 @@ def memory_bytes_per_token(model_config, mem_dtype: str) -> int:
 
 def estimate_bytes(model_config, n: int, rows: int, mem_dtype: str) -> int:
     """Host-memory estimate of one batch of ``rows`` documents of memory size ``n``: the stores, the
-    generated documents and the prefill's activations (one call of ``FILL_TOKENS_PER_CALL`` tokens)."""
+    generated documents (this batch's and the next's) and the prefill's activations (one call of
+    ``FILL_TOKENS_PER_CALL`` tokens, an upper bound: the fill scans smaller blocks)."""
     act = FILL_TOKENS_PER_CALL * 4 * (8 * model_config.d_model + 3 * model_config.mlp_dim)
-    return rows * n * (memory_bytes_per_token(model_config, mem_dtype) + HOST_BYTES_PER_TOKEN) + act
+    docs = HOST_DOCUMENT_BATCHES * HOST_BYTES_PER_TOKEN
+    return rows * n * (memory_bytes_per_token(model_config, mem_dtype) + docs) + act
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,9 +184,11 @@ def _check(task: DictionaryTask, settings: DictionaryEvalSettings) -> tuple[list
     return ns, limit
 
 
-def _score_documents(runners, docs, n: int, use, prog) -> tuple[dict[str, int], int, float]:
+def _score_documents(runners, docs, n: int, use, prog, spare: list | None = None
+                     ) -> tuple[dict[str, int], int, float]:
     """Argmax hits of each used line on the query answers of ``docs`` (``documents``) with their first ``n``
-    tokens in memory: (hits per line, answer tokens, seconds spent filling the memory)."""
+    tokens in memory: (hits per line, answer tokens, seconds spent filling the memory). ``spare``: a list
+    holding the previous batch's stores (emptied in place and reused; this batch's are left there)."""
     inputs, targets = docs["tokens"][:, :-1], docs["tokens"][:, 1:]  # [b, n + Tq]
     answer, keep = docs["answer"][:, 1:], docs["segment"][:, :-1] > 0  # [b, n + Tq]
     b = inputs.shape[0]
@@ -194,7 +200,8 @@ def _score_documents(runners, docs, n: int, use, prog) -> tuple[dict[str, int], 
 
     tf = time.perf_counter()
     fot_runner = runners["fot"]
-    stores = fot_runner.fill(fot_runner.init_memory(b, n), inputs[:, :n], keep[:, :n], progress=tick)
+    stores = fot_runner.empty_memory(b, n, spare.pop() if spare else None)
+    stores = fot_runner.fill(stores, inputs[:, :n], keep[:, :n], progress=tick)
     jax.block_until_ready(stores)
     fill_s = time.perf_counter() - tf
     q = jnp.asarray(inputs[:, n:])  # [b, Tq] query tokens
@@ -202,6 +209,8 @@ def _score_documents(runners, docs, n: int, use, prog) -> tuple[dict[str, int], 
     hits = {"fot": _hits(fot_runner.query(stores, q), tgt, ans)}
     if use["dense"]:
         hits["dense"] = _hits(runners["dense"].query(stores, q), tgt, ans)
+    if spare is not None:
+        spare.append(stores)
     del stores
     hits["off"] = _hits(runners["off"].query({}, q), tgt, ans)
     if use["baseline"]:
@@ -236,15 +245,25 @@ def _score_size(runners, task: DictionaryTask, settings: DictionaryEvalSettings,
            "baseline": runners["baseline"] is not None and n + task.window <= s.baseline_max_tokens, "off": True}
     correct = dict.fromkeys(use, 0)
     total, fill_s = 0, 0.0
-    for r in range(0, s.num_docs, rows):
-        docs = documents(s.seed, n, window=task.window, key_len=task.key_len, value_len=task.value_len,
-                         vocab_size=task.vocab_size, indices=range(r, min(r + rows, s.num_docs)), aligned=task.aligned)
-        hits, n_answers, seconds_filling = _score_documents(runners, docs, n, use, prog)
-        del docs
-        for k, v in hits.items():
-            correct[k] += v
-        total += n_answers
-        fill_s += seconds_filling
+    batches = [range(r, min(r + rows, s.num_docs)) for r in range(0, s.num_docs, rows)]
+
+    def make(indices):
+        return documents(s.seed, n, window=task.window, key_len=task.key_len, value_len=task.value_len,
+                         vocab_size=task.vocab_size, indices=indices, aligned=task.aligned)
+
+    spare = []  # one batch's stores, reused by the next (MemoryInference.empty_memory)
+    # The next batch's documents are generated on a host thread while this batch fills the memory.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as host:
+        pending = host.submit(make, batches[0])
+        for i in range(len(batches)):
+            docs = pending.result()
+            pending = host.submit(make, batches[i + 1]) if i + 1 < len(batches) else None
+            hits, n_answers, seconds_filling = _score_documents(runners, docs, n, use, prog, spare)
+            del docs
+            for k, v in hits.items():
+                correct[k] += v
+            total += n_answers
+            fill_s += seconds_filling
     return {k: correct[k] / total if use[k] else None for k in use}, total, fill_s
 
 

@@ -31,6 +31,10 @@ from fot.inference import prefill
 from fot.inference.config import WindowedConfig
 from fot.model import check_token_ids, run_window
 
+FILL_CALL_TOKENS = 1 << 18  # tokens (all rows) per jitted fill call (one memory layer)
+FILL_BLOCK_TOKENS = 4096  # tokens (all rows) per scan step inside a fill call: activations stay in cache
+
+
 def _pad_to(x: np.ndarray, length: int, value=0) -> np.ndarray:
     pad = length - x.shape[1]
     if pad <= 0:
@@ -59,6 +63,8 @@ class MemoryInference:
         self._append_fn = jax.jit(self._append_impl, donate_argnums=(0,))
         self._prefix_fn = jax.jit(self._prefix_impl, static_argnames=("hidden",))
         self._mem_kv_fn = jax.jit(self._mem_kv_impl)
+        self._fill_fn = jax.jit(self._fill_impl, donate_argnums=(1,), static_argnames=("block",))
+        self._clear_fn = jax.jit(lambda stores: {i: fmem.clear(s) for i, s in stores.items()}, donate_argnums=(0,))
 
     # ---------------------------------------------------------------------------------------------
     def init_memory(self, batch_size: int, capacity: int) -> dict[int, fmem.MemoryStore]:
@@ -66,6 +72,15 @@ class MemoryInference:
         return fmem.stores_for_model(batch_size, capacity, self.mem_layers, self.model_config.num_kv_heads,
                                      self.model_config.head_dim, dtype=self.config.mem_dtype, mesh=self.mesh,
                                      shard_length=self.config.shard_memory_length)
+
+    def empty_memory(self, batch_size: int, capacity: int, reuse=None) -> dict[int, fmem.MemoryStore]:
+        """Empty stores as :meth:`init_memory`; ``reuse``: stores (donated) emptied in place instead when they
+        have this shape — every slot invalid, pointer and counters at 0, no allocation (a new 16M-slot
+        float32 store took 16-28 s to allocate and zero: page faults); otherwise freed first."""
+        if reuse is not None and all(s.keys.shape[:2] == (batch_size, capacity) for s in reuse.values()):
+            return self._clear_fn(reuse)
+        del reuse
+        return self.init_memory(batch_size, capacity)
 
     def _constrain(self, stores):
         if self.mesh is None:
@@ -197,15 +212,19 @@ class MemoryInference:
         return result
 
     def fill(self, stores, tokens, key_mask=None, *, parallel: bool | None = None,
-             windows_per_call: int | None = None, progress=None):
+             windows_per_call: int | None = None, block_tokens: int | None = None, progress=None):
         """Push ``tokens [B, N]`` (N a multiple of ``window``) into memory (memory prefill); no logits.
 
         Default (``parallel`` None/True): :mod:`fot.inference.prefill` — the windows run as independent
-        rows of large batches through the layers below the first memory layer (``windows_per_call``
-        windows per row and call; default: ~64K tokens per call); with one memory layer its keys/values
-        follow directly (fully parallel), with several the memory layers stream window by window with
-        memory; layers above the last memory layer and the output head never run. Exact: the same memory
-        as streaming the windows through :meth:`step` (``parallel=False``, the whole model).
+        rows through the layers below the first memory layer; layers above the last memory layer and the
+        output head never run. With one memory layer its keys/values follow directly (fully parallel): one
+        jitted call per ``windows_per_call`` windows per row (default: ``FILL_CALL_TOKENS`` tokens per call)
+        scans blocks of about ``block_tokens`` tokens (default ``FILL_BLOCK_TOKENS``; all rows: the
+        activations of a block stay in cache) and appends each block in place — no per-window dispatch,
+        no store copy. With several memory layers the layers below the first run in calls of
+        ``windows_per_call`` windows per row (default ~64K tokens) and the memory layers stream window by
+        window with memory. Exact: the same memory as streaming the windows through :meth:`step`
+        (``parallel=False``, the whole model).
         ``progress(tokens_done)`` is called after every call (per row: tokens of one row).
         Returns the new stores (the input ``stores`` are donated).
         """
@@ -227,33 +246,63 @@ class MemoryInference:
                     progress(s + w)
             return stores
         nw = n // w
-        per_call = windows_per_call or max(1, (1 << 16) // (b * w))
-        several = len(self.mem_layers) > 1
+        if len(self.mem_layers) > 1:
+            return self._fill_streaming(stores, tokens, key_mask, windows_per_call, progress)
         first = stores[self.mem_layers[0]]
         pos, cap = int(first.write_pos), first.capacity  # host copy of the write pointer (one sync)
+        # g windows per row and scan step: a cache-sized block whose appends never straddle the ring's end
+        # (store.append's contiguous path needs cap and the pointer to be multiples of the block).
+        g = max(1, (block_tokens or FILL_BLOCK_TOKENS) // (b * w))
+        while g > 1 and (cap % (g * w) or pos % (g * w)):
+            g //= 2
+        per_call = max(1, (windows_per_call or max(1, FILL_CALL_TOKENS // (b * w))) // g) * g
+        j = 0
+        while j < nw:
+            c = min(per_call, nw - j)
+            blk = g if c % g == 0 else 1  # a remainder call (c not a multiple of g) goes window by window
+            sl = slice(j * w, (j + c) * w)
+            stores = self._fill_fn(self.params, stores, jnp.asarray(tokens[:, sl]), jnp.asarray(key_mask[:, sl]),
+                                   block=blk)
+            j += c
+            if progress is not None:
+                progress(j * w)
+        return stores
+
+    def _fill_impl(self, params, stores, tokens, key_mask, block):
+        """One memory layer, donated stores: ``tokens``/``key_mask`` [B, c*w] (c windows, a multiple of
+        ``block``) run ``block`` windows per row at a time (a ``lax.scan`` step: the activations of one
+        step stay in cache) through the layers below the memory layer; each step's keys/values are
+        appended in place, in window order."""
+        b, length = tokens.shape
+        w, layer = self.config.window, self.mem_layers[0]
+        t = block * w
+        steps = length // t
+        xs = (tokens.reshape(b, steps, t).swapaxes(0, 1), key_mask.reshape(b, steps, t).swapaxes(0, 1))
+
+        def body(store, x):  # x: tokens, key_mask [B, t]
+            _, (k, v) = self._prefix_impl(params, x[0].reshape(b * block, w))  # k, v [B*block, w, Hkv, Dh]
+            shape = (b, t) + tuple(k.shape[2:])
+            return fmem.append(store, k.reshape(shape), v.reshape(shape), x[1]), None
+
+        store, _ = jax.lax.scan(body, stores[layer], xs)  # xs: [steps, B, t]
+        return self._constrain({layer: store})
+
+    def _fill_streaming(self, stores, tokens, key_mask, windows_per_call, progress):
+        """Several memory layers: the layers below the first one in large batches (``windows_per_call``
+        windows per row and call), then layers ``m0 .. m_last`` window by window with memory."""
+        b, n = tokens.shape
+        w = self.config.window
+        nw = n // w
+        per_call = windows_per_call or max(1, (1 << 16) // (b * w))
         for j in range(0, nw, per_call):
             c = min(per_call, nw - j)
             rows = jnp.asarray(tokens[:, j * w:(j + c) * w].reshape(b * c, w))  # [B*c, w]: a window per row
-            # x [B*c, w, D] (or None), k, v [B*c, w, Hkv, Dh]
-            x, (k, v) = self._prefix_fn(self.params, rows, hidden=several)
-            if several:
-                x = x.reshape((b, c) + x.shape[1:])  # [B, c, w, D]
-                for t in range(c):
-                    s = (j + t) * w
-                    kv = self._mem_kv_fn(self.params, stores, x[:, t])
-                    stores = self._append_fn(stores, kv, jnp.asarray(key_mask[:, s:s + w]))
-            else:
-                shape = (b, c * w) + tuple(k.shape[2:])
-                k, v, km = k.reshape(shape), v.reshape(shape), key_mask[:, j * w:(j + c) * w]  # [B, c*w, ...]
-                # Pieces that end at the ring's end: every token lands in the slot a window-by-window
-                # append gives it, and a write never wraps (store.append's contiguous path).
-                off = 0
-                while off < c * w:
-                    piece = min(c * w - off, cap - pos)
-                    sl = slice(off, off + piece)
-                    stores = self._append_fn(stores, {self.mem_layers[0]: (k[:, sl], v[:, sl])},
-                                             jnp.asarray(km[:, sl]))
-                    pos, off = (pos + piece) % cap, off + piece
+            x, _ = self._prefix_fn(self.params, rows, hidden=True)  # x [B*c, w, D]
+            x = x.reshape((b, c) + x.shape[1:])  # [B, c, w, D]
+            for t in range(c):
+                s = (j + t) * w
+                kv = self._mem_kv_fn(self.params, stores, x[:, t])
+                stores = self._append_fn(stores, kv, jnp.asarray(key_mask[:, s:s + w]))
             if progress is not None:
                 progress((j + c) * w)
         return stores

@@ -2,6 +2,7 @@
 from fot.memory.store import (
     MemoryStore,
     append,
+    clear,
     init_store,
     memory_views,
     overflow_report,
@@ -13,6 +14,6 @@ from fot.memory.store import (
 )
 
 __all__ = [
-    "MemoryStore", "append", "init_store", "memory_views", "overflow_report", "reset", "shard_store",
+    "MemoryStore", "append", "clear", "init_store", "memory_views", "overflow_report", "reset", "shard_store",
     "store_sharding", "store_spec", "stores_for_model",
 ]

@@ -188,6 +188,12 @@ def reset(store: MemoryStore, rows: jax.Array | None = None) -> MemoryStore:
                                appended=jnp.where(rows, zero, store.appended))
 
 
+def clear(store: MemoryStore) -> MemoryStore:
+    """The store emptied: all rows reset (:func:`reset`) and the write pointer back at slot 0, i.e. the
+    state of :func:`init_store` except for stale (never attended) keys/values in the buffers."""
+    return dataclasses.replace(reset(store), write_pos=jnp.zeros((), jnp.int32))
+
+
 def stores_for_model(batch_size: int, capacity: int, mem_layers, num_heads: int, head_dim: int, *,
                      dtype: Any = jnp.bfloat16, mesh: Mesh | None = None,
                      shard_length: bool = True) -> dict[int, MemoryStore]:
