@@ -134,6 +134,23 @@ def test_blocked_fill_equals_full_forward(rng, capacity):
     _assert_same(again, full)
 
 
+def test_blocked_fill_into_a_bfloat16_store_equals_full_forward(rng):
+    """The scan writes a bf16 store through its bit pattern (fot.ops.bits): same slots as streaming the
+    windows through the whole model, up to one bf16 rounding of float32 values that differ in the last bits."""
+    model, params = _model((1,), qk_norm=True, mem_positional="none")
+    b, nw, capacity = 2, 6, 4 * W
+    tokens = rng.integers(0, V, (b, nw * W)).astype(np.int32)
+    km = rng.random((b, nw * W)) > 0.25
+    runner = MemoryInference(model, params, WindowedConfig(window=W, top_k=3, mem_dtype="bfloat16"))
+    full = _leaves(runner.forward(tokens, key_mask=km, stores=runner.init_memory(b, capacity))["stores"])
+    filled = _leaves(runner.fill(runner.init_memory(b, capacity), tokens, km, block_tokens=4 * W))
+    assert full.keys() == filled.keys()
+    for k in full:
+        assert filled[k].dtype == full[k].dtype, k
+        np.testing.assert_allclose(filled[k].astype(np.float32), full[k].astype(np.float32), rtol=8e-3,
+                                   atol=1e-6, err_msg=str(k))
+
+
 def test_fill_and_clear_programs_write_the_store_in_place():
     """Structural check for a bf16 store: the scanned fill and clear are donated and never copy or
     upcast the whole store (no per-block store copy inside the scan)."""
