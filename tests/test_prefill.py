@@ -151,6 +151,23 @@ def test_blocked_fill_into_a_bfloat16_store_equals_full_forward(rng):
                                    atol=1e-6, err_msg=str(k))
 
 
+def test_blocked_fill_on_a_mesh_equals_single_device(rng):
+    """The scanned fill into a store sharded over a mesh (batch over ``data``, memory length over ``model``)
+    leaves the single-device memory, and keeps the store's sharding."""
+    from fot.parallel import make_mesh
+    model, params = _model((1,), qk_norm=True, mem_positional="none")
+    b, nw, capacity = 2, 8, 8 * W
+    tokens = rng.integers(0, V, (b, nw * W)).astype(np.int32)
+    km = rng.random((b, nw * W)) > 0.25
+    cfg = WindowedConfig(window=W, top_k=3, mem_dtype="float32")
+    plain = MemoryInference(model, params, cfg)
+    sharded = MemoryInference(model, params, cfg, mesh=make_mesh({"data": 2, "model": 4}))
+    want = plain.fill(plain.init_memory(b, capacity), tokens, km, block_tokens=4 * W)
+    got = sharded.fill(sharded.init_memory(b, capacity), tokens, km, block_tokens=4 * W)
+    assert got[1].keys.sharding.spec[:2] == ("data", "model")
+    _assert_same(got, want)
+
+
 def test_fill_and_clear_programs_write_the_store_in_place():
     """Structural check for a bf16 store: the scanned fill and clear are donated and never copy or
     upcast the whole store (no per-block store copy inside the scan)."""
