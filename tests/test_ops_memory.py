@@ -210,3 +210,28 @@ def test_bad_inputs_raise():
         topk_scores(jnp.ones((3, 4)), jnp.ones((5, 4)), 0)
     with pytest.raises(ValueError, match="group"):
         topk_scores(jnp.ones((3, 4)), jnp.ones((5, 4)), 2, group=-1)
+
+
+def test_dense_skips_empty_chunks_bit_identically(rng):
+    """CPU default: dense chunks with no valid slot in any row are skipped (lax.cond); the result equals the
+    dense reference and, bit for bit, the same kernel computing every chunk."""
+    from fot.ops.attention import combine
+    from fot.ops.memory import _dense_memory_parts, _local_part
+    q, k, v, mk, mv, _ = make(rng, 2, 3, 5, 2, 8, 40)
+    mm = np.zeros((2, 40), bool)
+    mm[0, 9:12] = mm[0, 30] = mm[1, 10] = True  # chunks of 4: only chunks 2 and 7 hold valid slots
+    scale = 8 ** -0.5
+
+    def attend(q, k, v, mk, mv, mask, skip):
+        parts = _dense_memory_parts(q, mk, mv, mask, scale, 4, skip)
+        return combine([_local_part(q, k, v, None, scale)] + parts)[0], parts
+
+    for mask in (mm, np.zeros_like(mm)):  # some chunks valid; none (then: local attention only)
+        args = (q, k, v, mk, mv, mask)
+        skip = jax.jit(lambda *a: attend(*a, None))(*args)  # default on CPU: skip
+        full = jax.jit(lambda *a: attend(*a, False))(*args)
+        for a, c in zip(jax.tree.leaves(skip), jax.tree.leaves(full)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+        np.testing.assert_allclose(skip[0], dense_memory(q, k, v, mk, mv, mask), atol=1e-5)
+        hlo = jax.jit(lambda *a: attend(*a, None)).lower(*args).as_text()
+        assert "conditional" in hlo or "case" in hlo  # the skip is in the program

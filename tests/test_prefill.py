@@ -26,11 +26,14 @@ def _leaves(stores):
             for f in ("keys", "values", "mask", "write_pos", "evicted", "appended")}
 
 
-def _assert_same(a, b):
+def _assert_same(a, b, rtol=1e-5, atol=2e-5):
+    """Same store leaves (default tolerance: float32 rounding; a bf16 store: one bf16 ulp, 2**-8 relative,
+    since float32 rounding differences can flip the rounding of a stored value)."""
     la, lb = _leaves(a), _leaves(b)
     assert la.keys() == lb.keys()
     for k in la:
-        np.testing.assert_allclose(la[k], lb[k], rtol=1e-5, atol=2e-5, err_msg=str(k))  # float32 rounding
+        np.testing.assert_allclose(la[k].astype(np.float32), lb[k].astype(np.float32), rtol=rtol, atol=atol,
+                                   err_msg=str(k))
 
 
 @pytest.mark.parametrize("mem_layers,top_k,capacity", [((1,), 3, 6 * W), ((1,), None, 4 * W),
@@ -54,6 +57,46 @@ def test_fill_equals_full_forward_memory(rng, mem_layers, top_k, capacity):
     assert len(cut) < len(params)
     lean = MemoryInference(model, cut, WindowedConfig(window=W, top_k=top_k, mem_dtype="float32"))
     _assert_same(lean.fill(lean.init_memory(b, capacity), tokens, km), full)
+
+
+@pytest.mark.parametrize("mem_layers,top_k,kw,mem_dtype", [
+    ((1, 2), None, {}, "float32"),
+    ((1, 2), 3, {}, "float32"),
+    ((1, 3), None, dict(qk_norm=True, qk_scale_n_ref=16), "bfloat16"),
+    ((0, 2, 3), 3, dict(qk_norm=True, mem_positional="none"), "float32"),
+    ((1, 3), None, dict(mem_gate=True), "float32"),
+])
+def test_fill_several_memory_layers_batched_equals_streaming(rng, mem_layers, top_k, kw, mem_dtype):
+    """Several memory layers: fill() runs them layer by layer over all windows of a call at once
+    (window-causal memory, fot.inference.prefill.fill_memory_layers) and leaves the same stores, and the
+    same logits for a query window after them, as streaming every window through the whole model (step);
+    also on a store that already holds keys (and invalid slots the fill wraps around onto), in calls of
+    several windows with a partial last call, dense and top-k, bf16 stores."""
+    model, params = _model(mem_layers, num_layers=5, **kw)
+    b, cap = 2, 7 * W
+    pre = rng.integers(0, V, (b, 3 * W)).astype(np.int32)
+    pre_mask = np.zeros((b, 3 * W), bool)
+    pre_mask[:, 2 * W:] = rng.random((b, W)) > 0.25  # slots 0..2W-1 stay invalid: the fill wraps onto them
+    tokens = rng.integers(0, V, (b, 6 * W)).astype(np.int32)
+    km = rng.random((b, 6 * W)) > 0.25
+    query = jnp.asarray(rng.integers(0, V, (b, W)).astype(np.int32))
+    runner = MemoryInference(model, params, WindowedConfig(window=W, top_k=top_k, mem_dtype=mem_dtype))
+    results = []
+    for parallel in (False, True):
+        stores = runner.fill(runner.init_memory(b, cap), pre, pre_mask, parallel=False)
+        calls = []
+        stream = runner._mem_kv_fn
+        runner._mem_kv_fn = lambda *a: calls.append(1) or stream(*a)
+        try:
+            stores = runner.fill(stores, tokens, km, parallel=parallel, windows_per_call=4)
+        finally:
+            runner._mem_kv_fn = stream
+        assert not calls  # the batched path (no window-by-window memory layers)
+        results.append((stores, runner.query(stores, query)))
+    (ref, ref_logits), (got, got_logits) = results
+    assert np.asarray(got[mem_layers[0]].evicted).sum() == 0 and np.asarray(got[mem_layers[0]].write_pos) == 2 * W
+    _assert_same(got, ref, *((8e-3, 1e-3) if mem_dtype == "bfloat16" else ()))
+    np.testing.assert_allclose(np.asarray(got_logits), np.asarray(ref_logits), rtol=1e-4, atol=1e-4)
 
 
 def test_fill_first_memory_layer_matches_single_window_decoder(rng):

@@ -7,8 +7,12 @@ its attention (``aux["mem_kv"]`` of the Decoder). Hence, for a prompt cut into w
   independent row of a large batch (the no-memory forward's speed, and fewer layers);
 * with one memory layer, its keys/values come straight from those hidden states — the whole fill is
   parallel and exact;
-* with several memory layers, layers ``m0 .. m_last`` stream window by window with memory (a window's
-  memory-layer outputs depend on the memory the earlier windows filled);
+* with several memory layers, layers ``m0 .. m_last`` run layer by layer over all windows of a call at
+  once (:func:`fill_memory_layers`): a memory layer's keys/values are computed for every window and
+  appended first; then its attention runs with a window-granular causal memory
+  (``fot.model.state.FillMemory``: window t sees the store without the slots of windows t..C-1, exactly
+  what it read streaming) — exact as long as the call's appends evict no valid slot; otherwise the caller
+  streams window by window (:func:`memory_layers_kv`);
 * layers above the last memory layer and the output head never run.
 
 The functions run the Decoder's own submodules on the matching subtrees of its ``params`` through
@@ -21,7 +25,9 @@ from typing import Mapping
 
 import jax
 
+from fot import memory as fmem
 from fot.model import LayerKV, LayerMemory, ModelConfig, embed_tokens, run_layers
+from fot.model.state import FillMemory
 
 
 def hidden_below(cfg: ModelConfig, params, tokens: jax.Array, positions: jax.Array, stop: int,
@@ -46,3 +52,31 @@ def memory_layers_kv(cfg: ModelConfig, params, x: jax.Array, positions: jax.Arra
     layer for this window (the layers above the last memory layer are not run)."""
     layers = range(cfg.mem_layers[0], cfg.mem_layers[-1] + 1)
     return run_layers(cfg, params, x, positions, layers, memory=memory, top_k=top_k, mesh=mesh)[1]
+
+
+def fill_memory_layers(cfg: ModelConfig, params, stores: Mapping[int, fmem.MemoryStore], x: jax.Array,
+                       positions: jax.Array, key_mask: jax.Array, top_k: int | None, mesh=None
+                       ) -> dict[int, fmem.MemoryStore]:
+    """Append C windows to every memory layer's store, layer by layer, all windows at once.
+
+    x [B*C, w, D]: the input of the first memory layer, row ``b * C + t`` = window t of batch row b;
+    key_mask bool [B, C*w]. Each memory layer's memory-view keys/values of all windows are appended to its
+    store, then (below the last memory layer) the layer runs with :class:`FillMemory` over that store, and
+    the layers up to the next memory layer follow. Returns the new stores. The caller guarantees that the
+    appends overwrite no valid slot (else window t would miss keys it saw streaming).
+    """
+    b = key_mask.shape[0]
+    out = dict(stores)
+    last = cfg.mem_layers[-1]
+    for i in range(cfg.mem_layers[0], last + 1):
+        memory = None
+        if cfg.is_memory_layer(i):
+            k, v = run_layers(cfg, params, x, positions, range(i, i + 1), mesh=mesh)[1][i]  # [B*C, w, Hkv, Dh]
+            shape = (b, -1) + k.shape[2:]
+            start = out[i].write_pos
+            out[i] = fmem.append(out[i], k.reshape(shape), v.reshape(shape), key_mask)
+            if i == last:
+                break
+            memory = {i: FillMemory(out[i].view(), start)}
+        x = run_layers(cfg, params, x, positions, range(i, i + 1), memory=memory, top_k=top_k, mesh=mesh)[0]
+    return out

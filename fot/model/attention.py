@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from fot import ops
 from fot.model.config import ModelConfig
 from fot.model.layers import dense
-from fot.model.state import LayerInputs, LayerKV, LayerMemory
+from fot.model.state import FillMemory, LayerInputs, LayerKV, LayerMemory
 from fot.model.temperature import keys_in_view, temperature_from_param, temperature_param_name
 from fot.parallel import with_logical_constraint
 
@@ -87,10 +87,35 @@ def crossbatch_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs, me
     return res if collect else (res, None)
 
 
-def memory_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs, memory: LayerMemory,
+def fill_memory_attention(p: Projected, fill: FillMemory, mesh=None, top_k: int | None = None,
+                          collect: bool = False, include_local: bool = True):
+    """Memory attention of a memory-prefill call (rows = windows, see :class:`FillMemory`): a scan over
+    the C windows, window t running ``fot.ops.memory_attention`` on its rows of every batch row against the
+    store with ``fill.window_mask(t)`` (what it saw streaming) → (out [B*C,w,H,Dh], stats or None)."""
+    mem = fill.memory
+    b = mem.mask.shape[0]
+    r, w = p.q.shape[:2]
+    c = r // b
+    split = lambda x: jnp.swapaxes(x.reshape((b, c) + x.shape[1:]), 0, 1)  # noqa: E731  [B*C,...] -> [C,B,...]
+
+    def window(_, xs):
+        t, q, k, v = xs  # q [B,w,H,Dh], k, v [B,w,Hkv,Dh]
+        o, stats = ops.memory_attention(q, k, v, mem.keys, mem.values, mem_mask=fill.window_mask(t, c, w),
+                                        top_k=top_k, scale=p.scale, mesh=mesh, include_local=include_local,
+                                        return_stats=True)
+        return None, (o, stats["mem_mass"])
+
+    _, (o, mass) = jax.lax.scan(window, None, (jnp.arange(c, dtype=jnp.int32), split(p.q), split(p.k), split(p.v)))
+    merge = lambda x: jnp.swapaxes(x, 0, 1).reshape((r,) + x.shape[2:])  # noqa: E731  [C,B,...] -> [B*C,...]
+    return merge(o), ({"mem_mass": merge(mass)} if collect else None)
+
+
+def memory_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs, memory: LayerMemory | FillMemory,
                      cache: LayerKV | None = None, mesh=None, top_k: int | None = None, collect: bool = False):
     """Inference memory attention: causal local keys (cache included) and the valid memory slots
     (exact top-k of them with ``top_k``) in one softmax → (out [B,T,H,Dh], stats or None)."""
+    if isinstance(memory, FillMemory):
+        return fill_memory_attention(p, memory, mesh, top_k, collect)
     k_all, v_all, seg_all = _with_cache(cfg, p, inputs, cache)
     res = ops.memory_attention(p.q, k_all, v_all, memory.keys, memory.values, mem_mask=memory.mask,
                                top_k=top_k, segment_ids=seg_all, scale=p.scale, mesh=mesh,
@@ -99,9 +124,12 @@ def memory_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs, memory
 
 
 def memory_only_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs,
-                          memory: LayerMemory | None, mesh=None):
+                          memory: LayerMemory | FillMemory | None, mesh=None):
     """Attention to the memory keys alone (no local keys; the gate's memory half) →
     (out [B,T,H,Dh], has_memory bool [B]: the row sees at least one valid memory key)."""
+    if isinstance(memory, FillMemory):
+        out, _ = fill_memory_attention(p, memory, mesh, include_local=False)
+        return out, memory.counts(p.q.shape[0] // memory.memory.mask.shape[0], p.q.shape[1]) > 0
     if memory is None:  # training: the extra rows
         out, _ = crossbatch_attention(cfg, p, inputs, mesh, include_local=False)
         b = p.q.shape[0]

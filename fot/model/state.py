@@ -6,6 +6,7 @@
   ``fot/model/attention.py`` for the two key encodings.
 * :class:`LayerMemory` — the inference memory of one memory layer: keys, values ``[B, M, Hkv, Dh]``
   (any float dtype; fot.ops casts per chunk) and a valid-slot mask bool ``[B, M]``.
+* :class:`FillMemory` — a memory layer's store during memory prefill, windows of a call as batch rows.
 * :class:`LayerInputs` — positions, segment ids and crossbatch rows that every layer of one call reads.
 
 Both are NamedTuples (pytrees; a plain ``(k, v)`` / ``(k, v, mask)`` tuple is accepted and converted).
@@ -36,6 +37,35 @@ class LayerMemory(NamedTuple):
     keys: jax.Array
     values: jax.Array
     mask: jax.Array
+
+
+class FillMemory(NamedTuple):
+    """Memory prefill with a call's windows as the rows of one batch (``fot.inference.prefill``).
+
+    Row ``b * C + t`` of the layer input ``[B*C, w, D]`` is window ``t`` of batch row ``b``. ``memory`` is
+    the layer's store (``[B, M, ...]``) *after* the memory-view keys/values of all C windows were
+    appended at slots ``start .. start + C*w - 1`` (mod M); window ``t`` sees the valid slots that windows
+    ``t .. C-1`` did not write, i.e. exactly the store it read when the windows streamed one by one,
+    provided those appends overwrote no valid slot (the caller checks this).
+    """
+
+    memory: LayerMemory
+    start: jax.Array  # int32 scalar: the store's write position before the C windows were appended
+
+    def window_mask(self, t, c: int, w: int) -> jax.Array:
+        """bool [B, M]: the slots window ``t`` (int, may be traced) of ``c`` windows of ``w`` tokens sees."""
+        m = self.memory.mask.shape[1]
+        order = (jnp.arange(m, dtype=jnp.int32) - self.start) % m  # [M] write order within this call
+        return self.memory.mask & ~((order >= t * w) & (order < c * w))[None, :]
+
+    def counts(self, c: int, w: int) -> jax.Array:
+        """float32 [B*C]: valid memory slots each row (window) sees (``window_mask`` summed)."""
+        b, m = self.memory.mask.shape
+        slots = (self.start + jnp.arange(c * w, dtype=jnp.int32)) % m  # [C*w] slots written by the call
+        new = self.memory.mask[:, slots].reshape(b, c, w).sum(-1).astype(jnp.float32)  # [B, C]
+        before = jnp.cumsum(new, axis=1) - new  # [B, C] valid keys of the call's earlier windows
+        older = self.memory.mask.sum(-1).astype(jnp.float32) - new.sum(-1)  # [B] valid keys before the call
+        return (older[:, None] + before).reshape(b * c)
 
 
 class LayerInputs(NamedTuple):
@@ -100,6 +130,12 @@ def check_memory(cfg: ModelConfig, memory, batch: int) -> dict[int, LayerMemory]
     for i, entry in memory.items():
         if i not in cfg.mem_layers:
             raise ValueError(f"memory given for layer {i}, which is not in mem_layers={list(cfg.mem_layers)}")
+        if isinstance(entry, FillMemory):
+            nb = entry.memory.mask.shape[0]
+            if batch % nb:
+                raise ValueError(f"memory[{i}] (prefill windows): {batch} rows are not windows of {nb} batch rows")
+            out[i] = entry
+            continue
         if len(entry) != 3:
             raise ValueError(f"memory[{i}] must be (mem_k, mem_v, mem_mask)")
         mem = LayerMemory(*entry)

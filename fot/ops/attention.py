@@ -127,6 +127,7 @@ class _Blocks(NamedTuple):
     scale: Any
     include_local: bool
     g: int  # query heads per kv head
+    skip_empty: bool = False  # forward: a block without a visible key is skipped (lax.cond), not computed
 
     def to_h(self, x):
         """fetch's layout <-> head-major [B,H,S,D]."""
@@ -139,7 +140,7 @@ class _Blocks(NamedTuple):
 
 
 def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, consts, *, fetch, n_blocks, scale,
-                        include_local=True, groups=None):
+                        include_local=True, groups=None, skip_empty=False):
     """Joint softmax over local causal keys and `n_blocks` fetched extra blocks.
 
     q [B,T,H,D]; k, v [B,Tk,Hkv,D] (H = groups * Hkv; fetched blocks also have Hkv heads); q_pos int [B,T]
@@ -147,6 +148,10 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, consts, *, fetch, n_b
     H // Hkv of q and k; give it when k is a placeholder, include_local=False);
     src: pytree of differentiable arrays the blocks are fetched from; consts: tuple of integer/bool arrays
     (non-differentiable block inputs: masks, row plans).
+    skip_empty: the forward skips (``lax.cond``) every fetched block whose mask has no True entry in any
+    row: such a block changes nothing (its probabilities are 0 and the running max stays), so the result
+    is bit-identical; worth it where a conditional is cheap (CPU) and many blocks are empty (a memory
+    store that is still filling). The backward computes every block either way.
     Returns (o float32 [B,T,H,D], lse float32 [B,T,H] (NEG if no visible key), mem_mass float32 [B,T,H]).
     `o` and `lse` are differentiable (lse's cotangent is handled, so partial results can be combined);
     mem_mass carries no gradient.
@@ -155,7 +160,7 @@ def blockwise_attention(q, k, v, q_pos, seg_q, seg_k, src, consts, *, fetch, n_b
     g = int(groups) if groups is not None else q.shape[2] // k.shape[2]
     if q.shape[2] % g or (include_local and k.shape[2] * g != q.shape[2]):
         raise ValueError(f"{q.shape[2]} query heads cannot be grouped {g} per kv head (k {k.shape})")
-    spec = _Blocks(fetch, n_blocks, scale, include_local, g)
+    spec = _Blocks(fetch, n_blocks, scale, include_local, g, bool(skip_empty))
 
     def public(oh, lse, mass):
         return tuple(_t(unfold_groups(x, g)) for x in (oh, lse, mass))
@@ -181,11 +186,17 @@ def _blockwise_forward(spec: _Blocks, q, k, v, q_pos, seg_q, seg_k, src, consts)
         state = _accumulate(state, _scores_h(qh, _t(k), spec.scale), spec.local_mask(q_pos, seg_q, seg_k),
                             _t(v), False)
     if spec.n_blocks:
-        def body(state, j):
+        def block(state, j):
             kb, vb, mb = spec.fetch(src, consts, j)  # [B,S,Hkv,D] x2 (fetch's layout), bool [B,S]
             kb, vb = kb.astype(qh.dtype), vb.astype(qh.dtype)  # per-block cast (src may be e.g. bf16)
             return _accumulate(state, _scores_h(qh, spec.to_h(kb), spec.scale), mb[:, None, None, :],
-                               spec.to_h(vb), True), None
+                               spec.to_h(vb), True)
+
+        def body(state, j):
+            if not spec.skip_empty:
+                return block(state, j), None
+            visible = spec.fetch(src, consts, j)[2].any()  # (the keys fetched here are dead code)
+            return lax.cond(visible, block, lambda st, _: st, state, j), None
         state, _ = lax.scan(body, state, jnp.arange(spec.n_blocks))
     m, l, lm, acc = state
     safe = jnp.where(l > 0, l, 1.0)

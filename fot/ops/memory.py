@@ -100,8 +100,12 @@ def _local_part(q, k, v, segment_ids, scale):
                                scale=scale)
 
 
-def _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk):
-    """Partial softmax results over all valid memory keys (online softmax over chunks)."""
+def _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk, skip_empty=None):
+    """Partial softmax results over all valid memory keys (online softmax over chunks). skip_empty (default:
+    on CPU, where a conditional is cheap): chunks without a valid slot in any row are skipped, bit-identically
+    (see blockwise_attention) — a store that is still filling, e.g. memory prefill, reads only its valid part."""
+    if skip_empty is None:
+        skip_empty = jax.default_backend() == "cpu"
     m = mem_k.shape[1]
     if m == 0:
         return []
@@ -114,7 +118,7 @@ def _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk):
     if n_full:
         parts.append(blockwise_attention(q, q, q, dummy_pos, dummy_seg, dummy_seg, (mem_k, mem_v),
                                          (mem_mask,), fetch=_fetch_chunk(chunk), n_blocks=n_full,
-                                         scale=scale, include_local=False, groups=g))
+                                         scale=scale, include_local=False, groups=g, skip_empty=skip_empty))
     if rem:
         parts.append(blockwise_attention(q, q, q, dummy_pos, dummy_seg, dummy_seg, (mem_k, mem_v),
                                          (mem_mask,), fetch=_fetch_tail(n_full * chunk), n_blocks=1,
@@ -278,7 +282,7 @@ def memory_attention(q, k, v, mem_k, mem_v, *, mem_mask=None, top_k=None, segmen
     q.dtype one chunk (or one gathered selection) at a time, never as a whole; same result as casting first.
     top_k=None: all valid memory keys (streamed in chunks of `chunk_size`, default `dense_chunk`: 2048 on
     accelerators, 128..2048 keys on CPU so a score block stays in cache; with an online
-    softmax). top_k=K: per (b,t,h) the K valid memory keys with the largest <q, mem_k> (exact; fewer valid
+    softmax; on CPU, chunks with no valid slot in any row are skipped). top_k=K: per (b,t,h) the K valid memory keys with the largest <q, mem_k> (exact; fewer valid
     -> all valid), found with a chunked running lax.top_k with the exact grouped-maxima prefilter of
     fot.ops.topk (no [B,T,H,M] tensor; default chunk: `topk_chunk`, 2048..8192; 1024..8192 on CPU), then one softmax with the
     local keys. Gradients reach q and the selected mem_k/mem_v (their scores are recomputed from gathered keys).
