@@ -103,3 +103,19 @@ def test_sharded_store_equals_single_device(rng):
         plain, sharded = fm.append(plain, k, 2 * k, m), append(sharded, k, 2 * k, m)
     for a, c in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_would_evict_counts_only_valid_slots(rng):
+    """would_evict(stores, n): appending n slots at the write pointer overwrites a valid slot (checked
+    against appending them and reading the eviction counter); invalid (masked) slots may be overwritten."""
+    h, dh, cap = 2, 4, 7  # 7: appends of 2..6 slots take append's modular path (exact slots from the pointer)
+    kv = lambda t: (jnp.asarray(rng.normal(size=(2, t, h, dh)), jnp.float32),) * 2  # noqa: E731
+    store = fm.init_store(2, cap, h, dh, dtype=jnp.float32)
+    store = fm.append(store, *kv(2), jnp.zeros((2, 2), bool))  # slots 0, 1 written but invalid
+    mask = np.array([[True, False, True], [False, False, True]])
+    store = fm.append(store, *kv(3), jnp.asarray(mask))  # slots 2..4: valid slots 2, 4 (row 0) and 4 (row 1)
+    for n in range(1, 9):
+        evicts = fm.would_evict({0: store, 1: store}, n)
+        after = fm.append(store, *kv(n))
+        assert evicts == bool(np.asarray(after.evicted).sum() > 0), n
+    assert not fm.would_evict({0: store}, 4) and fm.would_evict({0: store}, 5)  # wraps onto slots 0, 1 / 2

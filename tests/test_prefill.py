@@ -59,21 +59,21 @@ def test_fill_equals_full_forward_memory(rng, mem_layers, top_k, capacity):
     _assert_same(lean.fill(lean.init_memory(b, capacity), tokens, km), full)
 
 
-@pytest.mark.parametrize("mem_layers,top_k,kw,mem_dtype", [
-    ((1, 2), None, {}, "float32"),
-    ((1, 2), 3, {}, "float32"),
-    ((1, 3), None, dict(qk_norm=True, qk_scale_n_ref=16), "bfloat16"),
-    ((0, 2, 3), 3, dict(qk_norm=True, mem_positional="none"), "float32"),
-    ((1, 3), None, dict(mem_gate=True), "float32"),
+@pytest.mark.parametrize("mem_layers,top_k,kw,mem_dtype,cap", [
+    ((1, 2), None, {}, "float32", 7 * W),
+    ((1, 2), 3, {}, "float32", 8 * W),
+    ((1, 3), None, dict(qk_norm=True, qk_scale_n_ref=16), "bfloat16", 8 * W),
+    ((0, 2, 3), 3, dict(qk_norm=True, mem_positional="none"), "float32", 7 * W),
+    ((1, 3), None, dict(mem_gate=True), "float32", 8 * W),
 ])
-def test_fill_several_memory_layers_batched_equals_streaming(rng, mem_layers, top_k, kw, mem_dtype):
+def test_fill_several_memory_layers_batched_equals_streaming(rng, mem_layers, top_k, kw, mem_dtype, cap):
     """Several memory layers: fill() runs them layer by layer over all windows of a call at once
     (window-causal memory, fot.inference.prefill.fill_memory_layers) and leaves the same stores, and the
     same logits for a query window after them, as streaming every window through the whole model (step);
     also on a store that already holds keys (and invalid slots the fill wraps around onto), in calls of
     several windows with a partial last call, dense and top-k, bf16 stores."""
     model, params = _model(mem_layers, num_layers=5, **kw)
-    b, cap = 2, 7 * W
+    b = 2  # capacity 8W: calls of 4 windows start mid-ring (pointer 3W, not a multiple of the call)
     pre = rng.integers(0, V, (b, 3 * W)).astype(np.int32)
     pre_mask = np.zeros((b, 3 * W), bool)
     pre_mask[:, 2 * W:] = rng.random((b, W)) > 0.25  # slots 0..2W-1 stay invalid: the fill wraps onto them
@@ -94,7 +94,7 @@ def test_fill_several_memory_layers_batched_equals_streaming(rng, mem_layers, to
         assert not calls  # the batched path (no window-by-window memory layers)
         results.append((stores, runner.query(stores, query)))
     (ref, ref_logits), (got, got_logits) = results
-    assert np.asarray(got[mem_layers[0]].evicted).sum() == 0 and np.asarray(got[mem_layers[0]].write_pos) == 2 * W
+    assert np.asarray(got[mem_layers[0]].evicted).sum() == 0 and np.asarray(got[mem_layers[0]].write_pos) == 9 * W % cap
     _assert_same(got, ref, *((8e-3, 1e-3) if mem_dtype == "bfloat16" else ()))
     np.testing.assert_allclose(np.asarray(got_logits), np.asarray(ref_logits), rtol=1e-4, atol=1e-4)
 
@@ -212,8 +212,9 @@ def test_blocked_fill_on_a_mesh_equals_single_device(rng):
 
 
 def test_fill_and_clear_programs_write_the_store_in_place():
-    """Structural check for a bf16 store: the scanned fill and clear are donated and never copy or
-    upcast the whole store (no per-block store copy inside the scan)."""
+    """Structural check for a bf16 store: the scanned fill (one memory layer; several: appends, then
+    window-causal reads of the same store) and clear are donated and never copy or upcast the whole
+    store (no per-block store copy inside the scans)."""
     model, params = _model((1,), num_layers=2)
     runner = MemoryInference(model, params, WindowedConfig(window=W, mem_dtype="bfloat16"))
     m = 64 * W
@@ -221,7 +222,12 @@ def test_fill_and_clear_programs_write_the_store_in_place():
     tok, km = jnp.zeros((1, 8 * W), jnp.int32), jnp.ones((1, 8 * W), bool)
     fill = runner._fill_fn.lower(params, stores, tok, km, block=4).compile().as_text()
     clear = runner._clear_fn.lower(stores).compile().as_text()
-    for txt in (fill, clear):
-        ops = _full_size(txt, (1, m, 2, 16))
+    model2, params2 = _model((0, 1), num_layers=2)
+    runner2 = MemoryInference(model2, params2, WindowedConfig(window=W, mem_dtype="bfloat16"))
+    from fot.ops.memory import DEFAULT_CHUNK
+    m2 = 4 * DEFAULT_CHUNK  # several dense chunks: a chunk-sized conversion is not a whole-store one
+    layers = runner2._fill_layers_fn.lower(params2, runner2.init_memory(1, m2), tok.reshape(8, W), km)
+    for txt, size in ((fill, m), (clear, m), (layers.compile().as_text(), m2)):
+        ops = _full_size(txt, (1, size, 2, 16))
         assert not [o for o in ops if o[0] == "f32" or o[1] in ("copy", "convert")], ops
         assert "input_output_alias" in txt.split("\n", 1)[0]

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 
 from fot import memory as fmem
 from fot.model import LayerKV, LayerMemory, ModelConfig, embed_tokens, run_layers
@@ -54,29 +55,43 @@ def memory_layers_kv(cfg: ModelConfig, params, x: jax.Array, positions: jax.Arra
     return run_layers(cfg, params, x, positions, layers, memory=memory, top_k=top_k, mesh=mesh)[1]
 
 
-def fill_memory_layers(cfg: ModelConfig, params, stores: Mapping[int, fmem.MemoryStore], x: jax.Array,
-                       positions: jax.Array, key_mask: jax.Array, top_k: int | None, mesh=None
-                       ) -> dict[int, fmem.MemoryStore]:
+def fill_memory_layers(cfg: ModelConfig, params, stores: Mapping[int, fmem.MemoryStore], rows: jax.Array,
+                       key_mask: jax.Array, top_k: int | None, mesh=None) -> dict[int, fmem.MemoryStore]:
     """Append C windows to every memory layer's store, layer by layer, all windows at once.
 
-    x [B*C, w, D]: the input of the first memory layer, row ``b * C + t`` = window t of batch row b;
-    key_mask bool [B, C*w]. Each memory layer's memory-view keys/values of all windows are appended to its
-    store, then (below the last memory layer) the layer runs with :class:`FillMemory` over that store, and
-    the layers up to the next memory layer follow. Returns the new stores. The caller guarantees that the
-    appends overwrite no valid slot (else window t would miss keys it saw streaming).
+    rows int [B*C, w]: row ``b * C + t`` = window t of batch row b (local positions 0..w-1); key_mask bool
+    [B, C*w]. The layers below the first memory layer run on all rows; then each memory layer's
+    memory-view keys/values of all windows are appended to its store, the layer runs (below the last
+    memory layer) with :class:`FillMemory` over that store, and the layers up to the next memory layer
+    follow. Returns the new stores. The caller guarantees that the appends overwrite no valid slot (else
+    window t would miss keys it saw streaming: ``fot.memory.would_evict``) and that the appends of
+    ``w`` slots write slots ``start + t*w ..`` (store capacity not a multiple of w, or the write pointer
+    a multiple of w).
     """
     b = key_mask.shape[0]
+    positions = jnp.broadcast_to(jnp.arange(rows.shape[1], dtype=jnp.int32), rows.shape)  # [B*C, w]
+    x = hidden_below(cfg, params, rows, positions, cfg.mem_layers[0], mesh)  # [B*C, w, D]
     out = dict(stores)
     last = cfg.mem_layers[-1]
     for i in range(cfg.mem_layers[0], last + 1):
         memory = None
         if cfg.is_memory_layer(i):
             k, v = run_layers(cfg, params, x, positions, range(i, i + 1), mesh=mesh)[1][i]  # [B*C, w, Hkv, Dh]
-            shape = (b, -1) + k.shape[2:]
             start = out[i].write_pos
-            out[i] = fmem.append(out[i], k.reshape(shape), v.reshape(shape), key_mask)
+            out[i] = _append_windows(out[i], k, v, key_mask)
             if i == last:
                 break
             memory = {i: FillMemory(out[i].view(), start)}
         x = run_layers(cfg, params, x, positions, range(i, i + 1), memory=memory, top_k=top_k, mesh=mesh)[0]
     return out
+
+
+def _append_windows(store: fmem.MemoryStore, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> fmem.MemoryStore:
+    """Append the windows of k, v [B*C, w, Hkv, Dh] (row b*C + t = window t of row b; key_mask bool
+    [B, C*w]) one window at a time in a scan, as streaming appends them (same slots, same code path of
+    ``fot.memory.append``), in place."""
+    b = key_mask.shape[0]
+    c, w = k.shape[0] // b, k.shape[1]
+    per_window = lambda x: jnp.swapaxes(x.reshape((b, c) + x.shape[1:]), 0, 1)  # noqa: E731  [C, B, w, ...]
+    xs = (per_window(k), per_window(v), jnp.swapaxes(key_mask.reshape(b, c, w), 0, 1))  # key_mask [C, B, w]
+    return jax.lax.scan(lambda st, x: (fmem.append(st, *x), None), store, xs)[0]

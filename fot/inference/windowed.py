@@ -222,12 +222,9 @@ class MemoryInference:
         jitted call per ``windows_per_call`` windows per row (default: ``FILL_CALL_TOKENS`` tokens per call)
         scans blocks of about ``block_tokens`` tokens (default ``FILL_BLOCK_TOKENS``; all rows: the
         activations of a block stay in cache) and appends each block in place — no per-window dispatch,
-        no store copy. With several memory layers, calls of ``windows_per_call`` windows per row (default
-        ~64K tokens) run the layers below the first memory layer and then the memory layers layer by layer
-        over all the call's windows at once, each window attending to the memory the earlier windows left
-        (``prefill.fill_memory_layers``); only when the fill would evict valid slots (FIFO overflow) do the
-        memory layers stream window by window. Exact: the same memory as streaming the windows through
-        :meth:`step` (``parallel=False``, the whole model).
+        no store copy. With several memory layers, see :meth:`_fill_streaming` (calls of
+        ``windows_per_call`` windows per row, default ~64K tokens). Exact: the same memory as streaming
+        the windows through :meth:`step` (``parallel=False``, the whole model).
         ``progress(tokens_done)`` is called after every call (per row: tokens of one row).
         Returns the new stores (the input ``stores`` are donated).
         """
@@ -291,29 +288,27 @@ class MemoryInference:
         return self._constrain({layer: store})
 
     def _fill_streaming(self, stores, tokens, key_mask, windows_per_call, progress):
-        """Several memory layers, per call of ``windows_per_call`` windows per row: all layers up to the
-        last memory layer over all windows at once (:meth:`_fill_layers_impl`) when the fill evicts no
-        valid slot; otherwise the layers below the first memory layer at once, then layers
-        ``m0 .. m_last`` window by window with memory."""
+        """Several memory layers, per call of ``windows_per_call`` windows per row: layer by layer over all
+        the call's windows at once, each window attending to the memory the earlier ones left
+        (``prefill.fill_memory_layers``), when the fill evicts no valid slot; otherwise (FIFO overflow) the
+        layers below the first memory layer at once, then layers ``m0 .. m_last`` window by window."""
         b, n = tokens.shape
         w = self.config.window
         nw = n // w
         per_call = windows_per_call or max(1, (1 << 16) // (b * w))
-        batched = not _evicts(stores, int(stores[self.mem_layers[0]].write_pos), n)  # one host sync
+        first = stores[self.mem_layers[0]]  # appends of w slots write slots pos.. (fot.memory.append):
+        aligned = first.capacity % w or int(first.write_pos) % w == 0
+        batched = aligned and not fmem.would_evict(stores, n)
         for j in range(0, nw, per_call):
             c = min(per_call, nw - j)
             rows = jnp.asarray(tokens[:, j * w:(j + c) * w].reshape(b * c, w))  # [B*c, w]: a window per row
             if batched:
                 stores = self._fill_layers_fn(self.params, stores, rows, jnp.asarray(key_mask[:, j * w:(j + c) * w]))
-                if progress is not None:
-                    progress((j + c) * w)
-                continue
-            x, _ = self._prefix_fn(self.params, rows, hidden=True)  # x [B*c, w, D]
-            x = x.reshape((b, c) + x.shape[1:])  # [B, c, w, D]
-            for t in range(c):
-                s = (j + t) * w
-                kv = self._mem_kv_fn(self.params, stores, x[:, t])
-                stores = self._append_fn(stores, kv, jnp.asarray(key_mask[:, s:s + w]))
+            else:
+                x, _ = self._prefix_fn(self.params, rows, hidden=True)  # x [B*c, w, D]
+                for t in range(c):
+                    kv = self._mem_kv_fn(self.params, stores, x.reshape((b, c) + x.shape[1:])[:, t])  # [B, w, D] in
+                    stores = self._append_fn(stores, kv, jnp.asarray(key_mask[:, (j + t) * w:(j + t + 1) * w]))
             if progress is not None:
                 progress((j + c) * w)
         return stores
@@ -328,11 +323,8 @@ class MemoryInference:
         return (x if hidden else None), prefill.first_memory_kv(self.model_config, params, x, pos, self.mesh)
 
     def _fill_layers_impl(self, params, stores, rows, key_mask):
-        """Donated: windows rows [B*C, w] (row b*C + t = window t of row b; key_mask [B, C*w]) through the
-        layers below the first memory layer and then, layer by layer, into every memory layer's store."""
-        pos = self._positions(rows)
-        x = prefill.hidden_below(self.model_config, params, rows, pos, self.mem_layers[0], self.mesh)
-        return self._constrain(prefill.fill_memory_layers(self.model_config, params, stores, x, pos, key_mask,
+        """Donated stores: :func:`prefill.fill_memory_layers` of windows ``rows`` [B*C, w]."""
+        return self._constrain(prefill.fill_memory_layers(self.model_config, params, stores, rows, key_mask,
                                                           self.config.top_k, self.mesh))
 
     def _mem_kv_impl(self, params, stores, x):
@@ -350,15 +342,6 @@ class MemoryInference:
         """Logits ``[B, L, V]`` of one window ``tokens [B, L]`` attending to ``stores``, which are left
         unchanged (not donated, nothing appended): e.g. a query window after :meth:`fill`."""
         return self._final(stores, tokens, False).logits
-
-
-def _evicts(stores, pos: int, n: int) -> bool:
-    """Would appending ``n`` slots at ``pos`` overwrite a valid slot of any store (host check, one sync)?"""
-    cap = next(iter(stores.values())).capacity
-    if n > cap:
-        return True
-    slots = (pos + np.arange(n)) % cap
-    return any(bool(np.asarray(s.mask)[:, slots].any()) for s in stores.values())
 
 
 def num_windows(length: int, window: int) -> int:

@@ -11,9 +11,10 @@ from fot.memory.store import (
     store_sharding,
     store_spec,
     stores_for_model,
+    would_evict,
 )
 
 __all__ = [
     "MemoryStore", "append", "clear", "init_store", "memory_views", "overflow_report", "reset", "shard_store",
-    "store_sharding", "store_spec", "stores_for_model",
+    "store_sharding", "store_spec", "stores_for_model", "would_evict",
 ]

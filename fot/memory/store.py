@@ -205,6 +205,16 @@ def stores_for_model(batch_size: int, capacity: int, mem_layers, num_heads: int,
             for i in mem_layers}
 
 
+def would_evict(stores: dict[int, MemoryStore], n: int) -> bool:
+    """Would appending ``n`` slots to every store overwrite a valid slot of some row (FIFO eviction)?
+    Host-side: reads the write pointer and the masks (one device sync)."""
+    s0 = next(iter(stores.values()))
+    if n > s0.capacity:
+        return True
+    slots = (int(s0.write_pos) + np.arange(n)) % s0.capacity
+    return any(bool(np.asarray(s.mask)[:, slots].any()) for s in stores.values())
+
+
 def memory_views(stores: dict[int, MemoryStore]) -> dict[int, LayerMemory]:
     """``{layer: LayerMemory}`` for ``Decoder(memory=...)`` / ``fot.model.run_window``."""
     return {i: s.view() for i, s in stores.items()}

@@ -282,7 +282,8 @@ def memory_attention(q, k, v, mem_k, mem_v, *, mem_mask=None, top_k=None, segmen
     q.dtype one chunk (or one gathered selection) at a time, never as a whole; same result as casting first.
     top_k=None: all valid memory keys (streamed in chunks of `chunk_size`, default `dense_chunk`: 2048 on
     accelerators, 128..2048 keys on CPU so a score block stays in cache; with an online
-    softmax; on CPU, chunks with no valid slot in any row are skipped). top_k=K: per (b,t,h) the K valid memory keys with the largest <q, mem_k> (exact; fewer valid
+    softmax; on CPU, chunks with no valid slot in any row are skipped). top_k=K: per (b,t,h) the K valid
+    memory keys with the largest <q, mem_k> (exact; fewer valid
     -> all valid), found with a chunked running lax.top_k with the exact grouped-maxima prefilter of
     fot.ops.topk (no [B,T,H,M] tensor; default chunk: `topk_chunk`, 2048..8192; 1024..8192 on CPU), then one softmax with the
     local keys. Gradients reach q and the selected mem_k/mem_v (their scores are recomputed from gathered keys).
