@@ -78,3 +78,26 @@ def test_method_choice_and_plan():
     mx, i = first_argmax(x)
     np.testing.assert_array_equal(np.asarray(i), [1, 0])
     assert float(mx[0]) == 3.0
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_tournament_skips_empty_tiles_bit_identically(rng, keep):
+    """CPU default: first-pass tiles without a valid key in any row are skipped (lax.cond) and get the score
+    a masked key gets; the selection (values and indices) is bit for bit that of scoring every tile, and the
+    values are those of a numpy sort."""
+    b, hk, q, d, m, tile, k = 2, 2, 5, 4, 128, 16, 6
+    qh = jnp.asarray(rng.normal(size=(b, hk, q, d)), jnp.float32)
+    keys = jnp.asarray(rng.normal(size=(b, m, hk, d)), jnp.float32)
+    mask = np.zeros((b, m), bool)
+    mask[0, 20:27] = mask[0, 100] = mask[1, 21] = True  # only tiles 1 and 6 hold keys; row 1 has fewer than k
+    kw = dict(tile=tile, group=4, keep_scores=keep)
+    skip = tournament_topk(qh, keys, jnp.asarray(mask), k, **kw)  # default on CPU
+    full = tournament_topk(qh, keys, jnp.asarray(mask), k, skip_empty=False, **kw)
+    for a, c in zip(skip, full):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    scores = np.einsum("bhqd,bmhd->bhqm", np.asarray(qh), np.asarray(keys))
+    ref = np.sort(scores[0][..., mask[0]], axis=-1)[..., ::-1][..., :k]
+    np.testing.assert_allclose(np.asarray(skip[0])[0], ref, rtol=1e-6)
+    assert np.all(np.asarray(skip[0])[1, ..., 1:] <= -1e29)
+    hlo = jax.jit(lambda *a: tournament_topk(*a, k, **kw)).lower(qh, keys, jnp.asarray(mask)).as_text()
+    assert "conditional" in hlo or "case" in hlo

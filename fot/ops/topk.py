@@ -171,7 +171,7 @@ def tournament_plan(m, queries, k):
     return tile, group, False
 
 
-def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vma=frozenset()):
+def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vma=frozenset(), skip_empty=None):
     """Exact top-k keys per query by inner product <q, key>, best first, without lax.top_k.
 
     qh [B,Hk,Q,D] queries (each head's queries score its own keys); keys [B,M,Hk,D] (any float dtype, cast
@@ -189,6 +189,9 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vm
     small memories), and a round reads its group's `group` scores back and marks taken keys in a per-group
     bit mask, instead of gathering group x D key values and re-scoring them (same selection; the values are
     the pass-1 scores).
+    skip_empty (default: on CPU): pass 1 skips (``lax.cond``) the tiles without a valid key in any row and
+    gives them the score every masked key gets (<q, k> + NEG rounds to NEG): bit-identical, and a store that
+    is still filling (memory prefill) is scored only where it holds keys.
     """
     b, hk, q, _ = qh.shape
     m = keys.shape[1]
@@ -197,7 +200,7 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vm
     bias = jnp.where(key_mask, 0.0, NEG).astype(jnp.float32)  # [B, M]
     qb = jnp.concatenate([qh, jnp.ones(qh.shape[:-1] + (1,), qh.dtype)], -1)  # [B,Hk,Q,D+1]
 
-    def pass1(_, i):
+    def scored(i):  # tile i: (group maxima [Qt, gpt], tile maxima [Qt](, scores [Qt, gpt, group]))
         # bit-pattern slice: XLA:CPU would otherwise hoist a whole-store float32 copy of a bf16 store
         kc = bits.move(lambda x: lax.dynamic_slice_in_dim(x, i * tile, tile, axis=1), keys).astype(qh.dtype)
         bc = lax.dynamic_slice_in_dim(bias, i * tile, tile, axis=1).astype(qh.dtype)
@@ -205,9 +208,21 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vm
         s = jnp.einsum("bhqd,bhcd->bhqc", qb, kb, preferred_element_type=jnp.float32)  # [B,Hk,Q,C]
         s = s.reshape(qt, gpt, group)
         gmax = s.max(-1)
-        return None, (gmax, gmax.max(-1)) + ((s,) if keep_scores else ())
+        return (gmax, gmax.max(-1)) + ((s,) if keep_scores else ())
 
-    _, out = lax.scan(pass1, None, jnp.arange(nt, dtype=jnp.int32))  # [nt, Qt, gpt], [nt, Qt] (, scores)
+    masked = jnp.asarray(NEG, jnp.float32).astype(qh.dtype).astype(jnp.float32)  # a masked key's pass-1 score
+
+    def empty(i):
+        from fot.ops.attention import full
+        return (full((qt, gpt), masked, vma), full((qt,), masked, vma)) + (
+            (full((qt, gpt, group), masked, vma),) if keep_scores else ())
+
+    def step(_, i):
+        if not (jax.default_backend() == "cpu" if skip_empty is None else skip_empty):
+            return None, scored(i)
+        return None, lax.cond(lax.dynamic_slice_in_dim(key_mask, i * tile, tile, axis=1).any(), scored, empty, i)
+
+    _, out = lax.scan(step, None, jnp.arange(nt, dtype=jnp.int32))  # [nt, Qt, gpt], [nt, Qt] (, scores)
     gm, tm = out[:2]
     tm = tm.T  # [Qt, nt]
     if keep_scores:
