@@ -211,6 +211,25 @@ def test_blocked_fill_on_a_mesh_equals_single_device(rng):
     _assert_same(got, want)
 
 
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_batched_several_layer_fill_on_a_mesh_equals_single_device(rng, top_k):
+    """Several memory layers, stores sharded over a mesh (batch over ``data``, memory length over
+    ``model``): the batched layer-by-layer fill leaves the single-device memory and keeps the sharding."""
+    from fot.parallel import make_mesh
+    model, params = _model((1, 2), num_layers=3)
+    b, nw, capacity = 2, 8, 8 * W
+    tokens = rng.integers(0, V, (b, nw * W)).astype(np.int32)
+    km = rng.random((b, nw * W)) > 0.25
+    cfg = WindowedConfig(window=W, top_k=top_k, mem_dtype="float32")
+    plain = MemoryInference(model, params, cfg)
+    sharded = MemoryInference(model, params, cfg, mesh=make_mesh({"data": 2, "model": 4}))
+    want = plain.fill(plain.init_memory(b, capacity), tokens, km, parallel=False)
+    sharded._mem_kv_fn = None  # the window-by-window path would call it
+    got = sharded.fill(sharded.init_memory(b, capacity), tokens, km, windows_per_call=4)
+    assert got[2].keys.sharding.spec[:2] == ("data", "model")
+    _assert_same(got, want)
+
+
 def test_fill_and_clear_programs_write_the_store_in_place():
     """Structural check for a bf16 store: the scanned fill (one memory layer; several: appends, then
     window-causal reads of the same store) and clear are donated and never copy or upcast the whole
