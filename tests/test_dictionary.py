@@ -1,8 +1,10 @@
 """Dictionary-lookup generator: well-formed records, answers match definitions, k-packing, resume."""
+import dataclasses
+
 import numpy as np
 import pytest
 
-from fot.data.dictionary import KEY, PAD, QUERY, VALUE, DictionaryLookupIterator, DictionarySpec
+from fot.data.dictionary import KEY, PAD, QUERY, VALUE, DictionaryLookupIterator, DictionarySpec, generate_documents
 
 
 def _parse_document(tokens, key_len, value_len):
@@ -182,6 +184,24 @@ def test_key_symbols_share_one_alphabet_per_step_and_make_hard_negatives():
         DictionarySpec(key_len=4, vocab_size=64, key_symbols=61)
     with pytest.raises(ValueError, match="distinct keys"):
         DictionarySpec(key_len=1, vocab_size=64, doc_len=512, key_symbols=3)
+
+
+def test_hard_keys_are_unique_across_the_whole_step():
+    """With ``key_symbols`` one step's keys come from A**K ids only: no key may repeat in another document of
+    the step with another value (a crossbatch negative identical to the query's key is a contradiction);
+    plain keys stay unique per document; too few distinct keys for the step is refused."""
+    spec = DictionarySpec(key_len=4, value_len=4, vocab_size=64, doc_len=128, query_len=64, key_symbols=6)
+    for block in range(5):
+        docs = generate_documents(np.random.default_rng([11, block]), 32, spec)
+        keys = docs["keys"].reshape(-1, 4)  # [32 * n_def, K]
+        assert len({tuple(k) for k in keys}) == len(keys)
+        assert len(np.unique(keys)) <= 6
+    plain = dataclasses.replace(spec, key_symbols=None)
+    docs = generate_documents(np.random.default_rng(3), 32, plain)
+    assert all(len({tuple(k) for k in doc}) == len(doc) for doc in docs["keys"])
+    tight = DictionarySpec(key_len=2, value_len=4, vocab_size=64, doc_len=128, query_len=64, key_symbols=4)
+    with pytest.raises(ValueError, match=r"only 16 distinct keys for the 8 x \d+ definitions"):
+        generate_documents(np.random.default_rng(0), 8, tight)
 
 
 def test_key_symbols_from_step_starts_the_hard_keys_at_that_step_and_resumes():

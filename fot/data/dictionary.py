@@ -44,7 +44,10 @@ class DictionarySpec:
     key_symbols: if set, the keys of one ``generate_documents`` call (one training step's documents in
       ``DictionaryDocuments``) are spelled from one random subset of this many symbols (values still use
       all of them): near-miss keys sharing 1..K-1 tokens with a query become common among its crossbatch
-      negatives (hard negatives; an option of this implementation, not the paper's). None: all symbols.
+      negatives (hard negatives; an option of this implementation, not the paper's). The keys of such a
+      block are unique across all its documents (A**K must hold them all): with A = 8, per-document
+      uniqueness alone left ~5% of queries an identical key with another value among their negatives,
+      a contradiction no model can fit. None: all symbols (keys unique per document).
     """
 
     key_len: int = 4
@@ -125,7 +128,14 @@ def generate_documents(rng: np.random.Generator, num_docs: int, spec: Dictionary
     A = spec.key_alphabet
     # Unique keys per document: draw key ids without replacement from A**K, then spell them in base A.
     total = A ** K
-    if total <= 2**62:
+    if spec.key_symbols is not None:  # unique across the block: no negative repeats a query's key
+        if total < num_docs * n_def:
+            raise ValueError(f"key_symbols={A}, key_len={K}: only {total} distinct keys for the {num_docs} x "
+                             f"{n_def} definitions of one step's documents (they must all differ)")
+        key_ids = rng.choice(total, size=num_docs * n_def, replace=False).reshape(num_docs, n_def)
+        digits = A ** np.arange(K - 1, -1, -1, dtype=np.int64)
+        keys = (key_ids[..., None] // digits) % A
+    elif total <= 2**62:
         key_ids = np.stack([rng.choice(total, size=n_def, replace=False) for _ in range(num_docs)])
         digits = A ** np.arange(K - 1, -1, -1, dtype=np.int64)
         keys = (key_ids[..., None] // digits) % A
