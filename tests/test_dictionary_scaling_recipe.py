@@ -61,7 +61,15 @@ def test_scaling_recipe_is_the_papers_task_with_the_tuned_memory_temperature(rec
     assert gin.query_parameter("train.curriculum").selector == "SwitchOnAccuracy"
     assert (gin.query_parameter("SwitchOnAccuracy.before"), gin.query_parameter("SwitchOnAccuracy.after")) \
         == (1, it.batch_size - 1)
-    assert _resolve(gin, gin.query_parameter("train.total_steps")) == 1250
+    total = _resolve(gin, gin.query_parameter("train.total_steps"))
+    assert total == 2000
+    # the hard phase's learning rate: constant 3e-3 (warm-up 100) to step 1000, cosine to 3e-5 at the end
+    from fot.training.optim import make_schedule
+    lr = gin.get_configurable("fot.training.make_schedule")()
+    const = make_schedule("constant", peak_lr=3e-3, warmup_steps=100)
+    assert all(float(lr(s)) == float(const(s)) for s in (0, 50, 100, 500, 999))
+    assert float(lr(1500)) == pytest.approx((3e-3 + 3e-5) / 2, rel=1e-4)
+    assert float(lr(total)) == pytest.approx(3e-5, rel=1e-4)
     assert gin.query_parameter("train.max_train_seconds") is None
 
     # its final evaluation: sizes the task can hold, exact top-k, held-out seed
