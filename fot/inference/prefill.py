@@ -11,8 +11,9 @@ its attention (``aux["mem_kv"]`` of the Decoder). Hence, for a prompt cut into w
   once (:func:`fill_memory_layers`): a memory layer's keys/values are computed for every window and
   appended first; then its attention runs with a window-granular causal memory
   (``fot.model.state.FillMemory``: window t sees the store without the slots of windows t..C-1, exactly
-  what it read streaming) — exact as long as the call's appends evict no valid slot; otherwise the caller
-  streams window by window (:func:`memory_layers_kv`);
+  what it read streaming; slots the call overwrites keep their previous contents for the windows before
+  the overwrite) — exact; the caller streams window by window (:func:`memory_layers_kv`) only when the
+  store's write pointer is not aligned to the window;
 * layers above the last memory layer and the output head never run.
 
 The functions run the Decoder's own submodules on the matching subtrees of its ``params`` through
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 from fot import memory as fmem
 from fot.model import LayerKV, LayerMemory, ModelConfig, embed_tokens, run_layers
 from fot.model.state import FillMemory
+from fot.ops import bits
 
 
 def hidden_below(cfg: ModelConfig, params, tokens: jax.Array, positions: jax.Array, stop: int,
@@ -56,17 +58,18 @@ def memory_layers_kv(cfg: ModelConfig, params, x: jax.Array, positions: jax.Arra
 
 
 def fill_memory_layers(cfg: ModelConfig, params, stores: Mapping[int, fmem.MemoryStore], rows: jax.Array,
-                       key_mask: jax.Array, top_k: int | None, mesh=None) -> dict[int, fmem.MemoryStore]:
+                       key_mask: jax.Array, top_k: int | None, mesh=None, evicts: bool = False
+                       ) -> dict[int, fmem.MemoryStore]:
     """Append C windows to every memory layer's store, layer by layer, all windows at once.
 
     rows int [B*C, w]: row ``b * C + t`` = window t of batch row b (local positions 0..w-1); key_mask bool
     [B, C*w]. The layers below the first memory layer run on all rows; then each memory layer's
     memory-view keys/values of all windows are appended to its store, the layer runs (below the last
     memory layer) with :class:`FillMemory` over that store, and the layers up to the next memory layer
-    follow. Returns the new stores. The caller guarantees that the appends overwrite no valid slot (else
-    window t would miss keys it saw streaming: ``fot.memory.would_evict``) and that the appends of
-    ``w`` slots write slots ``start + t*w ..`` (store capacity not a multiple of w, or the write pointer
-    a multiple of w).
+    follow. Returns the new stores. ``evicts`` (``fot.memory.would_evict``): the appends may overwrite
+    valid slots; their previous contents are kept for the windows that still saw them
+    (``FillMemory.overwritten``). The caller guarantees C*w <= capacity and that the appends of ``w``
+    slots write slots ``start + t*w ..`` (capacity not a multiple of w, or the write pointer a multiple of w).
     """
     b = key_mask.shape[0]
     positions = jnp.broadcast_to(jnp.arange(rows.shape[1], dtype=jnp.int32), rows.shape)  # [B*C, w]
@@ -77,11 +80,15 @@ def fill_memory_layers(cfg: ModelConfig, params, stores: Mapping[int, fmem.Memor
         memory = None
         if cfg.is_memory_layer(i):
             k, v = run_layers(cfg, params, x, positions, range(i, i + 1), mesh=mesh)[1][i]  # [B*C, w, Hkv, Dh]
-            start = out[i].write_pos
+            start, old = out[i].write_pos, None
+            if evicts and i != last:  # the previous contents of the slots this call writes [B, C*w, ...]
+                slots = (start + jnp.arange(key_mask.shape[1], dtype=jnp.int32)) % out[i].capacity
+                cut = lambda x: x[:, slots]  # noqa: E731
+                old = LayerMemory(bits.move(cut, out[i].keys), bits.move(cut, out[i].values), cut(out[i].mask))
             out[i] = _append_windows(out[i], k, v, key_mask)
             if i == last:
                 break
-            memory = {i: FillMemory(out[i].view(), start)}
+            memory = {i: FillMemory(out[i].view(), start, old)}
         x = run_layers(cfg, params, x, positions, range(i, i + 1), memory=memory, top_k=top_k, mesh=mesh)[0]
     return out
 

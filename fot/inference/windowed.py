@@ -64,7 +64,7 @@ class MemoryInference:
         self._prefix_fn = jax.jit(self._prefix_impl, static_argnames=("hidden",))
         self._mem_kv_fn = jax.jit(self._mem_kv_impl)
         self._fill_fn = jax.jit(self._fill_impl, donate_argnums=(1,), static_argnames=("block",))
-        self._fill_layers_fn = jax.jit(self._fill_layers_impl, donate_argnums=(1,))
+        self._fill_layers_fn = jax.jit(self._fill_layers_impl, donate_argnums=(1,), static_argnames=("evicts",))
         self._clear_fn = jax.jit(lambda stores: {i: fmem.clear(s) for i, s in stores.items()}, donate_argnums=(0,))
 
     # ---------------------------------------------------------------------------------------------
@@ -288,22 +288,23 @@ class MemoryInference:
         return self._constrain({layer: store})
 
     def _fill_streaming(self, stores, tokens, key_mask, windows_per_call, progress):
-        """Several memory layers, per call of ``windows_per_call`` windows per row: layer by layer over all
-        the call's windows at once, each window attending to the memory the earlier ones left
-        (``prefill.fill_memory_layers``), when the fill evicts no valid slot; otherwise (FIFO overflow) the
-        layers below the first memory layer at once, then layers ``m0 .. m_last`` window by window."""
+        """Several memory layers, calls of ``windows_per_call`` windows per row (<= capacity / w if the fill
+        evicts): ``prefill.fill_memory_layers``; if the write pointer is not aligned to the window, the layers
+        below the first memory layer at once, then ``m0 .. m_last`` window by window."""
         b, n = tokens.shape
         w = self.config.window
         nw = n // w
         per_call = windows_per_call or max(1, (1 << 16) // (b * w))
         first = stores[self.mem_layers[0]]  # appends of w slots write slots pos.. (fot.memory.append):
-        aligned = first.capacity % w or int(first.write_pos) % w == 0
-        batched = aligned and not fmem.would_evict(stores, n)
+        batched = first.capacity >= w and (first.capacity % w or int(first.write_pos) % w == 0)
+        if evicts := batched and fmem.would_evict(stores, n):
+            per_call = min(per_call, first.capacity // w)
         for j in range(0, nw, per_call):
             c = min(per_call, nw - j)
             rows = jnp.asarray(tokens[:, j * w:(j + c) * w].reshape(b * c, w))  # [B*c, w]: a window per row
             if batched:
-                stores = self._fill_layers_fn(self.params, stores, rows, jnp.asarray(key_mask[:, j * w:(j + c) * w]))
+                stores = self._fill_layers_fn(self.params, stores, rows, jnp.asarray(key_mask[:, j * w:(j + c) * w]),
+                                              evicts=evicts)
             else:
                 x, _ = self._prefix_fn(self.params, rows, hidden=True)  # x [B*c, w, D]
                 for t in range(c):
@@ -322,10 +323,10 @@ class MemoryInference:
         x = prefill.hidden_below(self.model_config, params, rows, pos, self.mem_layers[0], self.mesh)
         return (x if hidden else None), prefill.first_memory_kv(self.model_config, params, x, pos, self.mesh)
 
-    def _fill_layers_impl(self, params, stores, rows, key_mask):
+    def _fill_layers_impl(self, params, stores, rows, key_mask, evicts=False):
         """Donated stores: :func:`prefill.fill_memory_layers` of windows ``rows`` [B*C, w]."""
         return self._constrain(prefill.fill_memory_layers(self.model_config, params, stores, rows, key_mask,
-                                                          self.config.top_k, self.mesh))
+                                                          self.config.top_k, self.mesh, evicts))
 
     def _mem_kv_impl(self, params, stores, x):
         """Read-only: memory-view (k, v) of every memory layer for one window x [B, w, D]."""

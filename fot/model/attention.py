@@ -92,7 +92,7 @@ def fill_memory_attention(p: Projected, fill: FillMemory, mesh=None, top_k: int 
     """Memory attention of a memory-prefill call (rows = windows, see :class:`FillMemory`): a scan over
     the C windows, window t running ``fot.ops.memory_attention`` on its rows of every batch row against the
     store with ``fill.window_mask(t)`` (what it saw streaming) → (out [B*C,w,H,Dh], stats or None)."""
-    mem = fill.memory
+    mem = fill.view()  # [B, M (+ C*w), ...]
     b = mem.mask.shape[0]
     r, w = p.q.shape[:2]
     c = r // b
@@ -129,7 +129,7 @@ def memory_only_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs,
     (out [B,T,H,Dh], has_memory bool [B]: the row sees at least one valid memory key)."""
     if isinstance(memory, FillMemory):
         out, _ = fill_memory_attention(p, memory, mesh, include_local=False)
-        return out, memory.counts(p.q.shape[0] // memory.memory.mask.shape[0], p.q.shape[1]) > 0
+        return out, memory.counts(p.q.shape[0] // memory.store.mask.shape[0], p.q.shape[1]) > 0
     if memory is None:  # training: the extra rows
         out, _ = crossbatch_attention(cfg, p, inputs, mesh, include_local=False)
         b = p.q.shape[0]

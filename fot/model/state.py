@@ -42,30 +42,40 @@ class LayerMemory(NamedTuple):
 class FillMemory(NamedTuple):
     """Memory prefill with a call's windows as the rows of one batch (``fot.inference.prefill``).
 
-    Row ``b * C + t`` of the layer input ``[B*C, w, D]`` is window ``t`` of batch row ``b``. ``memory`` is
+    Row ``b * C + t`` of the layer input ``[B*C, w, D]`` is window ``t`` of batch row ``b``. ``store`` is
     the layer's store (``[B, M, ...]``) *after* the memory-view keys/values of all C windows were
-    appended at slots ``start .. start + C*w - 1`` (mod M); window ``t`` sees the valid slots that windows
-    ``t .. C-1`` did not write, i.e. exactly the store it read when the windows streamed one by one,
-    provided those appends overwrote no valid slot (the caller checks this).
+    appended at slots ``start .. start + C*w - 1`` (mod M, C*w <= M); ``overwritten`` (or None when the
+    appends overwrote no valid slot) holds those slots' previous contents ``[B, C*w, ...]``. Window ``t``
+    sees the valid store slots that windows ``t .. C-1`` did not write, plus the previous contents of the
+    slots they did write — exactly the store it read when the windows streamed one by one.
     """
 
-    memory: LayerMemory
+    store: LayerMemory
     start: jax.Array  # int32 scalar: the store's write position before the C windows were appended
+    overwritten: LayerMemory | None = None
+
+    def view(self) -> LayerMemory:
+        """The memory windows read: the store, followed by ``overwritten`` when given ([B, M (+ C*w), ...])."""
+        if self.overwritten is None:
+            return self.store
+        return LayerMemory(*(jnp.concatenate([a, b.astype(a.dtype)], axis=1)
+                             for a, b in zip(self.store, self.overwritten)))
 
     def window_mask(self, t, c: int, w: int) -> jax.Array:
-        """bool [B, M]: the slots window ``t`` (int, may be traced) of ``c`` windows of ``w`` tokens sees."""
-        m = self.memory.mask.shape[1]
+        """bool [B, M (+ C*w)] over :meth:`view`: the slots window ``t`` (int, may be traced) of ``c``
+        windows of ``w`` tokens sees."""
+        m = self.store.mask.shape[1]
         order = (jnp.arange(m, dtype=jnp.int32) - self.start) % m  # [M] write order within this call
-        return self.memory.mask & ~((order >= t * w) & (order < c * w))[None, :]
+        mask = self.store.mask & ~((order >= t * w) & (order < c * w))[None, :]
+        if self.overwritten is None:
+            return mask
+        unwritten = jnp.arange(c * w, dtype=jnp.int32) >= t * w  # [C*w]: not yet overwritten for window t
+        return jnp.concatenate([mask, self.overwritten.mask & unwritten[None, :]], axis=1)
 
     def counts(self, c: int, w: int) -> jax.Array:
         """float32 [B*C]: valid memory slots each row (window) sees (``window_mask`` summed)."""
-        b, m = self.memory.mask.shape
-        slots = (self.start + jnp.arange(c * w, dtype=jnp.int32)) % m  # [C*w] slots written by the call
-        new = self.memory.mask[:, slots].reshape(b, c, w).sum(-1).astype(jnp.float32)  # [B, C]
-        before = jnp.cumsum(new, axis=1) - new  # [B, C] valid keys of the call's earlier windows
-        older = self.memory.mask.sum(-1).astype(jnp.float32) - new.sum(-1)  # [B] valid keys before the call
-        return (older[:, None] + before).reshape(b * c)
+        seen = jax.vmap(lambda t: self.window_mask(t, c, w).sum(-1))(jnp.arange(c, dtype=jnp.int32))  # [C, B]
+        return seen.T.reshape(-1).astype(jnp.float32)
 
 
 class LayerInputs(NamedTuple):
@@ -131,7 +141,7 @@ def check_memory(cfg: ModelConfig, memory, batch: int) -> dict[int, LayerMemory]
         if i not in cfg.mem_layers:
             raise ValueError(f"memory given for layer {i}, which is not in mem_layers={list(cfg.mem_layers)}")
         if isinstance(entry, FillMemory):
-            nb = entry.memory.mask.shape[0]
+            nb = entry.store.mask.shape[0]
             if batch % nb:
                 raise ValueError(f"memory[{i}] (prefill windows): {batch} rows are not windows of {nb} batch rows")
             out[i] = entry

@@ -31,7 +31,7 @@ def keys_in_view(positions, extra_rows=None, extra_key_mask=None, memory=None) -
         extra = jnp.where(rows >= 0, jnp.take(per_row, jnp.clip(rows, 0, b - 1)), 0.0).sum(-1)  # [B]
         n = n + extra[:, None]
     elif isinstance(memory, FillMemory):  # memory prefill: rows are windows, each sees its own share
-        n = n + memory.counts(positions.shape[0] // memory.memory.mask.shape[0], positions.shape[1])[:, None]
+        n = n + memory.counts(positions.shape[0] // memory.store.mask.shape[0], positions.shape[1])[:, None]
     elif memory is not None:
         n = n + memory.mask.astype(jnp.float32).sum(-1)[:, None]
     return n
