@@ -199,6 +199,9 @@ def test_hard_keys_are_unique_across_the_whole_step():
     plain = dataclasses.replace(spec, key_symbols=None)
     docs = generate_documents(np.random.default_rng(3), 32, plain)
     assert all(len({tuple(k) for k in doc}) == len(doc) for doc in docs["keys"])
+    huge = DictionarySpec(key_len=22, value_len=4, vocab_size=64, doc_len=512, key_symbols=8)  # 8**22 > 2**62 ids
+    keys = generate_documents(np.random.default_rng(4), 4, huge)["keys"]
+    assert len(np.unique(keys)) <= 8 and keys.shape[-1] == 22
     tight = DictionarySpec(key_len=2, value_len=4, vocab_size=64, doc_len=128, query_len=64, key_symbols=4)
     with pytest.raises(ValueError, match=r"only 16 distinct keys for the 8 x \d+ definitions"):
         generate_documents(np.random.default_rng(0), 8, tight)

@@ -126,21 +126,21 @@ def generate_documents(rng: np.random.Generator, num_docs: int, spec: Dictionary
     n_def, n_q = spec.definitions, spec.queries
     S = spec.num_symbols
     A = spec.key_alphabet
-    # Unique keys per document: draw key ids without replacement from A**K, then spell them in base A.
+    # Unique keys per document (with key_symbols: per block): draw key ids without replacement from A**K,
+    # then spell them in base A.
     total = A ** K
-    if spec.key_symbols is not None:  # unique across the block: no negative repeats a query's key
-        if total < num_docs * n_def:
-            raise ValueError(f"key_symbols={A}, key_len={K}: only {total} distinct keys for the {num_docs} x "
-                             f"{n_def} definitions of one step's documents (they must all differ)")
-        key_ids = rng.choice(total, size=num_docs * n_def, replace=False).reshape(num_docs, n_def)
-        digits = A ** np.arange(K - 1, -1, -1, dtype=np.int64)
-        keys = (key_ids[..., None] // digits) % A
-    elif total <= 2**62:
-        key_ids = np.stack([rng.choice(total, size=n_def, replace=False) for _ in range(num_docs)])
-        digits = A ** np.arange(K - 1, -1, -1, dtype=np.int64)
-        keys = (key_ids[..., None] // digits) % A
-    else:  # astronomically many keys: rejection of duplicates is cheap.
+    if total > 2**62:  # astronomically many keys: rejection of duplicates is cheap.
         keys = rng.integers(0, A, size=(num_docs, n_def, K))
+    else:
+        if spec.key_symbols is None:
+            key_ids = np.stack([rng.choice(total, size=n_def, replace=False) for _ in range(num_docs)])
+        else:  # unique across the block: no negative repeats a query's key
+            if total < num_docs * n_def:
+                raise ValueError(f"key_symbols={A}, key_len={K}: only {total} distinct keys for the {num_docs} x "
+                                 f"{n_def} definitions of one step's documents (they must all differ)")
+            key_ids = rng.choice(total, size=num_docs * n_def, replace=False).reshape(num_docs, n_def)
+        digits = A ** np.arange(K - 1, -1, -1, dtype=np.int64)
+        keys = (key_ids[..., None] // digits) % A
     if spec.key_symbols is not None:  # one random alphabet of A symbols for the whole block
         keys = rng.permutation(S)[:A][keys]
     keys = keys.astype(np.int32) + NUM_SPECIAL
