@@ -35,13 +35,12 @@ from fot.data.dictionary import DictionarySpec, generate_documents
 from fot.eval import resources
 from fot.eval.baseline import FullContext
 from fot.eval.plotting import line_plot
-from fot.inference.windowed import MemoryInference, WindowedConfig
+from fot.inference.windowed import FILL_LAYERS_CALL_TOKENS, MemoryInference, WindowedConfig
 from fot.keyword_api import keyword_api
 from fot.training.step import token_sums
 
 HOST_BYTES_PER_TOKEN = 48  # one generated document while it is laid out: int32 tokens/segment, answer, copies
 HOST_DOCUMENT_BATCHES = 2  # batches of documents held at once: the scored one and the next (generated meanwhile)
-FILL_TOKENS_PER_CALL = 1 << 16  # bound on the fill's activations (tokens at once; it scans 4K-token blocks)
 
 
 _token_sums = jax.jit(token_sums)
@@ -117,8 +116,8 @@ def memory_bytes_per_token(model_config, mem_dtype: str) -> int:
 def estimate_bytes(model_config, n: int, rows: int, mem_dtype: str) -> int:
     """Host-memory estimate of one batch of ``rows`` documents of memory size ``n``: the stores, the
     generated documents (this batch's and the next's) and the prefill's activations (one call of
-    ``FILL_TOKENS_PER_CALL`` tokens, an upper bound: the fill scans smaller blocks)."""
-    act = FILL_TOKENS_PER_CALL * 4 * (8 * model_config.d_model + 3 * model_config.mlp_dim)
+    ``FILL_LAYERS_CALL_TOKENS`` tokens, the fill's largest program: one memory layer scans smaller blocks)."""
+    act = FILL_LAYERS_CALL_TOKENS * 4 * (8 * model_config.d_model + 3 * model_config.mlp_dim)
     docs = HOST_DOCUMENT_BATCHES * HOST_BYTES_PER_TOKEN
     return rows * n * (memory_bytes_per_token(model_config, mem_dtype) + docs) + act
 

@@ -33,6 +33,7 @@ from fot.model import check_token_ids, run_window
 
 FILL_CALL_TOKENS = 1 << 18  # tokens (all rows) per jitted fill call (one memory layer)
 FILL_BLOCK_TOKENS = 4096  # tokens (all rows) per scan step inside a fill call: activations stay in cache
+FILL_LAYERS_CALL_TOKENS = 1 << 16  # tokens (all rows) per call of a fill through several memory layers
 
 
 def _pad_to(x: np.ndarray, length: int, value=0) -> np.ndarray:
@@ -291,10 +292,9 @@ class MemoryInference:
         """Several memory layers, calls of ``windows_per_call`` windows per row (<= capacity / w if the fill
         evicts): ``prefill.fill_memory_layers``; if the write pointer is not aligned to the window, the layers
         below the first memory layer at once, then ``m0 .. m_last`` window by window."""
-        b, n = tokens.shape
-        w = self.config.window
+        (b, n), w = tokens.shape, self.config.window
         nw = n // w
-        per_call = windows_per_call or max(1, (1 << 16) // (b * w))
+        per_call = windows_per_call or max(1, FILL_LAYERS_CALL_TOKENS // (b * w))
         first = stores[self.mem_layers[0]]  # appends of w slots write slots pos.. (fot.memory.append):
         batched = first.capacity >= w and (first.capacity % w or int(first.write_pos) % w == 0)
         if evicts := batched and fmem.would_evict(stores, n):

@@ -217,8 +217,10 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vm
         return (full((qt, gpt), masked, vma), full((qt,), masked, vma)) + (
             (full((qt, gpt, group), masked, vma),) if keep_scores else ())
 
+    skip = jax.default_backend() == "cpu" if skip_empty is None else skip_empty
+
     def step(_, i):
-        if not (jax.default_backend() == "cpu" if skip_empty is None else skip_empty):
+        if not skip:
             return None, scored(i)
         return None, lax.cond(lax.dynamic_slice_in_dim(key_mask, i * tile, tile, axis=1).any(), scored, empty, i)
 
