@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from fot import memory as fmem
 from fot.model import LayerKV, LayerMemory, ModelConfig, embed_tokens, run_layers
-from fot.model.state import FillMemory
+from fot.model.state import FillMemory, windows_first
 from fot.ops import bits
 
 
@@ -99,6 +99,5 @@ def _append_windows(store: fmem.MemoryStore, k: jax.Array, v: jax.Array, key_mas
     ``fot.memory.append``), in place."""
     b = key_mask.shape[0]
     c, w = k.shape[0] // b, k.shape[1]
-    per_window = lambda x: jnp.swapaxes(x.reshape((b, c) + x.shape[1:]), 0, 1)  # noqa: E731  [C, B, w, ...]
-    xs = (per_window(k), per_window(v), jnp.swapaxes(key_mask.reshape(b, c, w), 0, 1))  # key_mask [C, B, w]
+    xs = (windows_first(k, b), windows_first(v, b), jnp.swapaxes(key_mask.reshape(b, c, w), 0, 1))  # [C, B, w, ...]
     return jax.lax.scan(lambda st, x: (fmem.append(st, *x), None), store, xs)[0]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from fot import ops
 from fot.model.config import ModelConfig
 from fot.model.layers import dense
-from fot.model.state import FillMemory, LayerInputs, LayerKV, LayerMemory
+from fot.model.state import FillMemory, LayerInputs, LayerKV, LayerMemory, windows_first
 from fot.model.temperature import keys_in_view, temperature_from_param, temperature_param_name
 from fot.parallel import with_logical_constraint
 
@@ -96,7 +96,6 @@ def fill_memory_attention(p: Projected, fill: FillMemory, mesh=None, top_k: int 
     b = mem.mask.shape[0]
     r, w = p.q.shape[:2]
     c = r // b
-    split = lambda x: jnp.swapaxes(x.reshape((b, c) + x.shape[1:]), 0, 1)  # noqa: E731  [B*C,...] -> [C,B,...]
 
     def window(_, xs):
         t, q, k, v = xs  # q [B,w,H,Dh], k, v [B,w,Hkv,Dh]
@@ -105,7 +104,8 @@ def fill_memory_attention(p: Projected, fill: FillMemory, mesh=None, top_k: int 
                                         return_stats=True)
         return None, (o, stats["mem_mass"])
 
-    _, (o, mass) = jax.lax.scan(window, None, (jnp.arange(c, dtype=jnp.int32), split(p.q), split(p.k), split(p.v)))
+    xs = (jnp.arange(c, dtype=jnp.int32),) + tuple(windows_first(x, b) for x in (p.q, p.k, p.v))  # [C, B, w, ...]
+    _, (o, mass) = jax.lax.scan(window, None, xs)
     merge = lambda x: jnp.swapaxes(x, 0, 1).reshape((r,) + x.shape[2:])  # noqa: E731  [C,B,...] -> [B*C,...]
     return merge(o), ({"mem_mass": merge(mass)} if collect else None)
 

@@ -78,6 +78,11 @@ class FillMemory(NamedTuple):
         return seen.T.reshape(-1).astype(jnp.float32)
 
 
+def windows_first(x: jax.Array, b: int) -> jax.Array:
+    """[B*C, ...] (row ``b * C + t`` = window t of batch row b, as in :class:`FillMemory`) → [C, B, ...]."""
+    return jnp.swapaxes(x.reshape((b, x.shape[0] // b) + x.shape[1:]), 0, 1)
+
+
 class LayerInputs(NamedTuple):
     """Per-call inputs every layer reads (memory layers alone read the crossbatch fields).
 
