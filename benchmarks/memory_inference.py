@@ -18,14 +18,13 @@ keys/values kept). Target (issue 14): prefill ≥ 0.8x the no-memory forward's t
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks.common import emit
+from benchmarks.common import best_times, emit
 from benchmarks.topk import _load, _time  # best-of-repeats wall time after a warm-up call; uptime load
 from fot import memory as fmem
 from fot.inference import MemoryInference, WindowedConfig
@@ -72,17 +71,6 @@ def appends(capacities, *, t=4096, repeats=5):
         print(f"[append] {cap:>8} slots: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "capacity"),
               flush=True)
     return rows
-
-
-def _timed(fn, repeats):
-    """(best wall s, best process CPU s) of ``repeats`` calls after a warm-up call."""
-    jax.block_until_ready(fn())
-    wall = cpu = float("inf")
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn())
-        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
-    return wall, cpu
 
 
 def layer_flops(cfg, tokens, window, *, attention=True, mlp=True):
@@ -151,7 +139,7 @@ def prefill(n_tokens, *, repeats=2):
                 continue  # the previous fill streamed every window through the whole model: not comparable
             if label == "lower layers" and m0 == 0:
                 continue
-            wall, cpu = _timed(fn, repeats)
+            wall, cpu = best_times(fn, repeats)
             row[label] = round(n_tokens / wall, 1)
             row[label + " cpu_s"] = round(cpu, 3)
         full, pre, low = prefill_flops(cfg, n_tokens, window)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from benchmarks.common import emit
+from benchmarks.common import best_times, emit
 from fot.ops import topk_scores
 
 
@@ -52,13 +52,8 @@ def full_topk(queries, keys, k: int):
 
 
 def _time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile + warm
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """Best wall time of ``repeats`` calls after a warm-up call."""
+    return best_times(fn, repeats)[0]
 
 
 def _temp_bytes(jitted, *args) -> int:
