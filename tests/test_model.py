@@ -26,7 +26,9 @@ def init(cfg, rng, b=B, t=T):
     # Make non-trivial norm scales / per-head params so they are exercised.
     params = jax.tree_util.tree_map_with_path(
         lambda path, x: x * (1 + 0.3 * jnp.asarray(rng.standard_normal(x.shape), x.dtype))
-        if any(getattr(p, "key", "") in ("scale", "qk_scale", "qk_log_scale") for p in path) else x, params)
+        if any(getattr(p, "key", "") in ("scale", "qk_scale", "qk_log_scale") for p in path) else
+        x + jnp.asarray(rng.standard_normal(x.shape), x.dtype) if getattr(path[-1], "key", "") == "key_smear"
+        else x, params)
     return params, tokens
 
 
@@ -64,6 +66,9 @@ def ref_forward(p, cfg, tokens, extra_rows=None, key_mask=None, positions=None):
         y = _rms(x, lp["attn_norm"]["scale"], cfg.norm_eps)
         q, k, v = [(y @ a[n]["kernel"]).reshape(b, t, h, dh) for n in "qkv"]
         mem = i in cfg.mem_layers
+        if mem and cfg.mem_key_smear:  # k'_t = s k_t + (1 - s) k_{t-1}; position 0 keeps its key
+            sm = jax.nn.sigmoid(a["key_smear"])[:, None]
+            k = sm * k + (1 - sm) * jnp.concatenate([k[:, :1], k[:, :-1]], 1)
         scale = dh ** -0.5
         if mem and cfg.qk_norm:
             tau = a["qk_scale"] if "qk_scale" in a else jnp.exp(a["qk_log_scale"])  # per-head temperature
@@ -181,7 +186,8 @@ def test_qk_temperature_param_and_init(param, init_value):
                                 dict(mem_positional="none", qk_norm=True, qk_scale_param="log"),
                                 dict(qk_norm=True, qk_scale_param="log", qk_scale_n_ref=20, mem_layers=(0, 1)),
                                 dict(tie_embeddings=True, mem_layers=(0, 1)),
-                                dict(crossbatch_block_rows=2, mem_layers=(0, 1))])
+                                dict(crossbatch_block_rows=2, mem_layers=(0, 1)),
+                                dict(qk_norm=True, qk_scale_param="log", mem_key_smear=True, mem_layers=(0, 1))])
 def test_forward_and_grad_match_reference(rng, kw):
     cfg = make_cfg(**kw)
     params, tokens = init(cfg, rng)
@@ -287,7 +293,8 @@ def test_cache_path_equals_full_forward(rng, kw, segments):
 
 
 @pytest.mark.parametrize("kw", [dict(mem_layers=(0, 1)), dict(mem_positional="none", qk_norm=True),
-                                dict(mem_positional="none", qk_norm=True, qk_scale_n_ref=16), dict(mem_gate=True)])
+                                dict(mem_positional="none", qk_norm=True, qk_scale_n_ref=16), dict(mem_gate=True),
+                                dict(qk_norm=True, mem_key_smear=True, mem_layers=(0, 1))])
 def test_memory_path_equals_crossbatch(rng, kw):
     """Windows w0, w1, w2 streamed with memory = crossbatch rows [w0, w1, w2] with row r using rows < r."""
     cfg = make_cfg(**kw)

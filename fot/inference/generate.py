@@ -42,6 +42,10 @@ class Generator:
         if config.last_context_length < 1:
             raise ValueError("generation needs last_context_length >= 1 (the local cache holds the last "
                              f"prompt tokens), got {config.last_context_length}")
+        if model.config.mem_key_smear and model.config.mem_layers:
+            raise ValueError("generation does not support ModelConfig.mem_key_smear=True: smeared keys mix "
+                             "each key with the previous token's inside a window, which one-token decode "
+                             "steps do not have; evaluate such models window by window (fot.eval)")
         self.runner = MemoryInference(model, params, config, mesh=mesh)
         self.model, self.params, self.config, self.mesh = model, params, config, mesh
         self._decode = jax.jit(self._decode_impl, donate_argnums=(2, 3))

@@ -4,7 +4,7 @@ Layout ``[batch, length, heads, head_dim]``. Params: ``q`` kernel ``[D, H*Dh]``,
 ``[D, Hkv*Dh]`` (``Hkv = cfg.num_kv_heads``: grouped-query / multi-query attention; the ops group the queries
 over the kv heads without repeating them), ``o`` kernel ``[H*Dh, D]``; memory layers with ``qk_norm`` add
 ``qk_scale`` [H] (or ``qk_log_scale`` [H], see ``ModelConfig.qk_scale_param``); with ``mem_gate``
-``gate_bias`` [H]. Keys/values (caches, crossbatch extra keys, the inference memory) have Hkv heads.
+``gate_bias`` [H]; with ``mem_key_smear`` ``key_smear`` [Hkv]. Keys/values (caches, crossbatch extra keys, the inference memory) have Hkv heads.
 
 Key encodings (what the caches hold):
 * local keys (``aux["kv"]``, the generation cache): exactly what the layer's local attention consumes —
@@ -42,6 +42,22 @@ _KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
 def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     x32 = x.astype(jnp.float32)
     return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
+def smear_keys(k: jax.Array, s: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    """Smeared keys ``k'_t = s * k_t + (1 - s) * k_{t-1}`` inside the window (``ModelConfig.mem_key_smear``).
+
+    k [B,T,Hkv,Dh]; s [Hkv] in (0, 1); segment_ids [B,T] or None. Position 0 and a token whose segment
+    differs from its predecessor's mix with themselves (keep k_t). Returns [B,T,Hkv,Dh] in k's dtype.
+    """
+    k32 = k.astype(jnp.float32)
+    prev = jnp.concatenate([k32[:, :1], k32[:, :-1]], axis=1)  # [B, T, Hkv, Dh]: k_{t-1} (k_0 at t = 0)
+    if segment_ids is not None:
+        same = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                                segment_ids[:, 1:] == segment_ids[:, :-1]], axis=1)  # [B, T]
+        prev = jnp.where(same[:, :, None, None], prev, k32)
+    s = s[None, None, :, None]  # [1, 1, Hkv, 1]
+    return (s * k32 + (1.0 - s) * prev).astype(k.dtype)
 
 
 class Projected(NamedTuple):
@@ -215,6 +231,8 @@ class Attention(nn.Module):
 
         q = proj("q", h, _HEADS)  # [B, T, H, Dh]
         k, v = proj("k", hkv, _KV_HEADS), proj("v", hkv, _KV_HEADS)  # [B, T, Hkv, Dh]
+        if self.is_memory and cfg.mem_key_smear:
+            k = smear_keys(k, self._smear(), inputs.segment_ids)  # [B, T, Hkv, Dh]
         scale = None
         if self.is_memory and cfg.qk_norm:
             tau = self._temperature()[None, None, :, None]  # [1, 1, H, 1]
@@ -229,6 +247,12 @@ class Attention(nn.Module):
             q = ops.apply_rope(q, inputs.positions, theta=cfg.rope_theta)
             k = ops.apply_rope(k, inputs.positions, theta=cfg.rope_theta)
         return Projected(q, k, v, k_mem, scale)
+
+    def _smear(self) -> jax.Array:
+        """Smeared-key mix s [Hkv] = sigmoid(param ``key_smear`` [Hkv]) (float32; init 0 ⇒ 0.5)."""
+        logit = self.param("key_smear", nn.with_logical_partitioning(nn.initializers.zeros, ("kv_heads",)),
+                           (self.config.num_kv_heads,), self.config.params_dtype)
+        return jax.nn.sigmoid(logit.astype(jnp.float32))
 
     def _gate(self) -> jax.Array:
         """MT gate g [H, 1] = sigmoid(param ``gate_bias`` [H]) (float32)."""

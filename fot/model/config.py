@@ -44,6 +44,15 @@ class ModelConfig:
       mem_gate: MT-style gate in memory layers: ``g = sigmoid(attn/gate_bias[h])``,
         ``out = g * memory_only + (1 - g) * local_only`` (``g = 0`` for a row without any visible
         memory key). Off by default (FoT uses one joint softmax); dense memory only (no ``top_k``).
+      mem_key_smear: "smeared keys" in memory layers (Olsson et al. 2022, "In-context learning and
+        induction heads"): before normalisation and RoPE each key mixes in the previous token's key,
+        ``k'_t = s * k_t + (1 - s) * k_{t-1}``, ``s = sigmoid(attn/key_smear[hkv])`` (param init 0:
+        s = 0.5). A query then matches a key by the token BEFORE it — a one-layer copy (induction)
+        circuit, which a small model trained briefly does not form by composing two layers. The mix
+        runs inside each call's window (the window's first token and a token starting a new segment
+        keep their own key), so it is defined for window-by-window processing (training, memory fill,
+        windowed evaluation); token-by-token generation and HF export refuse such models. Off by default
+        (not a LLaMA model).
       rope_theta: RoPE base. norm_eps: RMSNorm epsilon. tie_embeddings: LM head = embedding^T.
       dtype: compute dtype name; param_dtype: params dtype name (float32).
       remat: ``False``/``True`` (every layer) or a sequence of layer indices to rematerialise.
@@ -70,6 +79,7 @@ class ModelConfig:
     mem_positional: str = "as_first"
     qk_norm: bool = False
     mem_gate: bool = False
+    mem_key_smear: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
