@@ -71,8 +71,7 @@ def check_exportable(cfg) -> list[str]:
         raise ValueError(f"cannot export: HF LlamaConfig requires hidden_size={cfg.d_model} divisible by "
                          f"num_attention_heads={cfg.num_heads}")
     if cfg.mem_key_smear and cfg.mem_layers:
-        raise ValueError("cannot export: ModelConfig.mem_key_smear=True (smeared memory-layer keys) has no "
-                         "HF/PyTorch implementation")
+        raise ValueError("cannot export: ModelConfig.mem_key_smear=True has no HF/PyTorch implementation")
     warnings = []
     if not llama_compatible(cfg):
         warnings.append("memory layers with " + " and ".join(
