@@ -18,7 +18,6 @@ exactly equivalent to running the short window (causal attention; masked memory 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -85,15 +84,7 @@ class MemoryInference:
         return self.init_memory(batch_size, capacity)
 
     def _constrain(self, stores):
-        if self.mesh is None:
-            return stores
-        out = {}
-        for i, s in stores.items():
-            sh = fmem.store_sharding(self.mesh, s.keys.shape, shard_length=self.config.shard_memory_length)
-            k = jax.lax.with_sharding_constraint(s.keys, sh)
-            v = jax.lax.with_sharding_constraint(s.values, sh)
-            out[i] = dataclasses.replace(s, keys=k, values=v)
-        return out
+        return fmem.constrain(stores, self.mesh, shard_length=self.config.shard_memory_length)
 
     def _forward_impl(self, params, stores, tokens, positions, reset_rows, segment_ids, collect=False):
         """Read-only: the :class:`fot.model.WindowOutput` of one window attending to ``stores`` (rows in

@@ -3,6 +3,7 @@ from fot.memory.store import (
     MemoryStore,
     append,
     clear,
+    constrain,
     init_store,
     memory_views,
     overflow_report,
@@ -15,6 +16,6 @@ from fot.memory.store import (
 )
 
 __all__ = [
-    "MemoryStore", "append", "clear", "init_store", "memory_views", "overflow_report", "reset", "shard_store",
-    "store_sharding", "store_spec", "stores_for_model", "would_evict",
+    "MemoryStore", "append", "clear", "constrain", "init_store", "memory_views", "overflow_report", "reset",
+    "shard_store", "store_sharding", "store_spec", "stores_for_model", "would_evict",
 ]

@@ -172,6 +172,24 @@ def append(store: MemoryStore, keys: jax.Array, values: jax.Array,
     return MemoryStore(new_k, new_v, new_m, new_pos, evicted, appended)
 
 
+def _each_store(fn, stores):
+    """``fn`` applied to every :class:`MemoryStore` of the pytree ``stores`` (a store, ``{layer: store}``)."""
+    return jax.tree.map(fn, stores, is_leaf=lambda x: isinstance(x, MemoryStore))
+
+
+def constrain(stores: dict[int, MemoryStore], mesh: Mesh | None, *, shard_length: bool = True):
+    """Inside ``jit``: every store's keys/values constrained to :func:`store_sharding` on ``mesh`` (identity
+    without a mesh), so a program's output stores keep the layout of its donated inputs."""
+    if mesh is None:
+        return stores
+
+    def one(s):
+        sh = store_sharding(mesh, s.keys.shape, shard_length=shard_length)
+        return dataclasses.replace(s, keys=jax.lax.with_sharding_constraint(s.keys, sh),
+                                   values=jax.lax.with_sharding_constraint(s.values, sh))
+    return _each_store(one, stores)
+
+
 def reset(store: MemoryStore, rows: jax.Array | None = None) -> MemoryStore:
     """Empty the rows where ``rows`` (bool ``[B]``) is True (all rows if None): e.g. at a document start
     in single-doc evaluation. Only the mask and counters change; stale keys are never attended.
