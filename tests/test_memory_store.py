@@ -1,4 +1,6 @@
 """fot.memory.store: FIFO ring buffer, overflow report, per-row reset, dtype, sharding."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,8 +144,6 @@ def _ring_reference(cap, appends):
         yield keys.copy(), values.copy(), mask.copy(), pos, evicted.copy(), appended.copy()
 
 
-@pytest.mark.xfail(strict=True, reason="open bug (BUILD_NOTES, issue 14 prefill2): append clamps a window that "
-                   "wraps from an unaligned pointer (capacity % T == 0); remove this mark with the fix")
 @pytest.mark.parametrize("dtype,cap,sharded", [("float32", 16, False), ("bfloat16", 16, False),
                                                ("float32", 12, False), ("bfloat16", 7, False),
                                                ("bfloat16", 16, True), ("float32", 12, True)])
@@ -153,7 +153,7 @@ def test_append_mixed_lengths_matches_ring_reference(rng, dtype, cap, sharded):
     buffer: slot contents, valid mask, pointer and counters after every append, eager and jitted, f32 and
     bf16 storage, single-device and length-sharded on a (data 2, model 4) mesh."""
     b, h, dh = 2, 2, 4
-    lengths = [3, 4, 8, 4, 5, cap, 1, cap + 3, 2] + rng.integers(1, cap + 3, size=5).tolist()
+    lengths = [4, 8, 3, 4, 8, 4, 5, cap, 1, cap + 3, 2] + rng.integers(1, cap + 3, size=5).tolist()
     if sharded:
         mesh = make_mesh({"data": 2, "model": 4})
         store = fm.stores_for_model(b, cap, [0], h, dh, dtype=dtype, mesh=mesh)[0]
@@ -166,8 +166,8 @@ def test_append_mixed_lengths_matches_ring_reference(rng, dtype, cap, sharded):
         # The storage dtype rounds once on the way in; the reference stores the same rounded numbers.
         k, v = (np.asarray(jnp.asarray(a).astype(dtype).astype(jnp.float32)) for a in (k, v))
         appends.append((k, v, rng.random((b, t)) > 0.25))
-    append = jax.jit(fm.append)
     for i, ((k, v, m), want) in enumerate(zip(appends, _ring_reference(cap, appends))):
+        append = jax.jit(fm.append) if i % 2 else fm.append
         store = append(store, jnp.asarray(k), jnp.asarray(v), jnp.asarray(m))
         what = f"append #{i} (lengths {lengths[:i + 1]})"
         wk, wv, wm, wpos, wev, wapp = want
@@ -177,7 +177,38 @@ def test_append_mixed_lengths_matches_ring_reference(rng, dtype, cap, sharded):
         np.testing.assert_array_equal(np.asarray(store.values, np.float32)[wm], wv[wm],
                                       err_msg=f"values after {what}")
         assert int(store.write_pos) == wpos, what
+        assert store.align == math.gcd(cap, *[min(t, cap) for t in lengths[:i + 1]]), what  # static alignment
+        assert wpos % store.align == 0 and cap % store.align == 0, what  # the static alignment is sound
         np.testing.assert_array_equal(np.asarray(store.evicted), wev, err_msg=f"evicted after {what}")
         np.testing.assert_array_equal(np.asarray(store.appended), wapp, err_msg=f"appended after {what}")
     assert store.keys.dtype == jnp.dtype(dtype)
     assert wev.sum() > 0  # the sequence overflows the store
+
+
+def test_static_alignment_through_jit_scan_and_host(rng):
+    """The store's static pointer alignment (``align``, pytree metadata) survives jit and a lax.scan carry
+    (``for_appends`` first: the carry keeps its structure), stays sound when a scan appends from an
+    unaligned pointer (slots as the numpy ring buffer), and ``realign`` recovers it from the pointer."""
+    b, h, dh, cap, t = 2, 2, 4, 16, 4
+    kv = lambda n: rng.standard_normal((b, n, h, dh)).astype(np.float32)  # noqa: E731
+    first = (kv(3), kv(3), rng.random((b, 3)) > 0.25)
+    steps = [(kv(t), kv(t), rng.random((b, t)) > 0.25) for _ in range(7)]  # wraps the ring from pointer 3
+    store = fm.init_store(b, cap, h, dh, dtype=jnp.bfloat16)
+    assert store.align == cap
+    store = jax.jit(fm.append)(store, *map(jnp.asarray, first))
+    assert store.align == 1 and int(store.write_pos) == 3
+    xs = tuple(jnp.asarray(np.stack(a)) for a in zip(*steps))  # [7, B, t, ...]
+    with pytest.raises(TypeError, match="carry"):  # the carry's static alignment would change (16 -> 4)
+        jax.lax.scan(lambda s, x: (fm.append(s, *x), None), fm.init_store(b, cap, h, dh), xs)
+    scan = jax.jit(lambda s, xs: jax.lax.scan(lambda c, x: (fm.append(c, *x), None), fm.for_appends(s, t), xs)[0])
+    out = scan(fm.realign(store), xs)
+    assert out.align == 1
+    *_, (wk, wv, wm, wpos, wev, wapp) = _ring_reference(cap, [first] + steps)
+    np.testing.assert_array_equal(np.asarray(out.mask), wm)
+    np.testing.assert_array_equal(np.asarray(out.keys, np.float32)[wm], np.asarray(jnp.asarray(wk, jnp.bfloat16),
+                                                                                    np.float32)[wm])
+    np.testing.assert_array_equal(np.asarray(out.evicted), wev)
+    assert int(out.write_pos) == wpos == (3 + 7 * t) % cap
+    out = jax.jit(fm.append)(out, *map(jnp.asarray, first[:2]))  # pointer back to 2 * 3 + 28 = 34 = 2 mod 16
+    assert out.align == 1 and fm.realign(out).align == 2
+    assert fm.realign({0: fm.clear(out)})[0].align == cap and fm.for_appends(fm.clear(out), 12).align == 4

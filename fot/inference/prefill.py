@@ -68,8 +68,10 @@ def fill_memory_layers(cfg: ModelConfig, params, stores: Mapping[int, fmem.Memor
     memory layer) with :class:`FillMemory` over that store, and the layers up to the next memory layer
     follow. Returns the new stores. ``evicts`` (``fot.memory.would_evict``): the appends may overwrite
     valid slots; their previous contents are kept for the windows that still saw them
-    (``FillMemory.overwritten``). The caller guarantees C*w <= capacity and that the appends of ``w``
-    slots write slots ``start + t*w ..`` (capacity not a multiple of w, or the write pointer a multiple of w).
+    (``FillMemory.overwritten``). The caller guarantees C*w <= capacity; the appends of ``w`` slots write
+    slots ``start + t*w ..`` (mod capacity): one in-place update each when the capacity and the stores'
+    static ``align`` are multiples of w (``MemoryInference`` streams window by window when only the
+    capacity is), a scatter when the capacity is not.
     """
     b = key_mask.shape[0]
     positions = jnp.broadcast_to(jnp.arange(rows.shape[1], dtype=jnp.int32), rows.shape)  # [B*C, w]
@@ -100,4 +102,5 @@ def _append_windows(store: fmem.MemoryStore, k: jax.Array, v: jax.Array, key_mas
     b = key_mask.shape[0]
     c, w = k.shape[0] // b, k.shape[1]
     xs = (windows_first(k, b), windows_first(v, b), jnp.swapaxes(key_mask.reshape(b, c, w), 0, 1))  # [C, B, w, ...]
+    store = fmem.for_appends(store, w)  # the carry keeps one static alignment through the scan
     return jax.lax.scan(lambda st, x: (fmem.append(st, *x), None), store, xs)[0]

@@ -69,17 +69,19 @@ class MemoryInference:
 
     # ---------------------------------------------------------------------------------------------
     def init_memory(self, batch_size: int, capacity: int) -> dict[int, fmem.MemoryStore]:
-        """Empty stores ``{layer: MemoryStore}`` of ``capacity`` slots for every memory layer."""
-        return fmem.stores_for_model(batch_size, capacity, self.mem_layers, self.model_config.num_kv_heads,
-                                     self.model_config.head_dim, dtype=self.config.mem_dtype, mesh=self.mesh,
-                                     shard_length=self.config.shard_memory_length)
+        """Empty stores ``{layer: MemoryStore}`` of ``capacity`` slots for every memory layer, with the static
+        pointer alignment windows keep (``fot.memory.for_appends``: one compile per program, not per history)."""
+        stores = fmem.stores_for_model(batch_size, capacity, self.mem_layers, self.model_config.num_kv_heads,
+                                       self.model_config.head_dim, dtype=self.config.mem_dtype, mesh=self.mesh,
+                                       shard_length=self.config.shard_memory_length)
+        return fmem.for_appends(stores, self.config.window)
 
     def empty_memory(self, batch_size: int, capacity: int, reuse=None) -> dict[int, fmem.MemoryStore]:
         """Empty stores as :meth:`init_memory`; ``reuse``: stores (donated) emptied in place instead when they
         have this shape — every slot invalid, pointer and counters at 0, no allocation (a new 16M-slot
         float32 store took 16-28 s to allocate and zero: page faults); otherwise freed first."""
         if reuse is not None and all(s.keys.shape[:2] == (batch_size, capacity) for s in reuse.values()):
-            return self._clear_fn(reuse)
+            return fmem.for_appends(self._clear_fn(reuse), self.config.window)
         del reuse
         return self.init_memory(batch_size, capacity)
 
@@ -120,6 +122,7 @@ class MemoryInference:
         if key_mask is None:
             key_mask = jnp.ones((b, length), bool)
         rr = None if reset_rows is None else jnp.asarray(reset_rows, bool)
+        stores = fmem.for_appends(stores, length)  # the alignment this step's append keeps: one compile
         out = self._forward_fn(self.params, stores, tokens, jnp.asarray(positions, jnp.int32), rr,
                                None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
                                collect=bool(collect_mem_mass))
@@ -240,13 +243,14 @@ class MemoryInference:
         nw = n // w
         if len(self.mem_layers) > 1:
             return self._fill_streaming(stores, tokens, key_mask, windows_per_call, progress)
+        stores = fmem.realign(stores)  # static alignment from the write pointer (host read: one sync per store)
         first = stores[self.mem_layers[0]]
-        pos, cap = int(first.write_pos), first.capacity  # host copy of the write pointer (one sync)
         # g windows per row and scan step: a cache-sized block whose appends never straddle the ring's end
-        # (store.append's contiguous path needs cap and the pointer to be multiples of the block).
+        # (store.append's single in-place update needs cap and the pointer to be multiples of the block).
         g = max(1, (block_tokens or FILL_BLOCK_TOKENS) // (b * w))
-        while g > 1 and (cap % (g * w) or pos % (g * w)):
+        while g > 1 and (first.capacity % (g * w) or first.align % (g * w)):
             g //= 2
+        stores = fmem.for_appends(stores, g * w)
         per_call = max(1, (windows_per_call or max(1, FILL_CALL_TOKENS // (b * w))) // g) * g
         j = 0
         while j < nw:
@@ -258,7 +262,7 @@ class MemoryInference:
             j += c
             if progress is not None:
                 progress(j * w)
-        return stores
+        return fmem.for_appends(stores, w)
 
     def _fill_impl(self, params, stores, tokens, key_mask, block):
         """One memory layer, donated stores: ``tokens``/``key_mask`` [B, c*w] (c windows, a multiple of
@@ -276,7 +280,7 @@ class MemoryInference:
             shape = (b, t) + tuple(k.shape[2:])
             return fmem.append(store, k.reshape(shape), v.reshape(shape), x[1]), None
 
-        store, _ = jax.lax.scan(body, stores[layer], xs)  # xs: [steps, B, t]
+        store, _ = jax.lax.scan(body, fmem.for_appends(stores[layer], t), xs)  # xs: [steps, B, t]
         return self._constrain({layer: store})
 
     def _fill_streaming(self, stores, tokens, key_mask, windows_per_call, progress):
@@ -286,8 +290,9 @@ class MemoryInference:
         (b, n), w = tokens.shape, self.config.window
         nw = n // w
         per_call = windows_per_call or max(1, FILL_LAYERS_CALL_TOKENS // (b * w))
-        first = stores[self.mem_layers[0]]  # appends of w slots write slots pos.. (fot.memory.append):
-        batched = first.capacity >= w and (first.capacity % w or int(first.write_pos) % w == 0)
+        stores = fmem.for_appends(fmem.realign(stores), w)  # host read of the pointers
+        first = stores[self.mem_layers[0]]  # the batched fill appends w slots per window in place:
+        batched = first.capacity >= w and (first.capacity % w or first.align % w == 0)
         if evicts := batched and fmem.would_evict(stores, n):
             per_call = min(per_call, first.capacity // w)
         for j in range(0, nw, per_call):

@@ -4,9 +4,11 @@ from fot.memory.store import (
     append,
     clear,
     constrain,
+    for_appends,
     init_store,
     memory_views,
     overflow_report,
+    realign,
     reset,
     shard_store,
     store_sharding,
@@ -16,6 +18,6 @@ from fot.memory.store import (
 )
 
 __all__ = [
-    "MemoryStore", "append", "clear", "constrain", "init_store", "memory_views", "overflow_report", "reset",
-    "shard_store", "store_sharding", "store_spec", "stores_for_model", "would_evict",
+    "MemoryStore", "append", "clear", "constrain", "for_appends", "init_store", "memory_views", "overflow_report",
+    "realign", "reset", "shard_store", "store_sharding", "store_spec", "stores_for_model", "would_evict",
 ]

@@ -11,19 +11,31 @@ functions, so it can be carried through ``jax.jit`` / ``lax.scan`` and sharded l
   number of slots per window, so one pointer gives exact per-row FIFO order even after per-row resets).
 * ``evicted``: int32 ``[B]``, how many valid keys of each row were overwritten (overflow report).
 * ``appended``: int32 ``[B]``, how many valid keys each row has appended since its last reset.
+* ``align``: static int (pytree metadata, not traced): a divisor of the capacity that the write pointer
+  is known to be a multiple of — the capacity for an empty store (pointer 0), then its gcd with every
+  appended length (``min(T, capacity)``) since. A lower value is always sound (the field's default 1,
+  :func:`for_appends`); only the host, reading the pointer, may raise it (:func:`realign`). Programs are
+  compiled per value (jit cache key), so callers keep it to one value per window length.
 
 Eviction is FIFO: appending ``T`` slots to a full store overwrites the ``T`` oldest ones. The write is
-a ``lax.dynamic_update_slice`` when the window never wraps around the end of the buffer (capacity a
-multiple of the window, the usual case) and a modular scatter otherwise.
+one ``lax.dynamic_update_slice`` when the window provably never wraps around the end of the buffer
+(capacity and ``align`` multiples of ``T``: streaming windows of one length, the usual case) and a
+modular scatter otherwise (any pointer: mixed lengths, an odd capacity). The choice is made at trace
+time, from ``align``: a runtime choice (``lax.cond``, masked writes) makes XLA:CPU copy a bf16 store
+on every append (BUILD_NOTES, issue 14 prefill2 / ringfix). Callers that scan appends of ``T`` slots
+lower ``align`` to what they keep first (:func:`for_appends`: a scan carry has one pytree structure).
 
-Writes are in place (the store is donated by its callers). bf16/f16 buffers are written through their
-unsigned-integer bit pattern (``fot.ops.bits``): XLA:CPU has no native bfloat16 update-slice and
+The update-slice is in place (the store is donated by its callers). bf16/f16 buffers are written through
+their unsigned-integer bit pattern (``fot.ops.bits``): XLA:CPU has no native bfloat16 update-slice and
 otherwise converts the *whole* store to float32 and back on every append (measured: 9 → 120 ms per
-4K-token append at 256K → 4M slots, vs ≤ 2 ms in place; ``benchmarks/memory_inference.py``).
+4K-token append at 256K → 4M slots, vs ≤ 2 ms in place; ``benchmarks/memory_inference.py``). The scatter
+is in place for float32 but copies a bf16 store on XLA:CPU (``benchmarks/memory_append.py``): only callers
+that mix lengths or pick an odd capacity pay it.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -47,6 +59,7 @@ class MemoryStore:
     write_pos: jax.Array
     evicted: jax.Array
     appended: jax.Array
+    align: int = dataclasses.field(default=1, metadata=dict(static=True))
 
     @property
     def capacity(self) -> int:
@@ -85,7 +98,7 @@ def init_store(batch_size: int, capacity: int, num_heads: int, head_dim: int, *,
         mask = jax.device_put(mask, NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:2])))
     # Separate buffers for every leaf (stores are donated by the inference step).
     return MemoryStore(keys, values, mask, jnp.zeros((), jnp.int32), jnp.zeros((batch_size,), jnp.int32),
-                       jnp.zeros((batch_size,), jnp.int32))
+                       jnp.zeros((batch_size,), jnp.int32), align=int(capacity))
 
 
 def store_spec(mesh: Mesh, shape: tuple[int, ...], *, shard_length: bool = True) -> PartitionSpec:
@@ -113,7 +126,7 @@ def shard_store(store: MemoryStore, mesh: Mesh, *, shard_length: bool = True) ->
         jax.device_put(store.keys, kv), jax.device_put(store.values, kv),
         jax.device_put(store.mask, NamedSharding(mesh, PartitionSpec(*spec[:2]))),
         jax.device_put(store.write_pos, rep), jax.device_put(store.evicted, rep),
-        jax.device_put(store.appended, rep))
+        jax.device_put(store.appended, rep), align=store.align)
 
 
 def _check_append(store: MemoryStore, keys, values, mask):
@@ -140,7 +153,8 @@ def append(store: MemoryStore, keys: jax.Array, values: jax.Array,
 
     FIFO: when the store is full the oldest slots are overwritten and counted in ``evicted``.
     If ``T > capacity`` only the last ``capacity`` entries are kept (the rest count as evicted).
-    Pure; jit-friendly (the shapes decide the code path statically).
+    Pure; jit-friendly: the shapes and the static ``align`` decide the code path (module docstring); the
+    result's ``align`` is ``gcd(align, T)``.
     """
     _check_append(store, keys, values, mask)
     b, cap = store.mask.shape
@@ -156,8 +170,9 @@ def append(store: MemoryStore, keys: jax.Array, values: jax.Array,
         keys, values, mask = keys[:, t - cap:], values[:, t - cap:], mask[:, t - cap:]
         t = cap
     pos = store.write_pos
-    if cap % t == 0:
-        # The pointer only takes values that are multiples of t: the window never wraps.
+    if cap % t == 0 and store.align % t == 0:
+        # The pointer is a multiple of t (static alignment): the window never wraps. One update-slice, the
+        # only write of a bf16 store that XLA:CPU keeps in place (a second write or a read copies it).
         old_mask = jax.lax.dynamic_slice_in_dim(store.mask, pos, t, axis=1)  # [B, t] slots overwritten
         new_k, new_v = _write(store.keys, keys, pos), _write(store.values, values, pos)
         new_m = jax.lax.dynamic_update_slice_in_dim(store.mask, mask, pos, axis=1)
@@ -169,12 +184,27 @@ def append(store: MemoryStore, keys: jax.Array, values: jax.Array,
     evicted = store.evicted + dropped + jnp.sum(old_mask, axis=1, dtype=jnp.int32)
     appended = store.appended + jnp.sum(mask, axis=1, dtype=jnp.int32) + dropped
     new_pos = ((pos + t) % cap).astype(jnp.int32)
-    return MemoryStore(new_k, new_v, new_m, new_pos, evicted, appended)
+    return MemoryStore(new_k, new_v, new_m, new_pos, evicted, appended, align=math.gcd(store.align, t))
 
 
 def _each_store(fn, stores):
     """``fn`` applied to every :class:`MemoryStore` of the pytree ``stores`` (a store, ``{layer: store}``)."""
     return jax.tree.map(fn, stores, is_leaf=lambda x: isinstance(x, MemoryStore))
+
+
+def for_appends(stores, length: int):
+    """``stores`` (a store or a pytree of them) with ``align`` lowered to what appends of ``length`` slots
+    keep (``gcd``; sound, nothing else changes): before a ``lax.scan`` whose body appends ``length`` slots
+    (a carry keeps one pytree structure), or to give a jitted program one static alignment whatever ran
+    before (no recompile per history)."""
+    return _each_store(lambda s: dataclasses.replace(s, align=math.gcd(s.align, min(int(length), s.capacity))),
+                       stores)
+
+
+def realign(stores):
+    """``stores`` (a store or a pytree of them) with the largest ``align`` the write pointer proves,
+    ``gcd(capacity, pointer)``. Host-side: reads each pointer (a device sync; not under ``jit``)."""
+    return _each_store(lambda s: dataclasses.replace(s, align=math.gcd(s.capacity, int(s.write_pos))), stores)
 
 
 def constrain(stores: dict[int, MemoryStore], mesh: Mesh | None, *, shard_length: bool = True):
@@ -209,7 +239,7 @@ def reset(store: MemoryStore, rows: jax.Array | None = None) -> MemoryStore:
 def clear(store: MemoryStore) -> MemoryStore:
     """The store emptied: all rows reset (:func:`reset`) and the write pointer back at slot 0, i.e. the
     state of :func:`init_store` except for stale (never attended) keys/values in the buffers."""
-    return dataclasses.replace(reset(store), write_pos=jnp.zeros((), jnp.int32))
+    return dataclasses.replace(reset(store), write_pos=jnp.zeros((), jnp.int32), align=store.capacity)
 
 
 def stores_for_model(batch_size: int, capacity: int, mem_layers, num_heads: int, head_dim: int, *,
