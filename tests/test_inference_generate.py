@@ -43,6 +43,26 @@ def test_greedy_generation_matches_full_forward_argmax(setup, rng, lcl, new):
     np.testing.assert_array_equal(logits[:, prompt.shape[1] - 1:].argmax(-1), out)
 
 
+def test_each_program_compiles_once_whatever_the_stores_alignment(setup, rng):
+    """Stores passed in fresh (static pointer alignment = capacity) or left by steps and fills (alignment =
+    window): generation compiles its decode and flush programs once, and the windowed runner its forward
+    and append programs once (``fot.memory.for_appends`` at the API boundaries; no compile per history)."""
+    from fot import memory as fm
+    model, params = setup
+    cfg = WindowedConfig(window=W, last_context_length=W, capacity=8 * W, mem_dtype="float32")
+    gen = Generator(model, params, cfg)
+    mcfg = model.config
+    fresh = fm.stores_for_model(1, 8 * W, mcfg.mem_layers, mcfg.num_kv_heads, mcfg.head_dim, dtype="float32")
+    assert {s.align for s in fresh.values()} == {8 * W}
+    out = gen.generate(rng.integers(0, V, (1, 3)).astype(np.int32), 3 * W, stores=fresh)  # 2 flushes
+    assert gen._decode._cache_size() == 1 and gen._flush._cache_size() == 1
+    runner = gen.runner
+    stores = runner.fill(out["stores"], rng.integers(0, V, (1, 2 * W)).astype(np.int32))
+    for _ in range(2):
+        stores = runner.step(stores, rng.integers(0, V, (1, W)).astype(np.int32))[1]
+    assert runner._append_fn._cache_size() == 1 and {s.align for s in stores.values()} == {W}
+
+
 def test_sampling(setup, rng):
     logits = jnp.asarray(rng.standard_normal((4, V)), jnp.float32)
     np.testing.assert_array_equal(np.asarray(sample(logits)), np.asarray(logits).argmax(-1))

@@ -179,6 +179,7 @@ class MemoryInference:
             cap = cfg.capacity if cfg.capacity is not None else max(
                 1, sum(1 for _, e in bounds if e <= prefix)) * cfg.window
             stores = self.init_memory(b, cap)
+        stores = fmem.for_appends(stores, cfg.window)  # the alignment its windows keep (one compile per program)
         if cfg.on_overflow == "error" and self.mem_layers:
             cap = next(iter(stores.values())).capacity
             need = sum(cfg.window for s, e in bounds if e <= prefix)
