@@ -146,7 +146,8 @@ def _ring_reference(cap, appends):
 
 @pytest.mark.parametrize("dtype,cap,sharded", [("float32", 16, False), ("bfloat16", 16, False),
                                                ("float32", 12, False), ("bfloat16", 7, False),
-                                               ("bfloat16", 16, True), ("float32", 12, True)])
+                                               ("bfloat16", 16, True), ("float32", 12, True),
+                                               ("bfloat16", 521, False)])  # > BLOCK_WRITES_MAX blocks: scatter
 def test_append_mixed_lengths_matches_ring_reference(rng, dtype, cap, sharded):
     """Appends of mixed lengths (unaligned pointers, windows that wrap the ring, windows longer than the
     store, capacity a multiple of some lengths and not of others) write exactly the slots of a numpy ring

@@ -180,9 +180,9 @@ def _store_traffic(txt, shape):
 
 def test_store_traffic_check_flags_copying_appends():
     """Negative controls for the structural checks below: a bf16 append that copies the store in a way
-    that is neither a copy nor a convert op (two update-slices through the bit pattern; the general
-    path's scatter; a read of the store; a native bf16 update-slice) is flagged, the aligned in-place
-    append and a float32 scatter are not."""
+    that is neither a copy nor a convert op (two update-slices through the bit pattern; a scatter through
+    it; a read of the store; a native bf16 update-slice) is flagged; the aligned append, the general
+    path's loop of block updates (unaligned pointer) and a float32 scatter are not."""
     from fot.ops import bits
     shape = (1, 64 * W, 2, 16)
     k = jnp.asarray(np.random.default_rng(0).standard_normal((1, W) + shape[2:]), jnp.float32)
@@ -201,13 +201,18 @@ def test_store_traffic_check_flags_copying_appends():
     def native(store, k):
         return update(store.keys, k.astype(store.keys.dtype), store.write_pos)
 
+    def scatter(store, k):  # the general path before the block loop (still past BLOCK_WRITES_MAX blocks)
+        idx = (store.write_pos + jnp.arange(W)) % shape[1]
+        return bits.move(lambda b, x: b.at[:, idx].set(x), store.keys, k.astype(store.keys.dtype))
+
     def traffic(fn, dtype, align):
         store = fm.for_appends(fm.init_store(*shape, dtype=dtype), align)
         return _store_traffic(jax.jit(fn, donate_argnums=(0,)).lower(store, k).compile().as_text(), shape)
 
     append = lambda s, k: fm.append(s, k, k)  # noqa: E731
-    assert traffic(append, jnp.bfloat16, W) == [] and traffic(append, jnp.float32, 3) == []
-    for fn, align in ((two_writes, W), (read_write, W), (native, W), (append, 3)):
+    for fn, dtype, align in ((append, jnp.bfloat16, W), (append, jnp.bfloat16, 3), (scatter, jnp.float32, 3)):
+        assert traffic(fn, dtype, align) == [], (fn, dtype, align)
+    for fn, align in ((two_writes, W), (read_write, W), (native, W), (scatter, 3)):
         assert traffic(fn, jnp.bfloat16, align), fn
 
 

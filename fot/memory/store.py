@@ -17,20 +17,22 @@ functions, so it can be carried through ``jax.jit`` / ``lax.scan`` and sharded l
   :func:`for_appends`); only the host, reading the pointer, may raise it (:func:`realign`). Programs are
   compiled per value (jit cache key), so callers keep it to one value per window length.
 
-Eviction is FIFO: appending ``T`` slots to a full store overwrites the ``T`` oldest ones. The write is
-one ``lax.dynamic_update_slice`` when the window provably never wraps around the end of the buffer
-(capacity and ``align`` multiples of ``T``: streaming windows of one length, the usual case) and a
-modular scatter otherwise (any pointer: mixed lengths, an odd capacity). The choice is made at trace
-time, from ``align``: a runtime choice (``lax.cond``, masked writes) makes XLA:CPU copy a bf16 store
-on every append (BUILD_NOTES, issue 14 prefill2 / ringfix). Callers that scan appends of ``T`` slots
-lower ``align`` to what they keep first (:func:`for_appends`: a scan carry has one pytree structure).
+Eviction is FIFO: appending ``T`` slots to a full store overwrites the ``T`` oldest ones. The window is
+written in blocks of ``gcd(align, T)`` slots, each of which lands whole (the pointer and the capacity are
+multiples of the block): one ``lax.dynamic_update_slice`` when ``align`` is a multiple of ``T``
+(streaming windows of one length, the usual case), a loop of them after mixed lengths or with an odd
+capacity, a modular scatter when that would take more than ``BLOCK_WRITES_MAX`` of them. The choice is
+made at trace time, from ``align``: a runtime choice (``lax.cond``, masked writes, a read) makes XLA:CPU
+copy a bf16 store on every append (BUILD_NOTES, issue 14 prefill2 / ringfix). Callers that scan appends
+of ``T`` slots lower ``align`` to what they keep first (:func:`for_appends`: a scan carry has one pytree
+structure).
 
-The update-slice is in place (the store is donated by its callers). bf16/f16 buffers are written through
-their unsigned-integer bit pattern (``fot.ops.bits``): XLA:CPU has no native bfloat16 update-slice and
-otherwise converts the *whole* store to float32 and back on every append (measured: 9 → 120 ms per
-4K-token append at 256K → 4M slots, vs ≤ 2 ms in place; ``benchmarks/memory_inference.py``). The scatter
-is in place for float32 but copies a bf16 store on XLA:CPU (``benchmarks/memory_append.py``): only callers
-that mix lengths or pick an odd capacity pay it.
+The update-slices are in place (the store is donated by its callers). bf16/f16 buffers are written
+through their unsigned-integer bit pattern (``fot.ops.bits``): XLA:CPU has no native bfloat16
+update-slice and otherwise converts the *whole* store to float32 and back on every append (measured:
+9 → 120 ms per 4K-token append at 256K → 4M slots, vs ≤ 2 ms in place; ``benchmarks/memory_inference.py``).
+The scatter is in place for float32 but copies a bf16 store on XLA:CPU; a loop iteration costs ~0.1 ms
+on a bf16 store (``benchmarks/memory_append.py``).
 """
 from __future__ import annotations
 
@@ -139,11 +141,28 @@ def _check_append(store: MemoryStore, keys, values, mask):
         raise ValueError(f"append: mask must be [B, T]={keys.shape[:2]}, got {mask.shape}")
 
 
-def _write(buf: jax.Array, update: jax.Array, pos=None, idx=None) -> jax.Array:
-    """``buf`` with ``update`` (already in ``buf.dtype``) written along axis 1 at ``pos`` (contiguous)
-    or at slots ``idx`` (scatter), in place for every dtype (``fot.ops.bits``, module docstring)."""
-    if idx is None:
-        return bits.move(lambda b, u: jax.lax.dynamic_update_slice_in_dim(b, u, pos, axis=1), buf, update)
+BLOCK_WRITES_MAX = 256  # the general path's most in-place block updates (a loop); more: one scatter
+
+
+def _put(buf: jax.Array, update: jax.Array, pos) -> jax.Array:
+    """One update-slice of ``update`` (``buf.dtype``) into ``buf`` along axis 1 at ``pos``, through the bits."""
+    return bits.move(lambda b, u: jax.lax.dynamic_update_slice_in_dim(b, u, pos, axis=1), buf, update)
+
+
+def _write(buf: jax.Array, update: jax.Array, pos, block: int) -> jax.Array:
+    """``buf [B, M, ...]`` with ``update [B, T, ...]`` (``buf.dtype``) written at slots ``pos .. pos+T-1``
+    (mod M), where ``block`` divides T and M and ``pos`` (static alignment): T / block update-slices of
+    ``block`` slots, none of which wraps — one when ``block == T`` (the streaming case), a ``fori_loop``
+    of them up to ``BLOCK_WRITES_MAX``, each in place; else a modular scatter, in place for float32 but a
+    whole-store copy for bf16 on XLA:CPU (its bitcast-convert is not fused; BUILD_NOTES ringfix)."""
+    t, m = update.shape[1], buf.shape[1]
+    if block == t:
+        return _put(buf, update, pos)
+    if t // block <= BLOCK_WRITES_MAX:
+        def body(j, b):
+            return _put(b, jax.lax.dynamic_slice_in_dim(update, j * block, block, axis=1), (pos + j * block) % m)
+        return jax.lax.fori_loop(0, t // block, body, buf)
+    idx = (pos + jnp.arange(t, dtype=jnp.int32)) % m  # [T] slots written (wrapping)
     return bits.move(lambda b, u: b.at[:, idx].set(u), buf, update)
 
 
@@ -170,21 +189,21 @@ def append(store: MemoryStore, keys: jax.Array, values: jax.Array,
         keys, values, mask = keys[:, t - cap:], values[:, t - cap:], mask[:, t - cap:]
         t = cap
     pos = store.write_pos
-    if cap % t == 0 and store.align % t == 0:
-        # The pointer is a multiple of t (static alignment): the window never wraps. One update-slice, the
-        # only write of a bf16 store that XLA:CPU keeps in place (a second write or a read copies it).
+    block = math.gcd(store.align, t)  # divides t, the capacity and the pointer (static alignment)
+    new_k, new_v = _write(store.keys, keys, pos, block), _write(store.values, values, pos, block)
+    if block == t:
+        # The pointer is a multiple of t: the window never wraps. One update-slice, the only write of a
+        # bf16 store that XLA:CPU keeps in place outside a loop (a second write or a read copies it).
         old_mask = jax.lax.dynamic_slice_in_dim(store.mask, pos, t, axis=1)  # [B, t] slots overwritten
-        new_k, new_v = _write(store.keys, keys, pos), _write(store.values, values, pos)
         new_m = jax.lax.dynamic_update_slice_in_dim(store.mask, mask, pos, axis=1)
     else:
         idx = (pos + jnp.arange(t, dtype=jnp.int32)) % cap  # [t] slots written (wrapping)
         old_mask = store.mask[:, idx]  # [B, t]
-        new_k, new_v = _write(store.keys, keys, idx=idx), _write(store.values, values, idx=idx)
         new_m = store.mask.at[:, idx].set(mask)
     evicted = store.evicted + dropped + jnp.sum(old_mask, axis=1, dtype=jnp.int32)
     appended = store.appended + jnp.sum(mask, axis=1, dtype=jnp.int32) + dropped
     new_pos = ((pos + t) % cap).astype(jnp.int32)
-    return MemoryStore(new_k, new_v, new_m, new_pos, evicted, appended, align=math.gcd(store.align, t))
+    return MemoryStore(new_k, new_v, new_m, new_pos, evicted, appended, align=block)
 
 
 def _each_store(fn, stores):
