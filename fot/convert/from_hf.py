@@ -39,8 +39,6 @@ import shutil
 import sys
 import time
 
-import numpy as np
-
 from fot.convert.hf_files import TensorSource, np_dtype, read_config, tokenizer_files, tokenizer_size
 from fot.convert.mapping import flatten, param_table, unflatten
 from fot.convert.outdir import atomic_dir, prepare_out

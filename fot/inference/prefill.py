@@ -73,7 +73,6 @@ def fill_memory_layers(cfg: ModelConfig, params, stores: Mapping[int, fmem.Memor
     static ``align`` are multiples of w (``MemoryInference`` streams window by window when only the
     capacity is), a scatter when the capacity is not.
     """
-    b = key_mask.shape[0]
     positions = jnp.broadcast_to(jnp.arange(rows.shape[1], dtype=jnp.int32), rows.shape)  # [B*C, w]
     x = hidden_below(cfg, params, rows, positions, cfg.mem_layers[0], mesh)  # [B*C, w, D]
     out = dict(stores)
