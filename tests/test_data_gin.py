@@ -118,11 +118,11 @@ def test_local_files_template_and_pg19_run_parse(gin_env, tiny_spm, tmp_path):
     assert query(gin, "register_tfds_task.tfds_name") == "pg19:0.1.1"
 
 
-@pytest.mark.parametrize("d", [15, 0])
+@pytest.mark.parametrize("d", [31, 0])
 def test_stdlib_scaling_recipe_composes(gin_env, tiny_spm, d):
     """Issue 9 item 4: gin/runs/stdlib_scaling.gin (and its d = 0 twin, `D = 0`) composes: the model with
-    memory layer 2, log-parametrised QK-norm temperature scaled by ln(n)/ln(2048), the optimizer with the
-    temperature's 10x learning rate, constant d, and the packed stdlib iterators."""
+    memory layer 2, smeared memory-layer keys, log-parametrised QK-norm temperature scaled by ln(n)/ln(2048),
+    the optimizer with the temperature's 10x learning rate, constant d, and the packed stdlib iterators."""
     import jax.numpy as jnp
 
     gin = gin_env
@@ -133,7 +133,7 @@ def test_stdlib_scaling_recipe_composes(gin_env, tiny_spm, d):
          "train_data/make_iterator.shuffle_buffer = 0"])
     cfg = gin.get_configurable("fot.model.ModelConfig")()
     assert (cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.mem_layers) == (300, 128, 4, (2,))
-    assert cfg.qk_norm and cfg.qk_scale_param == "log" and cfg.qk_scale_n_ref == 2048
+    assert cfg.qk_norm and cfg.qk_scale_param == "log" and cfg.qk_scale_n_ref == 2048 and cfg.mem_key_smear
     assert gin.get_configurable("fot.training.ConstantD")().values == (d,)
     assert query(gin, "train.max_train_seconds") <= 3600 and query(gin, "train.eval_num_extra") == (15, 0)
     # the temperature's learning-rate multiplier reaches the optimizer: one Adam step on zero gradients
@@ -146,5 +146,5 @@ def test_stdlib_scaling_recipe_composes(gin_env, tiny_spm, d):
     np.testing.assert_allclose(np.asarray(upd["attn"]["qk_log_scale"]), 10 * np.asarray(upd["attn"]["w"]), rtol=1e-5)
     it = build(gin)
     b = next(it)
-    assert b.inputs.shape == (16, 128) and it.pack == 4
+    assert b.inputs.shape == (32, 128) and it.pack == 4
     it.close()
