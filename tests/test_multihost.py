@@ -282,7 +282,10 @@ def test_killed_process_stops_the_other(tmp_path):
         err = g.read(0, "err")
     assert codes[0] not in (None, 0), f"process 0: {codes[0]} after {waited:.0f} s\n{err[-3000:]}"
     assert waited < 60, f"process 0 took {waited:.0f} s"
-    assert "another task died" in err or "detected fatal errors" in err, (codes, err[-3000:])
+    # JAX's coordination service names the dead peer; when the kill lands inside a gloo collective the
+    # survivor's TCP pair fails first and gloo aborts with its transport line (seen once in 480 runs).
+    causes = ("another task died", "detected fatal errors", "external/gloo/gloo/transport")
+    assert any(c in err for c in causes), (codes, err[-3000:])
 
 
 @pytest.mark.parametrize("name,chips,fsdp", [("tpu_v4_8", 4, False), ("tpu_v4_32", 16, True),
