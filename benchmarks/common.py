@@ -1,4 +1,4 @@
-"""What several benchmarks share: best-of-repeats timing, and the results as one JSON line on stdout and,
+"""What several benchmarks share: timed repeats of a call (best-of, or every time), and the results as one JSON line on stdout and,
 optionally, a JSON file."""
 from __future__ import annotations
 
@@ -17,12 +17,21 @@ def emit(results: dict[str, Any], json_path: str | None = None) -> None:
     print(json.dumps(results))
 
 
-def best_times(fn, repeats: int) -> tuple[float, float]:
-    """(best wall s, best process CPU s) of ``repeats`` calls of ``fn`` after one warm-up (compiling) call."""
-    jax.block_until_ready(fn())
-    wall = cpu = float("inf")
+def timed_calls(fn, state, repeats: int, warmups: int = 1) -> tuple[Any, list[float], list[float]]:
+    """``state = fn(state)`` ``warmups`` times (compiling), then ``repeats`` times timed: (final state, wall s
+    per timed call, process CPU s per timed call). ``state`` threads a donated buffer from call to call."""
+    for _ in range(warmups):
+        state = jax.block_until_ready(fn(state))
+    walls, cpus = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn())
-        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
-    return wall, cpu
+        state = jax.block_until_ready(fn(state))
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return state, walls, cpus
+
+
+def best_times(fn, repeats: int) -> tuple[float, float]:
+    """(best wall s, best process CPU s) of ``repeats`` calls of ``fn`` after one warm-up (compiling) call."""
+    _, walls, cpus = timed_calls(lambda _: fn(), None, repeats)
+    return min(walls), min(cpus)

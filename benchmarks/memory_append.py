@@ -19,27 +19,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import emit
+from benchmarks.common import emit, timed_calls
 from benchmarks.topk import _load
 from fot import memory as fmem
 
 
 def _median_ms(step, store, k, v, repeats):
     """Median / best wall ms and median process-CPU ms of ``repeats`` donated appends after 2 warm-ups."""
-    for _ in range(2):
-        store = jax.block_until_ready(step(store, k, v))
-    walls, cpus = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        store = jax.block_until_ready(step(store, k, v))
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
+    _, walls, cpus = timed_calls(lambda s: step(s, k, v), store, repeats, warmups=2)
     return (round(statistics.median(walls) * 1e3, 3), round(min(walls) * 1e3, 3),
             round(statistics.median(cpus) * 1e3, 3))
 
