@@ -3,6 +3,7 @@
 The model-level checks (forward and gradients vs the dense reference, memory path = crossbatch, top-k = dense)
 are the ``mem_key_smear`` cases of tests/test_model.py.
 """
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,9 +41,7 @@ def _smeared_model(rng):
                       qk_norm=True, mem_key_smear=True)
     tokens = jnp.asarray(rng.integers(0, 50, (1, 8)), jnp.int32)
     model = Decoder(cfg)
-    params = jax.tree.map(lambda x: getattr(x, "value", x),
-                          model.init(jax.random.key(int(rng.integers(1 << 30))), tokens)["params"],
-                          is_leaf=lambda x: hasattr(x, "value"))
+    params = nn.meta.unbox(model.init(jax.random.key(int(rng.integers(1 << 30))), tokens))["params"]
     return cfg, model, params
 
 
