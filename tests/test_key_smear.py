@@ -61,3 +61,4 @@ def test_generation_and_export_refuse_smeared_models(rng):
         Generator(model, params, WindowedConfig(window=8, last_context_length=4))
     with pytest.raises(ValueError, match="mem_key_smear"):
         check_exportable(cfg)
+    assert check_exportable(cfg.replace(mem_layers=())) == []  # no memory layer: the flag smears nothing

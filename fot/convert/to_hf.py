@@ -70,7 +70,7 @@ def check_exportable(cfg) -> list[str]:
     if cfg.d_model % cfg.num_heads:
         raise ValueError(f"cannot export: HF LlamaConfig requires hidden_size={cfg.d_model} divisible by "
                          f"num_attention_heads={cfg.num_heads}")
-    if cfg.mem_key_smear and cfg.mem_layers:
+    if cfg.smears_memory_keys:
         raise ValueError("cannot export: ModelConfig.mem_key_smear=True has no HF/PyTorch implementation")
     warnings = []
     if not llama_compatible(cfg):

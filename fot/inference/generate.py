@@ -42,7 +42,7 @@ class Generator:
         if config.last_context_length < 1:
             raise ValueError("generation needs last_context_length >= 1 (the local cache holds the last "
                              f"prompt tokens), got {config.last_context_length}")
-        if model.config.mem_key_smear and model.config.mem_layers:
+        if model.config.smears_memory_keys:
             raise ValueError("generation does not support ModelConfig.mem_key_smear=True: smeared keys mix "
                              "each key with the previous token's inside a window, which one-token decode "
                              "steps do not have; evaluate such models window by window (fot.eval)")

@@ -167,6 +167,12 @@ class ModelConfig:
         return self.num_heads // self.num_kv_heads
 
     @property
+    def smears_memory_keys(self) -> bool:
+        """Memory layers smear their keys (``mem_key_smear`` with ``mem_layers``): the model is defined
+        window by window only, so token-by-token generation and HF export (not a LLaMA model) refuse it."""
+        return bool(self.mem_key_smear and self.mem_layers)
+
+    @property
     def qk_scale_default(self) -> float:
         return float(self.qk_scale_init) if self.qk_scale_init is not None else math.sqrt(self.head_dim)
 
