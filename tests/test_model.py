@@ -294,6 +294,7 @@ def test_cache_path_equals_full_forward(rng, kw, segments):
 
 @pytest.mark.parametrize("kw", [dict(mem_layers=(0, 1)), dict(mem_positional="none", qk_norm=True),
                                 dict(mem_positional="none", qk_norm=True, qk_scale_n_ref=16), dict(mem_gate=True),
+                                dict(mem_gate=True, qk_norm=True, qk_scale_n_ref=16),
                                 dict(qk_norm=True, mem_key_smear=True, mem_layers=(0, 1))])
 def test_memory_path_equals_crossbatch(rng, kw):
     """Windows w0, w1, w2 streamed with memory = crossbatch rows [w0, w1, w2] with row r using rows < r."""

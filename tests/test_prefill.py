@@ -66,6 +66,7 @@ def test_fill_equals_full_forward_memory(rng, mem_layers, top_k, capacity):
     ((1, 3), None, dict(qk_norm=True, qk_scale_n_ref=16), "bfloat16", 8 * W),
     ((0, 2, 3), 3, dict(qk_norm=True, mem_positional="none"), "float32", 7 * W),
     ((1, 3), None, dict(mem_gate=True), "float32", 8 * W),
+    ((1, 3), None, dict(mem_gate=True, qk_norm=True, qk_scale_n_ref=16), "float32", 8 * W),  # slots: temp + gate
     ((1, 2), None, {}, "float32", 5 * W),  # the fill evicts (FIFO): overwritten slots stay visible until then
     ((0, 2, 3), 3, dict(qk_norm=True, qk_scale_n_ref=16), "float32", 4 * W),
 ])

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from fot import ops
 from fot.model.config import ModelConfig
 from fot.model.layers import dense
-from fot.model.state import FillMemory, LayerInputs, LayerKV, LayerMemory, windows_first
+from fot.model.state import FillMemory, LayerInputs, LayerKV, LayerMemory, memory_slots, windows_first
 from fot.model.temperature import keys_in_view, temperature_from_param, temperature_param_name
 from fot.parallel import with_logical_constraint
 
@@ -140,12 +140,13 @@ def memory_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs, memory
 
 
 def memory_only_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs,
-                          memory: LayerMemory | FillMemory | None, mesh=None):
+                          memory: LayerMemory | FillMemory | None, mesh=None, slots: jax.Array | None = None):
     """Attention to the memory keys alone (no local keys; the gate's memory half) →
-    (out [B,T,H,Dh], has_memory bool [B]: the row sees at least one valid memory key)."""
+    (out [B,T,H,Dh], has_memory bool [B]: the row sees at least one valid memory key). ``slots``: float32
+    [B], ``memory_slots`` of ``memory`` (required with a memory; None in training)."""
     if isinstance(memory, FillMemory):
         out, _ = fill_memory_attention(p, memory, mesh, include_local=False)
-        return out, memory.counts(p.q.shape[0] // memory.store.mask.shape[0], p.q.shape[1]) > 0
+        return out, slots > 0
     if memory is None:  # training: the extra rows
         out, _ = crossbatch_attention(cfg, p, inputs, mesh, include_local=False)
         b = p.q.shape[0]
@@ -157,7 +158,7 @@ def memory_only_attention(cfg: ModelConfig, p: Projected, inputs: LayerInputs,
     # Row b's memory as the one "extra row" of row b, no local keys.
     out = ops.crossbatch_attention(p.q, p.k, p.v, memory.keys, memory.values, own_row,
                                    extra_key_mask=memory.mask, scale=p.scale, mesh=mesh, include_local=False)
-    return out, memory.mask.any(-1)
+    return out, slots > 0
 
 
 def gated(gate: jax.Array, memory_only: tuple[jax.Array, jax.Array], local: jax.Array):
@@ -193,7 +194,10 @@ class Attention(nn.Module):
         """
         cfg = self.config
         b, t, _ = x.shape
-        p = self._project(x, inputs, memory)
+        slots = None  # float32 [B]: valid memory slots each row sees, counted once for the temperature and gate
+        if self.is_memory and memory is not None and (cfg.mem_gate or cfg.qk_scale_n_ref is not None):
+            slots = memory_slots(memory, b, t)
+        p = self._project(x, inputs, slots)
         aux: dict[str, Any] = {"kv": LayerKV(p.k, p.v)}
         if self.is_memory:
             aux["mem_kv"] = LayerKV(p.k_mem, p.v)
@@ -201,7 +205,7 @@ class Attention(nn.Module):
         gate = self._gate() if self.is_memory and cfg.mem_gate else None  # [H, 1]
         stats = None
         if uses_memory and gate is not None:
-            mem_only = memory_only_attention(cfg, p, inputs, memory, self.mesh)
+            mem_only = memory_only_attention(cfg, p, inputs, memory, self.mesh, slots)
             out, g = gated(gate, mem_only, local_attention(cfg, p, inputs, cache))
             if self.collect_stats:  # the gate is the memory's share of the output
                 stats = {"mem_mass": jnp.broadcast_to(g[..., 0], (b, t, cfg.num_heads)).astype(jnp.float32)}
@@ -218,8 +222,9 @@ class Attention(nn.Module):
         out = out.reshape(b, t, cfg.num_heads * cfg.head_dim)
         return dense(cfg.d_model, ("heads", "embed"), cfg, "o")(out), aux
 
-    def _project(self, x, inputs: LayerInputs, memory: LayerMemory | None) -> Projected:
-        """Params ``q, k, v`` (and the temperature); x [B,T,D] → :class:`Projected`."""
+    def _project(self, x, inputs: LayerInputs, slots: jax.Array | None) -> Projected:
+        """Params ``q, k, v`` (and the temperature); x [B,T,D] → :class:`Projected`; ``slots`` float32 [B]:
+        the memory slots each row sees (``memory_slots``; the ln(n) temperature scaling), or None."""
         cfg = self.config
         b, t, _ = x.shape
         h, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -237,7 +242,7 @@ class Attention(nn.Module):
         if self.is_memory and cfg.qk_norm:
             tau = self._temperature()[None, None, :, None]  # [1, 1, H, 1]
             if cfg.qk_scale_n_ref is not None:
-                n = keys_in_view(inputs.positions, inputs.extra_rows, inputs.extra_key_mask, memory)  # [B, T]
+                n = keys_in_view(inputs.positions, inputs.extra_rows, inputs.extra_key_mask, slots)  # [B, T]
                 tau = tau * (jnp.log(n) / math.log(cfg.qk_scale_n_ref))[:, :, None, None]
             q = (_l2_normalize(q) * tau).astype(dt)
             k = _l2_normalize(k).astype(dt)

@@ -78,6 +78,14 @@ class FillMemory(NamedTuple):
         return seen.T.reshape(-1).astype(jnp.float32)
 
 
+def memory_slots(memory: LayerMemory | FillMemory, rows: int, w: int) -> jax.Array:
+    """float32 [rows]: the valid memory slots each row of a ``[rows, w]`` call sees (before top-k) —
+    ``FillMemory.counts`` for a memory prefill (rows = windows), the mask total of a ``LayerMemory``."""
+    if isinstance(memory, FillMemory):
+        return memory.counts(rows // memory.store.mask.shape[0], w)
+    return memory.mask.astype(jnp.float32).sum(-1)
+
+
 def windows_first(x: jax.Array, b: int) -> jax.Array:
     """[B*C, ...] (row ``b * C + t`` = window t of batch row b, as in :class:`FillMemory`) → [C, B, ...]."""
     return jnp.swapaxes(x.reshape((b, x.shape[0] // b) + x.shape[1:]), 0, 1)

@@ -13,15 +13,14 @@ import jax
 import jax.numpy as jnp
 
 from fot.model.config import ModelConfig
-from fot.model.state import FillMemory
 
 
-def keys_in_view(positions, extra_rows=None, extra_key_mask=None, memory=None) -> jax.Array:
+def keys_in_view(positions, extra_rows=None, extra_key_mask=None, slots=None) -> jax.Array:
     """n [B, T] float32: keys a memory-layer query can attend to — its causal local keys
     (``positions + 1``) plus the valid keys of its crossbatch extra rows (training) or the valid
     memory slots (inference, counted before top-k). ``ModelConfig.qk_scale_n_ref`` scales the
-    temperature by ``ln(n) / ln(n_ref)``. ``memory``: the layer's ``LayerMemory`` (inference),
-    ``FillMemory`` (memory prefill: the slots each window sees) or None."""
+    temperature by ``ln(n) / ln(n_ref)``. ``slots``: float32 [B], the valid memory slots each row sees
+    (``fot.model.state.memory_slots``; inference and memory prefill) or None."""
     n = positions.astype(jnp.float32) + 1.0
     if extra_rows is not None:
         b, t = positions.shape
@@ -30,10 +29,8 @@ def keys_in_view(positions, extra_rows=None, extra_key_mask=None, memory=None) -
         rows = extra_rows.astype(jnp.int32)
         extra = jnp.where(rows >= 0, jnp.take(per_row, jnp.clip(rows, 0, b - 1)), 0.0).sum(-1)  # [B]
         n = n + extra[:, None]
-    elif isinstance(memory, FillMemory):  # memory prefill: rows are windows, each sees its own share
-        n = n + memory.counts(positions.shape[0] // memory.store.mask.shape[0], positions.shape[1])[:, None]
-    elif memory is not None:
-        n = n + memory.mask.astype(jnp.float32).sum(-1)[:, None]
+    elif slots is not None:
+        n = n + slots[:, None]
     return n
 
 
