@@ -22,16 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fot.training.step import token_sums
 
 W, L, B = 128, 48, 8
 
 
 def _nll(logits, targets):
-    lp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), -1)
-    return -float(jnp.take_along_axis(lp, jnp.asarray(targets)[..., None], -1).mean())
+    """Mean NLL (nats) of targets int [n, k] under logits [n, k, V]: the training loss (``token_sums``)."""
+    sums = token_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.ones(np.shape(targets), jnp.float32))
+    return float(sums["loss"] / sums["tokens"])
 
 
 def main(argv=None):
