@@ -1,7 +1,8 @@
 """Crossbatch row plans (LongLLaMA k-packing with stepping), vectorised.
 
 d (the paper's word, as in ``fot.training`` and the curriculum): the crossbatch size, the number of other
-rows of the batch each row attends to (d = 0: local attention only)."""
+rows of the batch each row attends to (d = 0: local attention only); ARCHITECTURE.md's ops contract calls
+it ``num_extra``, the gin key ``train.eval_num_extra`` keeps that name for the d values evaluated."""
 from __future__ import annotations
 
 import numpy as np
