@@ -10,21 +10,22 @@ from fot.ops.memory import choose_topk_method
 from fot.ops.topk import first_argmax, tournament_plan, tournament_topk
 
 
-@pytest.mark.parametrize("keep", [False, True])
+@pytest.mark.parametrize("keep,key_dtype", [(False, jnp.float32), (True, jnp.float32), (True, jnp.bfloat16)])
 @pytest.mark.parametrize("m,tile,group,k", [(96, 32, 8, 5), (64, 64, 4, 40), (48, 16, 16, 7), (7, 1, 1, 3),
-                                           (128, 64, 32, 9)])
-def test_tournament_equals_numpy_sort_with_ties_and_masks(rng, m, tile, group, k, keep):
+                                           (128, 64, 32, 9), (128, 64, 32, 1)])
+def test_tournament_equals_numpy_sort_with_ties_and_masks(rng, m, tile, group, k, keep, key_dtype):
     """Integer-valued scores (many exact ties), masked keys, rows with fewer valid keys than k: the values are
     those of a numpy sort, best first; the indices are distinct valid keys whose scores are those values.
-    keep: the rounds read the first pass's scores back (small memories) instead of re-scoring keys."""
+    keep: the rounds read the first pass's scores back (small memories) instead of re-scoring keys; keys in
+    the queries' dtype are then scored in one matmul, a bf16 store tile by tile (integers are exact in bf16)."""
     b, hk, q, d = 2, 2, 5, 4
     qh = rng.integers(-2, 3, size=(b, hk, q, d)).astype(np.float32)
     keys = rng.integers(-2, 3, size=(b, m, hk, d)).astype(np.float32)
     mask = rng.random((b, m)) > 0.3
     mask[1, : max(m - k // 2, 0)] = False  # row 1: fewer valid keys than k
     mask[1, -1] = True
-    vals, idx = tournament_topk(jnp.asarray(qh), jnp.asarray(keys), jnp.asarray(mask), k, tile=tile, group=group,
-                                keep_scores=keep)
+    vals, idx = tournament_topk(jnp.asarray(qh), jnp.asarray(keys, key_dtype), jnp.asarray(mask), k, tile=tile,
+                                group=group, keep_scores=keep)
     vals, idx = np.asarray(vals), np.asarray(idx)
     full = np.einsum("bhqd,bmhd->bhqm", qh, keys)
     for bi in range(b):
@@ -80,14 +81,15 @@ def test_method_choice_and_plan():
     assert float(mx[0]) == 3.0
 
 
-@pytest.mark.parametrize("keep", [False, True])
-def test_tournament_skips_empty_tiles_bit_identically(rng, keep):
+@pytest.mark.parametrize("keep,key_dtype", [(False, jnp.float32), (True, jnp.bfloat16)])
+def test_tournament_skips_empty_tiles_bit_identically(rng, keep, key_dtype):
     """CPU default: first-pass tiles without a valid key in any row are skipped (lax.cond) and get the score
     a masked key gets; the selection (values and indices) is bit for bit that of scoring every tile, and the
-    values are those of a numpy sort."""
+    values are those of a numpy sort. (With kept scores the tiled pass runs for keys in another dtype than
+    the queries, e.g. a bf16 store; keys in the queries' dtype are scored in one matmul, no tiles.)"""
     b, hk, q, d, m, tile, k = 2, 2, 5, 4, 128, 16, 6
     qh = jnp.asarray(rng.normal(size=(b, hk, q, d)), jnp.float32)
-    keys = jnp.asarray(rng.normal(size=(b, m, hk, d)), jnp.float32)
+    keys = jnp.asarray(rng.normal(size=(b, m, hk, d)), key_dtype)
     mask = np.zeros((b, m), bool)
     mask[0, 20:27] = mask[0, 100] = mask[1, 21] = True  # only tiles 1 and 6 hold keys; row 1 has fewer than k
     kw = dict(tile=tile, group=4, keep_scores=keep)
@@ -95,9 +97,9 @@ def test_tournament_skips_empty_tiles_bit_identically(rng, keep):
     full = tournament_topk(qh, keys, jnp.asarray(mask), k, skip_empty=False, **kw)
     for a, c in zip(skip, full):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
-    scores = np.einsum("bhqd,bmhd->bhqm", np.asarray(qh), np.asarray(keys))
+    scores = np.einsum("bhqd,bmhd->bhqm", np.asarray(qh), np.asarray(keys, np.float32))
     ref = np.sort(scores[0][..., mask[0]], axis=-1)[..., ::-1][..., :k]
-    np.testing.assert_allclose(np.asarray(skip[0])[0], ref, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(skip[0])[0], ref, rtol=1e-6, atol=1e-6)  # float32 summation order
     assert np.all(np.asarray(skip[0])[1, ..., 1:] <= -1e29)
     hlo = jax.jit(lambda *a: tournament_topk(*a, k, **kw)).lower(qh, keys, jnp.asarray(mask)).as_text()
     assert "conditional" in hlo or "case" in hlo

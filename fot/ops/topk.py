@@ -185,54 +185,50 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vm
     tile's maxima are updated. A key is taken once (positions are checked against the keys already taken),
     so ties are handled; the two evaluations of a score (tile matmul, re-score) may differ in the last
     float32 bits, so keys whose scores tie to within that rounding may be taken in either order.
-    keep_scores (group <= 32): pass 1 also keeps every tile's scores ([M/tile, Q_total, tile] float32, for
-    small memories), and a round reads its group's `group` scores back and marks taken keys in a per-group
-    bit mask, instead of gathering group x D key values and re-scoring them (same selection; the values are
-    the pass-1 scores).
+    keep_scores (group <= 32, small memories): every [Q_total, M] float32 score is kept from pass 1 and a
+    round reads its group's `group` scores back, marking taken keys in a per-group bit mask, instead of
+    gathering group x D key values and re-scoring them (same selection; the values are the pass-1 scores);
+    see :func:`_tournament_kept`.
     skip_empty (default: on CPU): pass 1 skips (``lax.cond``) the tiles without a valid key in any row and
     gives them the score every masked key gets (<q, k> + NEG rounds to NEG): bit-identical, and a store that
-    is still filling (memory prefill) is scored only where it holds keys.
+    is still filling (memory prefill) is scored only where it holds keys. Not used by the kept-scores pass
+    over keys already in qh.dtype, which scores all M keys in one matmul (at most CPU_KEEP_ELEMS scores).
     """
     b, hk, q, _ = qh.shape
     m = keys.shape[1]
     nt, gpt = m // tile, tile // group
     qt = b * hk * q
     bias = jnp.where(key_mask, 0.0, NEG).astype(jnp.float32)  # [B, M]
+    skip = jax.default_backend() == "cpu" if skip_empty is None else skip_empty
+    if keep_scores:
+        if group > KEEP_MAX_GROUP:
+            raise ValueError(f"keep_scores needs group <= {KEEP_MAX_GROUP}, got {group}")
+        vals, idx = _tournament_kept(qh, keys, bias, key_mask, k, tile, group, skip, vma)
+        return vals.reshape(b, hk, q, k), idx.reshape(b, hk, q, k)
     qb = jnp.concatenate([qh, jnp.ones(qh.shape[:-1] + (1,), qh.dtype)], -1)  # [B,Hk,Q,D+1]
 
-    def scored(i):  # tile i: (group maxima [Qt, gpt], tile maxima [Qt](, scores [Qt, gpt, group]))
+    def scored(i):  # tile i: (group maxima [Qt, gpt], tile maxima [Qt])
         # bit-pattern slice: XLA:CPU would otherwise hoist a whole-store float32 copy of a bf16 store
         kc = bits.move(lambda x: lax.dynamic_slice_in_dim(x, i * tile, tile, axis=1), keys).astype(qh.dtype)
         bc = lax.dynamic_slice_in_dim(bias, i * tile, tile, axis=1).astype(qh.dtype)
         kb = jnp.concatenate([jnp.swapaxes(kc, 1, 2), jnp.broadcast_to(bc[:, None, :, None], (b, hk, tile, 1))], -1)
         s = jnp.einsum("bhqd,bhcd->bhqc", qb, kb, preferred_element_type=jnp.float32)  # [B,Hk,Q,C]
-        s = s.reshape(qt, gpt, group)
-        gmax = s.max(-1)
-        return (gmax, gmax.max(-1)) + ((s,) if keep_scores else ())
+        gmax = s.reshape(qt, gpt, group).max(-1)
+        return gmax, gmax.max(-1)
 
     masked = jnp.asarray(NEG, jnp.float32).astype(qh.dtype).astype(jnp.float32)  # a masked key's pass-1 score
 
     def empty(i):
         from fot.ops.attention import full
-        return (full((qt, gpt), masked, vma), full((qt,), masked, vma)) + (
-            (full((qt, gpt, group), masked, vma),) if keep_scores else ())
-
-    skip = jax.default_backend() == "cpu" if skip_empty is None else skip_empty
+        return full((qt, gpt), masked, vma), full((qt,), masked, vma)
 
     def step(_, i):
         if not skip:
             return None, scored(i)
         return None, lax.cond(lax.dynamic_slice_in_dim(key_mask, i * tile, tile, axis=1).any(), scored, empty, i)
 
-    _, out = lax.scan(step, None, jnp.arange(nt, dtype=jnp.int32))  # [nt, Qt, gpt], [nt, Qt] (, scores)
-    gm, tm = out[:2]
-    tm = tm.T  # [Qt, nt]
-    if keep_scores:
-        if group > KEEP_MAX_GROUP:
-            raise ValueError(f"keep_scores needs group <= {KEEP_MAX_GROUP}, got {group}")
-        vals, idx = _rounds_kept(out[2].reshape(nt * qt * gpt, group), gm, tm, k, tile, group, vma)
-        return vals.reshape(b, hk, q, k), idx.reshape(b, hk, q, k)
-    vals, idx = _rounds_rescored(qh, keys, bias, gm, tm, k, tile, group, vma)  # [Qt, k]
+    _, (gm, tm) = lax.scan(step, None, jnp.arange(nt, dtype=jnp.int32))  # [nt, Qt, gpt], [nt, Qt]
+    vals, idx = _rounds_rescored(qh, keys, bias, gm, tm.T, k, tile, group, vma)  # [Qt, k]
     return vals.reshape(b, hk, q, k), idx.reshape(b, hk, q, k)
 
 
@@ -275,35 +271,83 @@ def _rounds_rescored(qh, keys, bias, gm, tm, k, tile, group, vma):
     return vals, idx
 
 
-def _rounds_kept(rows, gm, tm, k, tile, group, vma):
-    """The k rounds of :func:`tournament_topk` with the pass-1 scores kept: rows [nt*Qt*gpt, group] (the
-    scores of group (tile t, query q, group w) at row (t*Qt + q)*gpt + w), gm [nt, Qt, gpt], tm [Qt, nt].
-    Returns (vals, idx) [Qt, k] (the caller reshapes)."""
+def _first_index(x, mx, iota):
+    """First position along the last axis where x == mx[..., None] (x.shape[-1] if none): one fused
+    select-reduce (float32 positions: XLA:CPU fuses it, the int32 min becomes a reduce-window pair)."""
+    n = x.shape[-1]
+    return jnp.min(jnp.where(x == mx[..., None], iota.astype(jnp.float32), float(n)), -1).astype(jnp.int32)
+
+
+def _tournament_kept(qh, keys, bias, key_mask, k, tile, group, skip, vma):
+    """:func:`tournament_topk` with the pass-1 scores kept (small memories). qh [B,Hk,Q,D]; keys [B,M,Hk,D];
+    bias float32 [B,M] (0 valid, NEG masked). Returns (vals, idx) [Qt, k], Qt = B*Hk*Q.
+
+    Pass 1 keeps the raw scores and the maxima of scores + bias of every group of `group` keys: keys already in
+    qh.dtype go through one matmul over all M keys ([Qt, M] scores; at 1024 queries x 4096 keys x 32 dims this
+    pass takes ~3 ms where the tiled scan below took ~4.5, BUILD_NOTES issue 14 "top-k at 4K"); other key
+    dtypes (a bf16 store) through a scan of per-tile matmuls, each tile cast on its own (no whole-store
+    copy; empty tiles skipped when `skip`). Rounds (one key per query each): the tile with the largest
+    remaining maximum (tile maxima [Qt, nt]), its group (the [Qt, gpt] maxima of that tile, gathered), the
+    group's `group` scores read back (+ their bias) without the keys already taken (a per-group bit mask),
+    the first position of the maximum; the group's and the tile's maxima are updated. Every round operand has
+    the queries as its leading axis (one gather of gpt and one of `group` values per query)."""
     from fot.ops.attention import full
-    nt, qt, gpt = gm.shape
-    qi = jnp.arange(qt, dtype=jnp.int32)
-    in_group = jnp.arange(group, dtype=jnp.int32)
-    in_tile = jnp.arange(gpt, dtype=jnp.int32)
+    b, hk, q, _ = qh.shape
+    m = keys.shape[1]
+    nt, gpt = m // tile, tile // group
+    qt = b * hk * q
+    bidx = jnp.repeat(jnp.arange(b, dtype=jnp.int32), hk * q)  # [Qt] batch row of each query
 
-    def rnd(state, r):
-        gm, taken, tm, vals, idx = state
-        _, ti = first_argmax(tm)  # [Qt] tile
-        cand = gm[ti, qi]  # [Qt, gpt]
-        _, w = first_argmax(cand)
-        row = (ti * qt + qi) * gpt + w  # [Qt]
-        bits = taken[ti, qi, w]  # [Qt] keys of the group already taken
-        s = jnp.where((bits[:, None] >> in_group) & 1 == 1, -jnp.inf, rows[row])  # [Qt, group]
-        v, p = first_argmax(s)
-        rest = jnp.where(in_group == p[:, None], -jnp.inf, s).max(-1)
-        gm = gm.at[ti, qi, w].set(rest)
-        taken = taken.at[ti, qi, w].set(bits | (1 << p))
-        tm = tm.at[qi, ti].set(jnp.where(in_tile == w[:, None], rest[:, None], cand).max(-1))
-        return (gm, taken, tm, vals.at[:, r].set(v), idx.at[:, r].set(ti * tile + w * group + p)), None
+    def scored(i):  # tile i: raw scores [Qt, gpt, group], group maxima of scores + bias [Qt, gpt]
+        # bit-pattern slice: XLA:CPU would otherwise hoist a whole-store float32 copy of a bf16 store
+        kc = bits.move(lambda x: lax.dynamic_slice_in_dim(x, i * tile, tile, axis=1), keys).astype(qh.dtype)
+        bc = lax.dynamic_slice_in_dim(bias, i * tile, tile, axis=1)  # [B, C]
+        s = jnp.einsum("bhqd,bchd->bhqc", qh, kc, preferred_element_type=jnp.float32)  # [B,Hk,Q,C]
+        s = s.reshape(b, hk * q, gpt, group)  # (adding the bias to the dot's own output shape runs ~4x slower)
+        gmax = (s + bc.reshape(b, 1, gpt, group)).max(-1).reshape(qt, gpt)
+        return s.reshape(qt, gpt, group), gmax
 
-    vals = full((qt, k), NEG, vma)
-    idx = jnp.full((qt, k), -1, jnp.int32)
+    def empty(i):  # a tile without valid keys: every score + bias is NEG, as scoring would give
+        return full((qt, gpt, group), 0.0, vma), full((qt, gpt), NEG, vma)
+
+    def step(_, i):
+        if not skip:
+            return None, scored(i)
+        return None, lax.cond(lax.dynamic_slice_in_dim(key_mask, i * tile, tile, axis=1).any(), scored, empty, i)
+
+    if keys.dtype == qh.dtype:  # one matmul: no per-tile cast needed, no stacking of tile outputs
+        s = jnp.einsum("bhqd,bchd->bhqc", qh, keys, preferred_element_type=jnp.float32)  # [B,Hk,Q,M]
+        s = s.reshape(b, hk * q, nt * gpt, group)
+        gm = (s + bias.reshape(b, 1, nt * gpt, group)).max(-1).reshape(qt, nt, gpt)
+        s, gm = lax.optimization_barrier((s.reshape(qt, nt, gpt, group), gm))  # keeps the dot out of the rounds' fusions
+        read = lambda ti, rows, w: s[rows, ti, w]
+    else:
+        _, (scores, gm) = lax.scan(step, None, jnp.arange(nt, dtype=jnp.int32))  # [nt,Qt,gpt,group], [nt,Qt,gpt]
+        gm = jnp.transpose(gm, (1, 0, 2))  # [Qt, nt, gpt]
+        read = lambda ti, rows, w: scores[ti, rows, w]
+    tm = gm.max(-1)  # [Qt, nt]
+    bg = bias.reshape(b, nt, gpt, group)
+    rows = jnp.arange(qt, dtype=jnp.int32)
+    i_t, i_w, i_g = (lax.broadcasted_iota(jnp.int32, (1, n), 1) for n in (nt, gpt, group))
+
+    def rnd(state, _):
+        gm, taken, tm = state
+        mx = tm.max(-1)  # [Qt] the largest remaining score
+        ti = _first_index(tm, mx, i_t)  # its tile
+        cand = gm[rows, ti]  # [Qt, gpt]
+        w = _first_index(cand, mx, i_w)  # its group
+        tb = taken[rows, ti, w]  # [Qt] keys of the group already taken
+        s = read(ti, rows, w) + bg[bidx, ti, w]  # [Qt, group]
+        s = jnp.where((tb[:, None] >> i_g) & 1 == 1, -jnp.inf, s)
+        p = _first_index(s, mx, i_g)
+        rest = jnp.where(i_g == p[:, None], -jnp.inf, s).max(-1)
+        gm = gm.at[rows, ti, w].set(rest)
+        taken = taken.at[rows, ti, w].set(tb | (1 << p))
+        tm = tm.at[rows, ti].set(jnp.where(i_w == w[:, None], rest[:, None], cand).max(-1))
+        return (gm, taken, tm), (mx, (ti * gpt + w) * group + p)
+
     taken = jnp.zeros(gm.shape, jnp.int32)
     if vma:
-        idx, taken = (lax.pcast(x, tuple(sorted(vma)), to="varying") for x in (idx, taken))
-    (_, _, _, vals, idx), _ = lax.scan(rnd, (gm, taken, tm, vals, idx), jnp.arange(k, dtype=jnp.int32))
-    return vals, idx
+        taken = lax.pcast(taken, tuple(sorted(vma)), to="varying")
+    _, (vals, idx) = lax.scan(rnd, (gm, taken, tm), None, length=k)  # [k, Qt]
+    return vals.T, idx.T
