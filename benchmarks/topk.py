@@ -188,7 +188,7 @@ def memory_ops(sizes, *, models=("tiny", "stdlib"), top_k=32, reps=15, seed=0):
     tournament, with kept first-pass scores where they fit) and top-k with kept scores disabled; interleaved,
     min of `reps`."""
     from fot.ops import memory_attention
-    import fot.ops.topk as topk_mod
+    import fot.ops.tournament as topk_mod
 
     rng = np.random.default_rng(seed)
     out = []

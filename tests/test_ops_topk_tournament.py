@@ -1,4 +1,4 @@
-"""The tournament top-k (fot.ops.topk.tournament_topk, the CPU default of memory_attention's top-k) against a
+"""The tournament top-k (fot.ops.tournament.tournament_topk, the CPU default of memory_attention's top-k) against a
 numpy sort, ties and masks included, and against the running lax.top_k merge inside memory_attention."""
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 
 from fot.ops import memory_attention
 from fot.ops.memory import choose_topk_method
-from fot.ops.topk import first_argmax, tournament_plan, tournament_topk
+from fot.ops.tournament import first_argmax, tournament_plan, tournament_topk
 
 
 @pytest.mark.parametrize("keep,key_dtype", [(False, jnp.float32), (True, jnp.float32), (True, jnp.bfloat16)])
@@ -44,7 +44,7 @@ def test_tournament_equals_numpy_sort_with_ties_and_masks(rng, m, tile, group, k
 def test_memory_attention_tournament_equals_merge(rng, monkeypatch, h, hkv, keep):
     """Same outputs and gradients with either selection (M = 384: 3 tiles of 128; small enough for the
     kept-scores rounds, groups of 32; keep=False forces the re-scoring rounds, groups of 8)."""
-    import fot.ops.topk as topk_mod
+    import fot.ops.tournament as topk_mod
     if not keep:
         monkeypatch.setattr(topk_mod, "CPU_KEEP_ELEMS", 0)
     b, tq, d, m = 2, 4, 8, 384

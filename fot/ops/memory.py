@@ -19,7 +19,8 @@ from jax.sharding import PartitionSpec as P
 from fot.ops import _checks, bits
 from fot.ops.attention import (F32, NEG, blockwise_attention, combine, fold_groups, full, no_blocks,
                                query_positions, segments, unfold_groups, _cotangent, _vma)
-from fot.ops.topk import running_topk, tournament_plan, tournament_topk
+from fot.ops.topk import running_topk
+from fot.ops.tournament import tournament_plan, tournament_topk
 
 DEFAULT_CHUNK = 2048
 TOPK_CHUNK_MAX = 8192  # default top-k selection chunk grows up to this while a score block stays small
@@ -131,8 +132,8 @@ TOPK_METHODS = ("auto", "merge", "tournament")
 
 def choose_topk_method(method, m, queries, k, platform=None):
     """("merge", None) or ("tournament", (tile, group, keep_scores)) for a top-k over m memory slots: "auto" is the
-    tournament on CPU (fot.ops.topk.tournament_topk: no lax.top_k, which XLA:CPU runs as a sort) when
-    fot.ops.topk.tournament_plan finds a tile, the running lax.top_k merge elsewhere."""
+    tournament on CPU (fot.ops.tournament.tournament_topk: no lax.top_k, which XLA:CPU runs as a sort) when
+    fot.ops.tournament.tournament_plan finds a tile, the running lax.top_k merge elsewhere."""
     if method not in TOPK_METHODS:
         raise ValueError(f"topk_method must be one of {TOPK_METHODS}, got {method!r}")
     if method == "auto":
@@ -287,7 +288,7 @@ def memory_attention(q, k, v, mem_k, mem_v, *, mem_mask=None, top_k=None, segmen
     -> all valid), found with a chunked running lax.top_k with the exact grouped-maxima prefilter of
     fot.ops.topk (no [B,T,H,M] tensor; default chunk: `topk_chunk`, 2048..8192; 1024..8192 on CPU), then one softmax with the
     local keys. Gradients reach q and the selected mem_k/mem_v (their scores are recomputed from gathered keys).
-    topk_method: "auto" (CPU: the tournament of fot.ops.topk.tournament_topk, k rounds of max reductions
+    topk_method: "auto" (CPU: the tournament of fot.ops.tournament.tournament_topk, k rounds of max reductions
     after one matmul pass, because XLA:CPU runs lax.top_k as a sort; elsewhere the running lax.top_k merge),
     "merge" or "tournament" (same slots; choose_topk_method falls back to the merge for memory lengths
     without a power-of-two tile). include_local=False: memory keys only. mesh: see module docstring (memory length over `model_axis`,
