@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fot.ops import memory_attention
-from fot.ops.memory import choose_topk_method
+from fot.ops.memory_topk import choose_topk_method
 from fot.ops.tournament import first_argmax, tournament_plan, tournament_topk
 
 

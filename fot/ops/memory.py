@@ -1,6 +1,7 @@
 """Memory attention (FoT inference): one joint softmax over causal local keys and external memory keys,
 dense (all valid memory keys, streamed in chunks with an online softmax) or exact top-k (running
-lax.top_k over memory chunks, then the selected keys join the local keys in one softmax).
+lax.top_k over memory chunks, then the selected keys join the local keys in one softmax; the top-k
+selection and its softmax part live in fot.ops.memory_topk).
 
 Sharded use (mesh=...): batch over `data_axis`, memory length M over `model_axis` (heads are not split
 inside this op; q/k/v are replicated over `model_axis`). Each model shard works on its slice of the
@@ -17,10 +18,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from fot.ops import _checks, bits
-from fot.ops.attention import (F32, NEG, blockwise_attention, combine, fold_groups, full, no_blocks,
-                               query_positions, segments, unfold_groups, _cotangent, _vma)
-from fot.ops.topk import running_topk
-from fot.ops.tournament import tournament_plan, tournament_topk
+from fot.ops.attention import F32, NEG, blockwise_attention, combine, no_blocks, query_positions, segments
+from fot.ops.memory_topk import TOPK_METHODS, _gather_slots, _select_topk, _selected_part, _selected_scores
 
 DEFAULT_CHUNK = 2048
 TOPK_CHUNK_MAX = 8192  # default top-k selection chunk grows up to this while a score block stays small
@@ -127,107 +126,15 @@ def _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk, skip_empty=None
     return parts
 
 
-TOPK_METHODS = ("auto", "merge", "tournament")
-
-
-def choose_topk_method(method, m, queries, k, platform=None):
-    """("merge", None) or ("tournament", (tile, group, keep_scores)) for a top-k over m memory slots: "auto" is the
-    tournament on CPU (fot.ops.tournament.tournament_topk: no lax.top_k, which XLA:CPU runs as a sort) when
-    fot.ops.tournament.tournament_plan finds a tile, the running lax.top_k merge elsewhere."""
-    if method not in TOPK_METHODS:
-        raise ValueError(f"topk_method must be one of {TOPK_METHODS}, got {method!r}")
-    if method == "auto":
-        method = "tournament" if (jax.default_backend() if platform is None else platform) == "cpu" else "merge"
-    plan = tournament_plan(m, queries, k) if method == "tournament" else None
-    return ("tournament", plan) if plan is not None else ("merge", None)
-
-
-def _select_topk(q, mem_k, mem_mask, top_k, scale, chunk, method="auto"):
-    """Exact top-k memory slots per (b, t, h) by <q, mem_k>: (valid bool, idx int32) [B,T,H,K].
-    mem_k [B,M,Hkv,D]: the G = H / Hkv query heads of a kv head are scored together (folded into T).
-    method: see :func:`choose_topk_method` (both give the same slots, ties aside)."""
-    g = q.shape[2] // mem_k.shape[2]
-    qh = fold_groups(jnp.swapaxes(lax.stop_gradient(q), 1, 2), g)  # [B,Hkv,G*T,D]
-    mk = lax.stop_gradient(mem_k)
-    how, plan = choose_topk_method(method, mem_k.shape[1], qh.shape[0] * qh.shape[1] * qh.shape[2], top_k)
-    if how == "tournament" and scale > 0:  # ranking by <q, k> = ranking by scale * <q, k>
-        vals, idx = tournament_topk(qh, mk, mem_mask, top_k, tile=plan[0], group=plan[1], keep_scores=plan[2],
-                                    vma=_vma(q, mem_k, mem_mask))
-        vals, idx = unfold_groups(vals, g), unfold_groups(idx, g)  # [B,H,T,K]
-        return jnp.swapaxes(vals > NEG / 2, 1, 2), jnp.swapaxes(idx, 1, 2)
-
-    def score_fn(start, size):
-        kc = bits.move(lambda x: lax.dynamic_slice_in_dim(x, start, size, axis=1), mk).astype(q.dtype)  # [B,C,H,D]
-        mc = lax.dynamic_slice_in_dim(mem_mask, start, size, axis=1)
-        s = jnp.einsum("bhtd,bchd->bhtc", qh, kc, preferred_element_type=F32) * scale
-        return jnp.where(mc[:, None, None, :], s, NEG)
-
-    vals, idx = running_topk(score_fn, mem_k.shape[1], top_k, chunk, qh.shape[:3], vma=_vma(q, mem_k, mem_mask))
-    vals, idx = unfold_groups(vals, g), unfold_groups(idx, g)  # [B,H,T,K]
-    return jnp.swapaxes(vals > NEG / 2, 1, 2), jnp.swapaxes(idx, 1, 2)
-
-
-def _slot_index(x, idx):
-    """Index arrays selecting x[b, idx[b,t,h,k], h // G] for x [B,M,Hkv,D], idx [B,T,H,K] (G = H / Hkv)."""
-    b, _, h, _ = idx.shape
-    return jnp.arange(b)[:, None, None, None], idx, (jnp.arange(h) // (h // x.shape[2]))[None, None, :, None]
-
-
-def _take_slots(x, idx):
-    return x[_slot_index(x, idx)]
-
-
-@jax.custom_vjp
-def _gather_cast(x, idx, like):
-    return bits.move(_take_slots, x, idx).astype(like.dtype)
-
-
-def _gather_cast_fwd(x, idx, like):
-    return _gather_cast(x, idx, like), (x, idx, like)
-
-
-def _gather_cast_bwd(res, ct):
-    """Scatter-add of the slots' cotangents in float32, cast to x.dtype once (as if x had been cast to
-    float32 before the gather: no per-slot rounding to a low-precision x.dtype)."""
-    x, idx, like = res
-    acc = full(x.shape, 0.0, _vma(x, idx, ct))
-    acc = acc.at[_slot_index(x, idx)].add(ct.astype(F32))
-    return _cotangent(acc, x), None, jnp.zeros_like(like)
-
-
-_gather_cast.defvjp(_gather_cast_fwd, _gather_cast_bwd)
-
-
-def _gather_slots(x, idx, dtype):
-    """x [B,M,Hkv,D], idx [B,T,H,K] -> x[b, idx[b,t,h,k], h // G] as [B,T,H,K,D] in `dtype` (no copy of the
-    memory; only the gathered slots are cast; gradients accumulate in float32)."""
-    if x.dtype == dtype:
-        return _take_slots(x, idx)
-    return _gather_cast(x, idx, jnp.zeros((), dtype))
-
-
-def _selected_part(q, sel_k, sel_v, valid, scale):
-    """Softmax part over selected keys: q [B,T,H,D], sel [B,T,H,K,D], valid [B,T,H,K]."""
-    s = jnp.einsum("bthd,bthkd->bthk", q, sel_k, preferred_element_type=F32) * scale
-    s = jnp.where(valid, s, NEG)
-    mx = lax.stop_gradient(s.max(-1))
-    e = jnp.where(valid, jnp.exp(s - mx[..., None]), 0.0)
-    l = e.sum(-1)
-    safe = jnp.where(l > 0, l, 1.0)
-    o = jnp.einsum("bthk,bthkd->bthd", e, sel_v.astype(F32)) / safe[..., None]
-    lse = jnp.where(l > 0, mx + jnp.log(safe), NEG)
-    return o, lse, (l > 0).astype(F32)
-
-
 def _memory_unsharded(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, scale, chunk,
                       include_local, topk_method="auto"):
     parts = [_local_part(q, k, v, segment_ids, scale)] if include_local else []
     if top_k is None:
         parts += _dense_memory_parts(q, mem_k, mem_v, mem_mask, scale, chunk)
     elif mem_k.shape[1]:
-        valid, idx = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk, topk_method)
-        sel_k, sel_v = _gather_slots(mem_k, idx, q.dtype), _gather_slots(mem_v, idx, q.dtype)
-        parts.append(_selected_part(q, sel_k, sel_v, valid, scale))
+        valid, idx, vals = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk, topk_method)
+        s = _selected_scores(q, mem_k, idx, vals, scale)  # the selection's own scores: no gather of keys
+        parts.append(_selected_part(s, _gather_slots(mem_v, idx, q.dtype), valid))
     if not parts:
         z = jnp.zeros(q.shape[:3], F32)
         return jnp.zeros(q.shape, F32), z
@@ -254,7 +161,7 @@ def _memory_shard_body(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, s
         lse_m = mx + jnp.log(safe)
         mem_part = (o_m, lse_m, mass_m)
     else:
-        valid, idx = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk, topk_method)
+        valid, idx, _ = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk, topk_method)
         vals = jnp.where(valid, jnp.einsum("bthd,bthkd->bthk", lax.stop_gradient(q),
                                            lax.stop_gradient(_gather_slots(mem_k, idx, q.dtype)),
                                            preferred_element_type=F32) * scale, NEG)
@@ -266,7 +173,8 @@ def _memory_shard_body(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, s
         best, pos = lax.top_k(vals, top_k)
         sel_k = jnp.take_along_axis(sel_k, pos[..., None], axis=3)
         sel_v = jnp.take_along_axis(sel_v, pos[..., None], axis=3)
-        mem_part = _selected_part(q, sel_k, sel_v, best > NEG / 2, scale)
+        s = jnp.einsum("bthd,bthkd->bthk", q, sel_k, preferred_element_type=F32) * scale
+        mem_part = _selected_part(s, sel_v, best > NEG / 2)
     o, _, mass = combine(local + [mem_part])
     return o, mass
 
