@@ -153,28 +153,6 @@ def test_topk_scores_prefilter_ties_masks_ragged(rng):
             np.testing.assert_array_equal(np.take_along_axis(full, idx, 1), scores)
 
 
-@pytest.mark.parametrize("top_k", [3, 40])
-def test_gqa_topk_matches_dense_with_repeated_kv(rng, top_k):
-    """Grouped-query attention (4 query heads on 2 kv heads): top-k chosen per query head, forward and
-    gradients equal the dense reference on kv heads repeated per query head (their gradients summed back)."""
-    b, tq, tk, h, hkv, d, m = 2, 3, 5, 4, 2, 8, 13
-    q = rng.normal(size=(b, tq, h, d)).astype(np.float32)
-    k, v = (rng.normal(size=(b, tk, hkv, d)).astype(np.float32) for _ in range(2))
-    mk, mv = (rng.normal(size=(b, m, hkv, d)).astype(np.float32) for _ in range(2))
-    mm = rng.random((b, m)) > 0.3
-    mm[-1] = False
-    mm[-1, :2] = True  # fewer valid slots than top_k
-    w = rng.normal(size=q.shape).astype(np.float32)
-    rep = lambda x: jnp.repeat(x, h // hkv, axis=2)  # noqa: E731
-    out, _, g1 = out_and_grads(lambda *a: (memory_attention(*a, mem_mask=mm, top_k=top_k), None), (q, k, v, mk, mv), w)
-    sel = topk_selection(q, np.asarray(rep(mk)), mm, top_k)
-    ref, _, g2 = out_and_grads(lambda *a: (dense_memory(a[0], *(rep(x) for x in a[1:]), mm, top_k, sel=sel), None),
-                               (q, k, v, mk, mv), w)
-    np.testing.assert_allclose(out, ref, atol=1e-5)
-    for name, a, c in zip("q k v mem_k mem_v".split(), g1, g2):
-        np.testing.assert_allclose(a, c, atol=3e-5, err_msg=name)
-
-
 def test_topk_prefilter_in_memory_attention(rng):
     """A memory large enough for the prefilter (M=300 in one default chunk: groups of 8, ragged last
     group) equals the dense reference restricted to the numpy top-k, forward and gradients."""
