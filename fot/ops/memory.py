@@ -162,10 +162,9 @@ def _memory_shard_body(q, k, v, mem_k, mem_v, mem_mask, segment_ids, *, top_k, s
         mem_part = (o_m, lse_m, mass_m)
     else:
         valid, idx, _ = _select_topk(q, mem_k, mem_mask, top_k, scale, chunk, topk_method)
-        vals = jnp.where(valid, jnp.einsum("bthd,bthkd->bthk", lax.stop_gradient(q),
-                                           lax.stop_gradient(_gather_slots(mem_k, idx, q.dtype)),
+        sel_k, sel_v = _gather_slots(mem_k, idx, q.dtype), _gather_slots(mem_v, idx, q.dtype)  # [B,T,H,K,D]
+        vals = jnp.where(valid, jnp.einsum("bthd,bthkd->bthk", lax.stop_gradient(q), lax.stop_gradient(sel_k),
                                            preferred_element_type=F32) * scale, NEG)
-        sel_k, sel_v = _gather_slots(mem_k, idx, q.dtype), _gather_slots(mem_v, idx, q.dtype)
         # candidates of every shard (K each), then the exact top-k of their union
         vals = lax.all_gather(vals, model_axis, axis=3, tiled=True, to="invarying")
         sel_k = lax.all_gather(sel_k, model_axis, axis=3, tiled=True, to="invarying")
