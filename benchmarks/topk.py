@@ -185,10 +185,10 @@ OP_SHAPES = {"tiny": (256, 4, 32), "stdlib": (128, 4, 16)}  # (window, heads, he
 def memory_ops(sizes, *, models=("tiny", "stdlib"), top_k=32, reps=15, seed=0):
     """Milliseconds of one memory layer's fot.ops.memory_attention call (float32, one row, a full memory of
     M slots) at the streaming models' window/head shapes: dense, top-k (the default selection: on CPU the
-    tournament, with kept first-pass scores where they fit) and top-k with kept scores disabled; interleaved,
-    min of `reps`."""
-    from fot.ops import memory_attention
-    import fot.ops.tournament as topk_mod
+    tournament, with kept first-pass scores where they fit, selected by the CPU kernel of fot.ops.topk_ffi where
+    it is available), top-k with kept scores disabled and top-k with the kernel disabled (FOT_TOPK_FFI=0: the
+    XLA rounds); interleaved, min of `reps`."""
+    from fot.ops import memory_attention, topk_ffi, tournament
 
     rng = np.random.default_rng(seed)
     out = []
@@ -199,13 +199,21 @@ def memory_ops(sizes, *, models=("tiny", "stdlib"), top_k=32, reps=15, seed=0):
             mk, mv = (jnp.asarray(rng.standard_normal((1, m, h, d)), jnp.float32) for _ in range(2))
             fns = {"dense": jax.jit(lambda *a: memory_attention(*a)),
                    "top-k": jax.jit(lambda *a: memory_attention(*a, top_k=top_k))}
-            keep = topk_mod.CPU_KEEP_ELEMS
-            topk_mod.CPU_KEEP_ELEMS = 0  # traced now: the re-scoring rounds only
+            keep, env = tournament.CPU_KEEP_ELEMS, os.environ.get(topk_ffi.ENV_DISABLE)
             try:
+                tournament.CPU_KEEP_ELEMS = 0  # traced now: the re-scoring rounds only
                 fns["top-k, scores not kept"] = jax.jit(lambda *a: memory_attention(*a, top_k=top_k))
                 jax.block_until_ready(fns["top-k, scores not kept"](q, k, k, mk, mv))
+                tournament.CPU_KEEP_ELEMS = keep
+                os.environ[topk_ffi.ENV_DISABLE] = "0"  # traced now: kept scores, XLA rounds (no CPU kernel)
+                fns["top-k, XLA rounds"] = jax.jit(lambda *a: memory_attention(*a, top_k=top_k))
+                jax.block_until_ready(fns["top-k, XLA rounds"](q, k, k, mk, mv))
             finally:
-                topk_mod.CPU_KEEP_ELEMS = keep
+                tournament.CPU_KEEP_ELEMS = keep
+                if env is None:
+                    os.environ.pop(topk_ffi.ENV_DISABLE, None)
+                else:
+                    os.environ[topk_ffi.ENV_DISABLE] = env
             best = {n: float("inf") for n in fns}
             for f in fns.values():
                 jax.block_until_ready(f(q, k, k, mk, mv))

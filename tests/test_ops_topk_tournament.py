@@ -10,14 +10,20 @@ from fot.ops.memory_topk import choose_topk_method
 from fot.ops.tournament import first_argmax, tournament_plan, tournament_topk
 
 
-@pytest.mark.parametrize("keep,key_dtype", [(False, jnp.float32), (True, jnp.float32), (True, jnp.bfloat16)])
+@pytest.mark.parametrize("keep,key_dtype,kernel", [(False, jnp.float32, True), (True, jnp.float32, True),
+                                                   (True, jnp.float32, False), (True, jnp.bfloat16, True)])
 @pytest.mark.parametrize("m,tile,group,k", [(96, 32, 8, 5), (64, 64, 4, 40), (48, 16, 16, 7), (7, 1, 1, 3),
                                            (128, 64, 32, 9), (128, 64, 32, 1)])
-def test_tournament_equals_numpy_sort_with_ties_and_masks(rng, m, tile, group, k, keep, key_dtype):
+def test_tournament_equals_numpy_sort_with_ties_and_masks(rng, monkeypatch, m, tile, group, k, keep, key_dtype,
+                                                          kernel):
     """Integer-valued scores (many exact ties), masked keys, rows with fewer valid keys than k: the values are
     those of a numpy sort, best first; the indices are distinct valid keys whose scores are those values.
     keep: the rounds read the first pass's scores back (small memories) instead of re-scoring keys; keys in
-    the queries' dtype are then scored in one matmul, a bf16 store tile by tile (integers are exact in bf16)."""
+    the queries' dtype are then scored in one matmul (and selected by the CPU kernel of fot.ops.topk_ffi where
+    it is available; kernel=False: FOT_TOPK_FFI=0, the XLA rounds), a bf16 store tile by tile (integers are
+    exact in bf16)."""
+    if not kernel:
+        monkeypatch.setenv("FOT_TOPK_FFI", "0")
     b, hk, q, d = 2, 2, 5, 4
     qh = rng.integers(-2, 3, size=(b, hk, q, d)).astype(np.float32)
     keys = rng.integers(-2, 3, size=(b, m, hk, d)).astype(np.float32)
@@ -44,9 +50,9 @@ def test_tournament_equals_numpy_sort_with_ties_and_masks(rng, m, tile, group, k
 def test_memory_attention_tournament_equals_merge(rng, monkeypatch, h, hkv, keep):
     """Same outputs and gradients with either selection (M = 384: 3 tiles of 128; small enough for the
     kept-scores rounds, groups of 32; keep=False forces the re-scoring rounds, groups of 8)."""
-    import fot.ops.tournament as topk_mod
+    import fot.ops.tournament as tournament_mod
     if not keep:
-        monkeypatch.setattr(topk_mod, "CPU_KEEP_ELEMS", 0)
+        monkeypatch.setattr(tournament_mod, "CPU_KEEP_ELEMS", 0)
     b, tq, d, m = 2, 4, 8, 384
     q = rng.normal(size=(b, tq, h, d)).astype(np.float32)
     k, v = (rng.normal(size=(b, tq, hkv, d)).astype(np.float32) for _ in range(2))

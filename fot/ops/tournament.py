@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from fot.ops import bits
+from fot.ops import bits, topk_ffi
 from fot.ops.topk import NEG
 
 CPU_TILE_ELEMS = 2 ** 19  # [queries, tile] score tile of the first pass (2 MiB float32, in cache)
@@ -57,6 +57,13 @@ def tournament_plan(m, queries, k):
     return tile, group, False
 
 
+def use_kernel(qh, keys, vma) -> bool:
+    """Whether the kept-scores selection runs as fot.ops.topk_ffi's CPU kernel: default backend CPU, keys in
+    the queries' dtype (one matmul, float32 scores), no shard_map axes (vma), and the kernel built and loaded
+    (not with FOT_TOPK_FFI=0; a failed build logs one line and keeps the rounds)."""
+    return (jax.default_backend() == "cpu" and keys.dtype == qh.dtype and not vma and topk_ffi.available())
+
+
 def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vma=frozenset(), skip_empty=None):
     """Exact top-k keys per query by inner product <q, key>, best first, without lax.top_k.
 
@@ -74,7 +81,9 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vm
     keep_scores (group <= 32, small memories): every [Q_total, M] float32 score is kept from pass 1 and a
     round reads its group's `group` scores back, marking taken keys in a per-group bit mask, instead of
     gathering group x D key values and re-scoring them (same selection; the values are the pass-1 scores);
-    see :func:`_tournament_kept`.
+    see :func:`_tournament_kept`. Where :func:`use_kernel` (CPU, keys in qh.dtype, unsharded, the compiled
+    kernel available) the kept scores of one matmul go to fot.ops.topk_ffi's CPU kernel instead of the rounds:
+    the same values and indices.
     skip_empty (default: on CPU): pass 1 skips (``lax.cond``) the tiles without a valid key in any row and
     gives them the score every masked key gets (<q, k> + NEG rounds to NEG): bit-identical, and a store that
     is still filling (memory prefill) is scored only where it holds keys. Not used by the kept-scores pass
@@ -89,6 +98,8 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vm
     if keep_scores:
         if group > KEEP_MAX_GROUP:
             raise ValueError(f"keep_scores needs group <= {KEEP_MAX_GROUP}, got {group}")
+        if use_kernel(qh, keys, vma):
+            return topk_ffi.kept_topk(qh, keys, bias, k)
         vals, idx = _tournament_kept(qh, keys, bias, key_mask, k, tile, group, skip, vma)
         return vals.reshape(b, hk, q, k), idx.reshape(b, hk, q, k)
     qb = jnp.concatenate([qh, jnp.ones(qh.shape[:-1] + (1,), qh.dtype)], -1)  # [B,Hk,Q,D+1]
