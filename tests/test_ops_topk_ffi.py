@@ -59,25 +59,60 @@ def test_kernel_under_vmap_and_random_scores(rng):
     np.testing.assert_array_equal(np.asarray(idx).reshape(6, 16, 24), ref_i)
 
 
+def _scores(qh, keys):
+    return np.einsum("bhqd,bmhd->bhqm", qh.astype(np.float64), keys.astype(np.float64)).astype(np.float32)
+
+
+@needs_compiler
+@pytest.mark.parametrize("b,h,q,d,m,k", [(2, 3, 7, 8, 64, 5), (1, 2, 5, 3, 16, 1), (2, 1, 9, 33, 48, 48),
+                                         (1, 2, 4, 1, 32, 40), (1, 1, 13, 16, 512, 32)])
+def test_score_select_equals_numpy_sort(rng, b, h, q, d, m, k):
+    """The kernel that scores as well (float32 keys, M % 16 == 0): integer queries and keys (exact scores, many
+    ties), masks, a batch row with fewer valid keys than k, k = 1, k = M, k > M, Q not a multiple of its 4-row
+    blocks, D = 1 and 33; values and indices equal to a numpy sort's; also under jax.vmap."""
+    assert topk_ffi.available()
+    qh = rng.integers(-2, 3, size=(b, h, q, d)).astype(np.float32)
+    keys = rng.integers(-2, 3, size=(b, m, h, d)).astype(np.float32)
+    mask = rng.random((b, m)) > 0.3
+    mask[0, : max(m - k // 2, 0)] = False
+    mask[0, -1] = True
+    bias = np.where(mask, 0.0, NEG).astype(np.float32)
+    vals, idx = jax.jit(lambda *a: topk_ffi.score_select(*a, k))(qh, keys, bias)
+    ref_v, ref_i = numpy_topk(_scores(qh, keys).reshape(b, h * q, m), bias, k)
+    np.testing.assert_array_equal(np.asarray(vals).reshape(b, h * q, k), ref_v)
+    np.testing.assert_array_equal(np.asarray(idx).reshape(b, h * q, k), ref_i)
+    vv, vi = jax.jit(jax.vmap(lambda *a: topk_ffi.score_select(*a, k)))(qh[None], keys[None], bias[None])
+    np.testing.assert_array_equal(np.asarray(vi)[0], np.asarray(idx))
+
+
 @needs_compiler
 @pytest.mark.parametrize("integer", [True, False])
-def test_kernel_equals_xla_tournament(rng, monkeypatch, integer):
-    """tournament_topk with kept scores: the kernel's values and indices are bit for bit those of the XLA rounds
-    (FOT_TOPK_FFI=0), with ties (integer scores) and without, masks and a row with fewer valid keys than k."""
-    b, hk, q, d, m, k = 2, 2, 6, 8, 512, 20
+@pytest.mark.parametrize("dtype,m", [(jnp.float32, 512), (jnp.float32, 40), (jnp.bfloat16, 512)])
+def test_kernel_equals_xla_tournament(rng, monkeypatch, integer, dtype, m):
+    """tournament_topk with kept scores through the kernel (float32 and M % 16 == 0: scored in the kernel; M = 40
+    or bf16 queries and keys: XLA's matmul, then the kernel's selection) against the XLA rounds (FOT_TOPK_FFI=0):
+    the same indices, and values bit for bit with integer scores (ties), to float32 rounding with random ones;
+    masks and a row with fewer valid keys than k."""
+    b, hk, q, d, k = 2, 2, 6, 8, 20
     draw = (lambda s: rng.integers(-2, 3, size=s)) if integer else (lambda s: rng.normal(size=s))
-    qh, keys = jnp.asarray(draw((b, hk, q, d)), jnp.float32), jnp.asarray(draw((b, m, hk, d)), jnp.float32)
+    qh, keys = jnp.asarray(draw((b, hk, q, d)), dtype), jnp.asarray(draw((b, m, hk, d)), dtype)
     mask = rng.random((b, m)) > 0.2
     mask[1, 10:] = False
-    run = jax.jit(lambda *a: tournament_topk(*a, k, tile=512, group=32, keep_scores=True))
+    tile = 512 if m == 512 else 8
+    run = jax.jit(lambda *a: tournament_topk(*a, k, tile=tile, group=8, keep_scores=True))
     hlo = run.lower(qh, keys, jnp.asarray(mask)).as_text()
     kv, ki = run(qh, keys, jnp.asarray(mask))
     monkeypatch.setenv("FOT_TOPK_FFI", "0")
-    run = jax.jit(lambda *a: tournament_topk(*a, k, tile=512, group=32, keep_scores=True))
+    run = jax.jit(lambda *a: tournament_topk(*a, k, tile=tile, group=8, keep_scores=True))
     xv, xi = run(qh, keys, jnp.asarray(mask))
-    assert topk_ffi.TARGET in hlo and topk_ffi.TARGET not in run.lower(qh, keys, jnp.asarray(mask)).as_text()
-    np.testing.assert_array_equal(np.asarray(kv), np.asarray(xv))
+    fused = dtype == jnp.float32 and m % 16 == 0
+    assert f"@{topk_ffi.SCORE_TARGET if fused else topk_ffi.TARGET}" in hlo
+    assert "fot_topk" not in run.lower(qh, keys, jnp.asarray(mask)).as_text()
     np.testing.assert_array_equal(np.asarray(ki), np.asarray(xi))
+    if integer:
+        np.testing.assert_array_equal(np.asarray(kv), np.asarray(xv))
+    else:
+        np.testing.assert_allclose(np.asarray(kv), np.asarray(xv), rtol=1e-6, atol=1e-6)
 
 
 def _attention_case(rng, kernel, monkeypatch):
@@ -110,7 +145,7 @@ def test_memory_attention_topk_equals_numpy(rng, monkeypatch, kernel):
                 ref[bi, ti, hi] = (p / p.sum()) @ np.concatenate([v[bi, : ti + 1, hi], mv[bi, sel, hi]])
     fn = jax.jit(lambda *a: memory_attention(*a, mem_mask=mm, top_k=top_k))
     np.testing.assert_allclose(np.asarray(fn(*args)), ref, atol=2e-5)
-    assert (topk_ffi.TARGET in fn.lower(*args).as_text()) == kernel
+    assert ("fot_topk" in fn.lower(*args).as_text()) == kernel
     grads = {}
     for method in ("merge", "tournament"):
         loss = lambda *a: jnp.sum(memory_attention(*a, mem_mask=mm, top_k=top_k, topk_method=method) * w)  # noqa

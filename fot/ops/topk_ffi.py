@@ -9,8 +9,10 @@ No compiler, a failed compilation or ``FOT_TOPK_FFI=0`` in the environment: :fun
 log line when something failed) and the callers keep their XLA path.
 
 Why: at 1024 queries x 4096 keys the tournament's 31 rounds of ~24 small XLA:CPU kernels cost more than the
-score matmul itself; a per-row heap with a vectorised early reject reads the scores once (BUILD_NOTES issue 14,
-"top-k at 4K with a CPU FFI kernel").
+score matmul itself; the kernel scores a few queries at a time against all keys (fused multiply-adds, AVX2 where
+the CPU has it) and selects each row's top-k while its scores are in cache: group maxima, the k-th largest of
+them as a threshold, a sort of the few values above it (BUILD_NOTES issue 14, "top-k at 4K with a CPU FFI
+kernel").
 """
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ import jax.numpy as jnp
 import jaxlib
 
 SOURCE = pathlib.Path(__file__).resolve().parent / "csrc" / "topk_select.cc"
-TARGET = "fot_topk_select"
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-w")
+TARGET = "fot_topk_select"  # selection of given scores
+SCORE_TARGET = "fot_topk_score_select"  # scores computed in the kernel
+PANEL = 16  # keys per packed panel of SCORE_TARGET
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-w", "-Wno-psabi")
 ENV_DISABLE = "FOT_TOPK_FFI"  # "0": never use the kernel (the XLA tournament everywhere)
 
 _lock = threading.Lock()
@@ -83,6 +87,7 @@ def _build_and_register() -> ctypes.CDLL:
                 _compile(path)
     lib = ctypes.cdll.LoadLibrary(str(path))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.FotTopkSelect), platform="cpu")
+    jax.ffi.register_ffi_target(SCORE_TARGET, jax.ffi.pycapsule(lib.FotTopkScoreSelect), platform="cpu")
     return lib
 
 
@@ -102,6 +107,11 @@ def available() -> bool:
         return _state["ok"]
 
 
+def _call(target, out_shape, *args, vmap_method="broadcast_all"):
+    out = (jax.ShapeDtypeStruct(out_shape, jnp.float32), jax.ShapeDtypeStruct(out_shape, jnp.int32))
+    return jax.ffi.ffi_call(target, out, vmap_method=vmap_method)(*args)
+
+
 def topk_select(scores, bias, k: int):
     """Top-k of scores + bias per row, best first, ties to the first position (the order of
     fot.ops.tournament.tournament_topk). scores float32 [N..., R, M]; bias float32 [N..., M] (0 valid, NEG
@@ -111,27 +121,33 @@ def topk_select(scores, bias, k: int):
         raise TypeError(f"topk_select takes float32 scores and bias, got {scores.dtype} / {bias.dtype}")
     if bias.shape != scores.shape[:-2] + scores.shape[-1:]:
         raise ValueError(f"bias {bias.shape} must be scores {scores.shape} without the row axis")
-    out = scores.shape[:-1] + (k,)
-    call = jax.ffi.ffi_call(TARGET, (jax.ShapeDtypeStruct(out, jnp.float32), jax.ShapeDtypeStruct(out, jnp.int32)),
-                            vmap_method="broadcast_all")
-    return call(scores, bias)
+    return _call(TARGET, scores.shape[:-1] + (k,), scores, bias)
 
 
-def kept_topk(qh, keys, bias, k: int, block: int | None = None):
-    """Top-k keys per query by <q, key> (+ bias), scored with XLA's matmul and selected by the kernel, in blocks
-    of `block` queries per head so that a block's [B, Hk*block, M] scores are still in cache when the kernel reads
-    them. qh [B,Hk,Q,D]; keys [B,M,Hk,D] in qh.dtype; bias float32 [B,M] (0 valid, NEG masked). Returns
-    (vals float32, idx int32) [B,Hk,Q,k] as :func:`topk_select`."""
-    b, hk, q, d = qh.shape
+def score_select(qh, keys, bias, k: int):
+    """:func:`topk_select` of the scores <q, key> computed inside the kernel, a few query rows at a time, so they
+    never leave the cache (at 1024 queries x 4096 keys the [Q, M] scores are 16 MiB: written by XLA's matmul and
+    read back by the selection they cost more than the selection itself). qh float32 [B,H,Q,D]; keys float32
+    [B,M,H,D] with M a multiple of 16 (repacked here to [B,H,M/16,D,16]: one copy of the keys); bias float32
+    [B,M]. Returns (vals float32, idx int32) [B,H,Q,k]; vals are float32 fused multiply-adds over D in order."""
+    b, h, q, d = qh.shape
     m = keys.shape[1]
+    if qh.dtype != jnp.float32 or keys.dtype != jnp.float32 or m % PANEL:
+        raise ValueError(f"score_select takes float32 q and keys with M % {PANEL} == 0, got {qh.dtype} "
+                         f"{keys.dtype} M = {m}")
+    packed = keys.reshape(b, m // PANEL, PANEL, h, d).transpose(0, 3, 1, 4, 2)  # [B, H, M/16, D, 16]
+    return _call(SCORE_TARGET, (b, h, q, k), qh, packed, bias.astype(jnp.float32), vmap_method="sequential")
 
-    def one(qb):  # [B,Hk,n,D] -> [B,Hk,n,k]
-        s = jnp.einsum("bhqd,bchd->bhqc", qb, keys, preferred_element_type=jnp.float32)
-        vals, idx = topk_select(s.reshape(b, hk * qb.shape[2], m), bias, k)
-        return vals.reshape(b, hk, qb.shape[2], k), idx.reshape(b, hk, qb.shape[2], k)
 
-    if block is None or block >= q or q % block:
-        return one(qh)
-    blocks = jnp.moveaxis(qh.reshape(b, hk, q // block, block, d), 2, 0)
-    vals, idx = jax.lax.map(one, blocks)  # [nq, B, Hk, block, k]
-    return tuple(jnp.moveaxis(x, 0, 2).reshape(b, hk, q, k) for x in (vals, idx))
+def kept_topk(qh, keys, bias, k: int):
+    """Top-k keys per query by <q, key> + bias through the kernel: :func:`score_select` for float32 queries and
+    keys with M % 16 == 0, else XLA's matmul of all [B, H*Q, M] scores then :func:`topk_select`. qh [B,Hk,Q,D];
+    keys [B,M,Hk,D] in qh.dtype; bias float32 [B,M] (0 valid, NEG masked). Returns (vals float32, idx int32)
+    [B,Hk,Q,k]."""
+    b, hk, q, _ = qh.shape
+    m = keys.shape[1]
+    if qh.dtype == jnp.float32 and keys.dtype == jnp.float32 and m % PANEL == 0:
+        return score_select(qh, keys, bias, k)
+    s = jnp.einsum("bhqd,bchd->bhqc", qh, keys, preferred_element_type=jnp.float32)
+    vals, idx = topk_select(s.reshape(b, hk * q, m), bias, k)
+    return vals.reshape(b, hk, q, k), idx.reshape(b, hk, q, k)

@@ -82,8 +82,9 @@ def tournament_topk(qh, keys, key_mask, k, *, tile, group, keep_scores=False, vm
     round reads its group's `group` scores back, marking taken keys in a per-group bit mask, instead of
     gathering group x D key values and re-scoring them (same selection; the values are the pass-1 scores);
     see :func:`_tournament_kept`. Where :func:`use_kernel` (CPU, keys in qh.dtype, unsharded, the compiled
-    kernel available) the kept scores of one matmul go to fot.ops.topk_ffi's CPU kernel instead of the rounds:
-    the same values and indices.
+    kernel available) fot.ops.topk_ffi's CPU kernel replaces pass 1 and the rounds (:func:`topk_ffi.kept_topk`:
+    float32 keys scored inside the kernel, other dtypes by one XLA matmul): the same order and indices; values
+    are float32 dot products (XLA's matmul may sum them in another order: last-bit differences).
     skip_empty (default: on CPU): pass 1 skips (``lax.cond``) the tiles without a valid key in any row and
     gives them the score every masked key gets (<q, k> + NEG rounds to NEG): bit-identical, and a store that
     is still filling (memory prefill) is scored only where it holds keys. Not used by the kept-scores pass
