@@ -43,6 +43,7 @@ setup(
     version="0.1.0",
     description="Focused Transformer (contrastive crossbatch training, external-memory inference) in JAX/Flax",
     packages=find_packages(include=["fot", "fot.*"]),
+    package_data={"fot.ops": ["csrc/*.cc"]},  # the CPU top-k kernel's source, compiled on first use
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -70,6 +70,7 @@ def _compile(out: pathlib.Path) -> None:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache out
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
