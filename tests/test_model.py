@@ -80,6 +80,15 @@ def ref_forward(p, cfg, tokens, extra_rows=None, key_mask=None, positions=None):
                     rows = np.asarray(extra_rows)
                     n = n + np.array([sum(kmask[r].sum() for r in row if r >= 0) for row in rows])[:, None]
                 tau = tau * (np.log(n) / np.log(cfg.qk_scale_n_ref))[:, :, None, None]
+            if cfg.qk_scale_extrapolation:  # x max(1, n / n_train) ** beta
+                n = pos + 1.0
+                if extra_rows is not None:
+                    kmask = np.ones((b, t), bool) if key_mask is None else np.asarray(key_mask)
+                    n = n + np.array([sum(kmask[r].sum() for r in row if r >= 0)
+                                      for row in np.asarray(extra_rows)])[:, None]
+                f = np.maximum(n / cfg.qk_scale_n_train, 1.0) ** cfg.qk_scale_extrapolation
+                assert (f > 1).any() and (f == 1).any()  # both regimes in the test's rows
+                tau = tau * f[:, :, None, None]
             q = q / jnp.linalg.norm(q, axis=-1, keepdims=True) * tau
             k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
             scale = 1.0
@@ -185,6 +194,8 @@ def test_qk_temperature_param_and_init(param, init_value):
 @pytest.mark.parametrize("kw", [dict(), dict(mem_positional="none", qk_norm=True, mem_layers=(0, 1)),
                                 dict(mem_positional="none", qk_norm=True, qk_scale_param="log"),
                                 dict(qk_norm=True, qk_scale_param="log", qk_scale_n_ref=20, mem_layers=(0, 1)),
+                                dict(qk_norm=True, qk_scale_n_ref=20, qk_scale_extrapolation=0.7,
+                                     qk_scale_n_train=T + 2),
                                 dict(tie_embeddings=True, mem_layers=(0, 1)),
                                 dict(crossbatch_block_rows=2, mem_layers=(0, 1)),
                                 dict(qk_norm=True, qk_scale_param="log", mem_key_smear=True, mem_layers=(0, 1))])
@@ -295,6 +306,7 @@ def test_cache_path_equals_full_forward(rng, kw, segments):
 @pytest.mark.parametrize("kw", [dict(mem_layers=(0, 1)), dict(mem_positional="none", qk_norm=True),
                                 dict(mem_positional="none", qk_norm=True, qk_scale_n_ref=16), dict(mem_gate=True),
                                 dict(mem_gate=True, qk_norm=True, qk_scale_n_ref=16),
+                                dict(qk_norm=True, qk_scale_extrapolation=0.5, qk_scale_n_train=T + 2),
                                 dict(qk_norm=True, mem_key_smear=True, mem_layers=(0, 1))])
 def test_memory_path_equals_crossbatch(rng, kw):
     """Windows w0, w1, w2 streamed with memory = crossbatch rows [w0, w1, w2] with row r using rows < r."""
@@ -378,6 +390,9 @@ def test_config_resolution():
     for bad in (dict(head_dim=7), dict(d_model=30), dict(remat=[4]), dict(dtype="float33"),
                 dict(remat_policy="nope"), dict(mem_layers=(1, 1)), dict(mem_layers=(-1,)),
                 dict(crossbatch_block_rows=0), dict(crossbatch_block_rows=2.0), dict(qk_scale_param="exp"),
-                dict(qk_scale_init=0.0), dict(qk_norm=True, qk_scale_n_ref=1), dict(qk_scale_n_ref=64)):
+                dict(qk_scale_init=0.0), dict(qk_norm=True, qk_scale_n_ref=1), dict(qk_scale_n_ref=64),
+                dict(qk_norm=True, qk_scale_extrapolation=0.5), dict(qk_scale_extrapolation=0.5, qk_scale_n_train=8),
+                dict(qk_norm=True, qk_scale_extrapolation=-0.1, qk_scale_n_train=8),
+                dict(qk_norm=True, qk_scale_n_train=0)):
         with pytest.raises(ValueError):
             ModelConfig(**{**dict(vocab_size=10, d_model=64, num_layers=4, num_heads=4, mlp_dim=8), **bad})

@@ -72,6 +72,9 @@ def check_exportable(cfg) -> list[str]:
                          f"num_attention_heads={cfg.num_heads}")
     if cfg.smears_memory_keys:
         raise ValueError("cannot export: ModelConfig.mem_key_smear=True has no HF/PyTorch implementation")
+    if cfg.qk_scale_extrapolation > 0:
+        raise ValueError(f"cannot export: ModelConfig.qk_scale_extrapolation={cfg.qk_scale_extrapolation} has no "
+                         "HF/PyTorch implementation (export with it at 0)")
     warnings = []
     if not llama_compatible(cfg):
         warnings.append("memory layers with " + " and ".join(

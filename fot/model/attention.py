@@ -32,7 +32,7 @@ from fot import ops
 from fot.model.config import ModelConfig
 from fot.model.layers import dense
 from fot.model.state import FillMemory, LayerInputs, LayerKV, LayerMemory, memory_slots, windows_first
-from fot.model.temperature import keys_in_view, temperature_from_param, temperature_param_name
+from fot.model.temperature import keys_in_view, n_scaling, temperature_from_param, temperature_param_name
 from fot.parallel import with_logical_constraint
 
 _HEADS = ("batch", "length", "heads", "head_dim")
@@ -195,7 +195,7 @@ class Attention(nn.Module):
         cfg = self.config
         b, t, _ = x.shape
         slots = None  # float32 [B]: valid memory slots each row sees, counted once for the temperature and gate
-        if self.is_memory and memory is not None and (cfg.mem_gate or cfg.qk_scale_n_ref is not None):
+        if self.is_memory and memory is not None and (cfg.mem_gate or cfg.scales_temperature_by_n):
             slots = memory_slots(memory, b, t)
         p = self._project(x, inputs, slots)
         aux: dict[str, Any] = {"kv": LayerKV(p.k, p.v)}
@@ -241,9 +241,9 @@ class Attention(nn.Module):
         scale = None
         if self.is_memory and cfg.qk_norm:
             tau = self._temperature()[None, None, :, None]  # [1, 1, H, 1]
-            if cfg.qk_scale_n_ref is not None:
+            if cfg.scales_temperature_by_n:
                 n = keys_in_view(inputs.positions, inputs.extra_rows, inputs.extra_key_mask, slots)  # [B, T]
-                tau = tau * (jnp.log(n) / math.log(cfg.qk_scale_n_ref))[:, :, None, None]
+                tau = tau * n_scaling(cfg, n)[:, :, None, None]
             q = (_l2_normalize(q) * tau).astype(dt)
             k = _l2_normalize(k).astype(dt)
             scale = 1.0

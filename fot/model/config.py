@@ -41,6 +41,13 @@ class ModelConfig:
         (its causal local keys + the crossbatch extra keys in training / the filled memory slots at
         inference, counted before top-k), so the softmax sharpens as the memory grows (log-n
         "scalable softmax" scaling; n_ref ~ the keys in view in training gives a factor ~1 there).
+      qk_scale_extrapolation: beta >= 0 (default 0: off); with ``qk_norm`` and ``qk_scale_n_train`` the
+        memory layers' temperature is further multiplied by ``max(1, n / n_train) ** beta`` (n as for
+        ``qk_scale_n_ref``): nothing changes for the keys-in-view counts training saw, and the softmax
+        sharpens by a power law beyond them. An inference-time setting: beta is calibrated after
+        training on training documents (``fot.eval --gin_bindings=ModelConfig.qk_scale_extrapolation=...``).
+      qk_scale_n_train: keys in view of a training query (recipe: ``(D + 1) * WINDOW``), the point
+        past which ``qk_scale_extrapolation`` applies; None = unset (required when beta > 0).
       mem_gate: MT-style gate in memory layers: ``g = sigmoid(attn/gate_bias[h])``,
         ``out = g * memory_only + (1 - g) * local_only`` (``g = 0`` for a row without any visible
         memory key). Off by default (FoT uses one joint softmax); dense memory only (no ``top_k``).
@@ -91,6 +98,8 @@ class ModelConfig:
     qk_scale_init: float | None = None
     qk_scale_param: str = "linear"
     qk_scale_n_ref: int | None = None
+    qk_scale_extrapolation: float = 0.0
+    qk_scale_n_train: int | None = None
     crossbatch_block_rows: int | None = None
     attention_impl: str = "auto"
 
@@ -131,6 +140,14 @@ class ModelConfig:
                 raise ValueError(f"qk_scale_n_ref must be None or an int >= 2, got {self.qk_scale_n_ref!r}")
             if not self.qk_norm:
                 raise ValueError("qk_scale_n_ref scales the QK-norm temperature: it needs qk_norm=True")
+        beta, n_train = self.qk_scale_extrapolation, self.qk_scale_n_train
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+            raise ValueError(f"qk_scale_extrapolation must be a number >= 0, got {beta!r}")
+        if n_train is not None and (isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1):
+            raise ValueError(f"qk_scale_n_train must be None or an int >= 1, got {n_train!r}")
+        if beta > 0 and (not self.qk_norm or n_train is None):
+            raise ValueError(f"qk_scale_extrapolation={beta} scales the QK-norm temperature beyond the keys in "
+                             "view of training: it needs qk_norm=True and qk_scale_n_train")
         if isinstance(self.remat, bool):
             remat = self.remat
         else:
@@ -171,6 +188,12 @@ class ModelConfig:
         """Memory layers smear their keys (``mem_key_smear`` with ``mem_layers``): the model is defined
         window by window only, so token-by-token generation and HF export (not a LLaMA model) refuse it."""
         return bool(self.mem_key_smear and self.mem_layers)
+
+    @property
+    def scales_temperature_by_n(self) -> bool:
+        """The memory layers' temperature depends on the keys in view n (``qk_scale_n_ref`` or
+        ``qk_scale_extrapolation``): the memory slots must be counted."""
+        return bool(self.qk_norm and (self.qk_scale_n_ref is not None or self.qk_scale_extrapolation > 0))
 
     @property
     def qk_scale_default(self) -> float:

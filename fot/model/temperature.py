@@ -3,7 +3,8 @@
 With ``ModelConfig.qk_norm`` a memory layer L2-normalises queries and keys and multiplies the queries by
 a learned per-head temperature tau [H], stored as ``qk_scale`` (tau) or ``qk_log_scale`` (log tau)
 (``ModelConfig.qk_scale_param``); ``qk_scale_n_ref`` scales it by ``ln(n) / ln(n_ref)`` with n the
-keys a query can see (:func:`keys_in_view`).
+keys a query can see (:func:`keys_in_view`); ``qk_scale_extrapolation`` sharpens it by a power law beyond
+the keys in view of training (:func:`n_scaling`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,18 @@ def keys_in_view(positions, extra_rows=None, extra_key_mask=None, slots=None) ->
     elif slots is not None:
         n = n + slots[:, None]
     return n
+
+
+def n_scaling(cfg: ModelConfig, n: jax.Array) -> jax.Array:
+    """Multiplier [B, T] (float32) of the temperature for ``n`` [B, T] keys in view (:func:`keys_in_view`):
+    ``ln(n) / ln(qk_scale_n_ref)`` (when set) times ``max(1, n / qk_scale_n_train) ** qk_scale_extrapolation``
+    (when beta > 0; 1 up to the keys in view of training)."""
+    f = jnp.ones_like(n)
+    if cfg.qk_scale_n_ref is not None:
+        f = f * jnp.log(n) / math.log(cfg.qk_scale_n_ref)
+    if cfg.qk_scale_extrapolation > 0:
+        f = f * jnp.maximum(n / float(cfg.qk_scale_n_train), 1.0) ** float(cfg.qk_scale_extrapolation)
+    return f
 
 
 def temperature_param_name(cfg: ModelConfig) -> str:
