@@ -28,6 +28,9 @@ W = 8  # window (max_position_embeddings); inputs span >= 5 windows
 CONFIGS = {
     # the quickstart's memory layer: QK-norm with its temperature, no positional encoding in memory
     "qknorm_none": dict(mem_layers=(1,), qk_norm=True, mem_positional="none", qk_scale_init=6.0),
+    # the ln(n) scaling and the power-law extrapolation past 2 windows of keys in view (the input spans 5)
+    "qknorm_extrap": dict(mem_layers=(1,), qk_norm=True, qk_scale_n_ref=16, qk_scale_extrapolation=0.5,
+                          qk_scale_n_train=2 * W),
     "gated": dict(mem_layers=(1,), mem_gate=True, mem_positional="none"),  # none without QK-norm
     "as_first": dict(mem_layers=(1, 2)),
     "gqa": dict(mem_layers=(1,), num_kv_heads=2),  # 4 query heads on 2 key/value heads (memory too)

@@ -1,6 +1,6 @@
 """ModelConfig.qk_scale_extrapolation: the memory temperature's power-law sharpening beyond the keys in view
-of training (fot.model.temperature.n_scaling), checked against numpy; identity inside the training regime;
-export refuses it."""
+of training (fot.model.temperature.n_scaling), checked against numpy; identity inside the training regime
+(the exported PyTorch model: tests/test_convert_fot_remote.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,8 +34,3 @@ def test_identity_within_training_view_and_sharper_beyond(rng):
     np.testing.assert_array_equal(run(cfg0.replace(qk_scale_extrapolation=0.5, qk_scale_n_train=3 * t)), out0)
     assert np.abs(run(cfg0.replace(qk_scale_extrapolation=0.5, qk_scale_n_train=t)) - out0).max() > 1e-4
 
-
-def test_export_refuses_extrapolation():
-    from fot.convert.to_hf import check_exportable
-    with pytest.raises(ValueError, match="qk_scale_extrapolation"):
-        check_exportable(ModelConfig(**BASE, qk_scale_extrapolation=0.3, qk_scale_n_train=64))

@@ -103,6 +103,9 @@ def config_from_hf(conf: dict, *, mem_layers=None, mem_positional: str | None = 
     log_scale = {"qk_scale_param": "log"} if conf.get("qk_scale_param", "linear") == "log" else {}
     if conf.get("qk_scale_n_ref") is not None:
         log_scale["qk_scale_n_ref"] = int(conf["qk_scale_n_ref"])
+    if conf.get("qk_scale_extrapolation"):
+        log_scale["qk_scale_extrapolation"] = float(conf["qk_scale_extrapolation"])
+        log_scale["qk_scale_n_train"] = int(conf["qk_scale_n_train"])
     return ModelConfig(vocab_size=int(conf["vocab_size"]), d_model=hidden,
                        num_layers=int(conf["num_hidden_layers"]), num_heads=heads,
                        num_kv_heads=int(conf.get("num_key_value_heads") or heads),

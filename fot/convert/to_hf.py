@@ -72,9 +72,6 @@ def check_exportable(cfg) -> list[str]:
                          f"num_attention_heads={cfg.num_heads}")
     if cfg.smears_memory_keys:
         raise ValueError("cannot export: ModelConfig.mem_key_smear=True has no HF/PyTorch implementation")
-    if cfg.qk_scale_extrapolation > 0:
-        raise ValueError(f"cannot export: ModelConfig.qk_scale_extrapolation={cfg.qk_scale_extrapolation} has no "
-                         "HF/PyTorch implementation (export with it at 0)")
     warnings = []
     if not llama_compatible(cfg):
         warnings.append("memory layers with " + " and ".join(
@@ -143,6 +140,8 @@ def hf_config(cfg, *, max_position_embeddings: int, last_context_length: int | N
         # FoT remote code (fot.convert.hf_remote.configuration_fot.FotConfig) fields:
         "mem_top_k": mem_top_k, "mem_capacity": mem_capacity, "qk_norm": bool(cfg.qk_norm),
         "qk_scale_param": qk_scale_param(cfg), "qk_scale_n_ref": getattr(cfg, "qk_scale_n_ref", None),
+        "qk_scale_extrapolation": float(getattr(cfg, "qk_scale_extrapolation", 0.0)),
+        "qk_scale_n_train": getattr(cfg, "qk_scale_n_train", None),
         "mem_gate": bool(cfg.mem_gate), "longllama_split": False,
         "fot": {"mem_positional": cfg.mem_positional, "window": w, "qk_scale_init": cfg.qk_scale_init,
                 **(extra or {})},

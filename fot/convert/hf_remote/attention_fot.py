@@ -36,14 +36,20 @@ def l2_normalize(x, eps=1e-6):
     return xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + eps)
 
 
-def qk_temperature(param, parametrisation="linear", n_ref=None, keys_in_view=None):
+def qk_temperature(param, parametrisation="linear", n_ref=None, keys_in_view=None, beta=0.0, n_train=None):
     """Multiplier of the normalised queries, [H] or [B, H, T]: the exported parameter is the temperature
     itself (``"linear"``, tensor ``qk_scale``) or its logarithm (``"log"``, ``qk_log_scale``); with
-    ``n_ref`` it is scaled by ``ln(n) / ln(n_ref)``, ``keys_in_view`` = n [B, T] (float32)."""
+    ``n_ref`` it is scaled by ``ln(n) / ln(n_ref)``, with ``beta > 0`` by ``max(1, n / n_train) ** beta``;
+    ``keys_in_view`` = n [B, T] (float32)."""
     tau = param.float().exp() if parametrisation == "log" else param.float()
-    if n_ref is None:
+    if n_ref is None and not beta:
         return tau
-    return tau[None, :, None] * (torch.log(keys_in_view) / math.log(n_ref))[:, None, :]
+    f = torch.ones_like(keys_in_view)
+    if n_ref is not None:
+        f = f * torch.log(keys_in_view) / math.log(n_ref)
+    if beta:
+        f = f * torch.clamp(keys_in_view / float(n_train), min=1.0) ** float(beta)
+    return tau[None, :, None] * f[:, None, :]
 
 
 # ---------------------------------------------------------------------------------------------------

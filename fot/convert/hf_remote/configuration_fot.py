@@ -41,7 +41,7 @@ class FotConfig(PretrainedConfig):
                  max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=10000.0,
                  mem_layers=(), mem_positionals=True, mem_dtype="bfloat16", last_context_length=1024,
                  mem_top_k=None, mem_capacity=None, qk_norm=False, qk_scale_param="linear", qk_scale_n_ref=None,
-                 mem_gate=False,
+                 qk_scale_extrapolation=0.0, qk_scale_n_train=None, mem_gate=False,
                  longllama_split=False,
                  tie_word_embeddings=False, use_cache=True, **kwargs):
         self.vocab_size = vocab_size
@@ -66,6 +66,8 @@ class FotConfig(PretrainedConfig):
         self.qk_norm = bool(qk_norm)
         self.qk_scale_param = qk_scale_param
         self.qk_scale_n_ref = qk_scale_n_ref
+        self.qk_scale_extrapolation = float(qk_scale_extrapolation or 0.0)
+        self.qk_scale_n_train = qk_scale_n_train
         self.mem_gate = bool(mem_gate)
         self.longllama_split = bool(longllama_split)
         self.use_cache = use_cache
@@ -102,6 +104,10 @@ class FotConfig(PretrainedConfig):
         r = self.qk_scale_n_ref
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 2):
             raise ValueError(f"qk_scale_n_ref must be None or an int >= 2, got {r!r}")
+        beta, n_train = self.qk_scale_extrapolation, self.qk_scale_n_train
+        if not beta >= 0 or (beta > 0 and (isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1)):
+            raise ValueError(f"qk_scale_extrapolation={beta} must be >= 0, and > 0 needs qk_scale_n_train (an int "
+                             f">= 1), got {n_train!r}")
         if self.mem_dtype not in MEM_DTYPES:
             raise ValueError(f"mem_dtype must be one of {MEM_DTYPES}, got {self.mem_dtype!r}")
         c = self.mem_capacity
