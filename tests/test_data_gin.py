@@ -134,6 +134,8 @@ def test_stdlib_scaling_recipe_composes(gin_env, tiny_spm, d):
     cfg = gin.get_configurable("fot.model.ModelConfig")()
     assert (cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.mem_layers) == (300, 128, 4, (2,))
     assert cfg.qk_norm and cfg.qk_scale_param == "log" and cfg.qk_scale_n_ref == 2048 and cfg.mem_key_smear
+    # the temperature extrapolation starts at the keys in view of a training query: (D + 1) * WINDOW for D = 31
+    assert cfg.qk_scale_n_train == 32 * 128 and cfg.qk_scale_extrapolation == 0.25
     assert gin.get_configurable("fot.training.ConstantD")().values == (d,)
     assert query(gin, "train.max_train_seconds") <= 3600 and query(gin, "train.eval_num_extra") == (15, 0)
     # the temperature's learning-rate multiplier reaches the optimizer: one Adam step on zero gradients
