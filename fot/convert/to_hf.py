@@ -140,11 +140,9 @@ def hf_config(cfg, *, max_position_embeddings: int, last_context_length: int | N
         # FoT remote code (fot.convert.hf_remote.configuration_fot.FotConfig) fields:
         "mem_top_k": mem_top_k, "mem_capacity": mem_capacity, "qk_norm": bool(cfg.qk_norm),
         "qk_scale_param": qk_scale_param(cfg), "qk_scale_n_ref": getattr(cfg, "qk_scale_n_ref", None),
-        "qk_scale_extrapolation": float(getattr(cfg, "qk_scale_extrapolation", 0.0)),
-        "qk_scale_n_train": getattr(cfg, "qk_scale_n_train", None),
+        "qk_scale_extrapolation": float(cfg.qk_scale_extrapolation), "qk_scale_n_train": cfg.qk_scale_n_train,
         "mem_gate": bool(cfg.mem_gate), "longllama_split": False,
-        "fot": {"mem_positional": cfg.mem_positional, "window": w, "qk_scale_init": cfg.qk_scale_init,
-                **(extra or {})},
+        "fot": {"mem_positional": cfg.mem_positional, "window": w, "qk_scale_init": cfg.qk_scale_init, **(extra or {})},
         "note": ("Exported by fot.convert.to_hf. max_position_embeddings is the window; beyond one window "
                  "memory layers need FoT's remote code (AutoModelForCausalLM.from_pretrained(DIR, "
                  "trust_remote_code=True)) or LongLLaMA's." + "".join(" WARNING: " + m + "." for m in warnings)),
