@@ -73,19 +73,15 @@ def ref_forward(p, cfg, tokens, extra_rows=None, key_mask=None, positions=None):
         if mem and cfg.qk_norm:
             tau = a["qk_scale"] if "qk_scale" in a else jnp.exp(a["qk_log_scale"])  # per-head temperature
             tau = jnp.broadcast_to(tau[:, None], (b, t, h, 1))
-            if cfg.qk_scale_n_ref:  # x ln(n) / ln(n_ref), n = causal local keys + valid extra keys
+            if cfg.qk_scale_n_ref or cfg.qk_scale_extrapolation:  # n = causal local keys + valid extra keys
                 n = pos + 1.0
                 if extra_rows is not None:
                     kmask = np.ones((b, t), bool) if key_mask is None else np.asarray(key_mask)
                     rows = np.asarray(extra_rows)
                     n = n + np.array([sum(kmask[r].sum() for r in row if r >= 0) for row in rows])[:, None]
+            if cfg.qk_scale_n_ref:  # x ln(n) / ln(n_ref)
                 tau = tau * (np.log(n) / np.log(cfg.qk_scale_n_ref))[:, :, None, None]
             if cfg.qk_scale_extrapolation:  # x max(1, n / n_train) ** beta
-                n = pos + 1.0
-                if extra_rows is not None:
-                    kmask = np.ones((b, t), bool) if key_mask is None else np.asarray(key_mask)
-                    n = n + np.array([sum(kmask[r].sum() for r in row if r >= 0)
-                                      for row in np.asarray(extra_rows)])[:, None]
                 f = np.maximum(n / cfg.qk_scale_n_train, 1.0) ** cfg.qk_scale_extrapolation
                 assert (f > 1).any() and (f == 1).any()  # both regimes in the test's rows
                 tau = tau * f[:, :, None, None]

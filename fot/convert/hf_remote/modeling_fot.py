@@ -111,14 +111,14 @@ class FotAttention(nn.Module):
         scale = dh ** -0.5
         if self.qk_norm:
             n_ref, in_view = self.config.qk_scale_n_ref, None
-            beta = getattr(self.config, "qk_scale_extrapolation", 0.0) or 0.0
+            beta = self.config.qk_scale_extrapolation
             by_n = n_ref is not None or beta > 0
             if by_n:  # keys in the query's view [B, T]: causal local keys + valid memory slots
                 in_view = (positions.float() + 1.0)[None, :].expand(b, t)
                 if state.mem_mask is not None:
                     in_view = in_view + state.mem_mask.float().sum(-1, keepdim=True)
             temp = qk_temperature(getattr(self, self.qk_param), self.config.qk_scale_param, n_ref, in_view,
-                                  beta, getattr(self.config, "qk_scale_n_train", None))
+                                  beta, self.config.qk_scale_n_train)
             q = (l2_normalize(q) * (temp[..., None] if by_n else temp[None, :, None, None])).to(dt)
             k = l2_normalize(k).to(dt)
             scale = 1.0
