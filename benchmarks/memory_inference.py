@@ -30,11 +30,10 @@ import numpy as np
 from jax import lax
 
 from benchmarks.common import best_times, emit
-from benchmarks.crossbatch import gin_size_config
-from benchmarks.topk import STREAM_MODELS, _load, _time  # best-of-repeats wall time after a warm-up call; uptime load
+from benchmarks.topk import STREAM_MODELS, _load, _time, stream_model_config  # best-of-repeats wall time after a warm-up call; uptime load
 from fot import memory as fmem
 from fot.inference import MemoryInference, WindowedConfig
-from fot.model import Decoder, ModelConfig, run_window
+from fot.model import Decoder, run_window
 
 MODELS = {  # name: (ModelConfig kwargs or a gin/size file, window); the first two are benchmarks.topk's streaming models
     "tiny (4 layers, d 128, mem layer 2)": STREAM_MODELS["tiny"][:2],
@@ -113,7 +112,7 @@ def prefill_flops(cfg, n_tokens, window):
 def prefill(n_tokens, *, repeats=2):
     out = []
     for name, (kw, window) in MODELS.items():
-        cfg = ModelConfig(**kw) if isinstance(kw, dict) else gin_size_config(kw, vocab_size=2048)
+        cfg = stream_model_config(kw)
         model = Decoder(cfg)
         tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n_tokens), dtype=np.int32)
         params = model.init(jax.random.PRNGKey(0), jnp.asarray(tokens[:, :window]))["params"]

@@ -114,6 +114,15 @@ STREAM_MODELS = {  # name -> (ModelConfig kwargs or gin size file, window, descr
 }
 
 
+def stream_model_config(spec):
+    """ModelConfig of a STREAM_MODELS-style spec: ModelConfig kwargs, or a gin/size file parsed with gin and given
+    the stdlib vocabulary (2048)."""
+    from benchmarks.crossbatch import gin_size_config
+    from fot.model import ModelConfig
+
+    return ModelConfig(**spec) if isinstance(spec, dict) else gin_size_config(spec, vocab_size=2048)
+
+
 def streaming(sizes, *, models=("tiny", "stdlib"), top_k=32, windows=4, reps=5, mem_dtype="float32", seed=0):
     """tokens/s of windows streamed through a model whose memory holds exactly M tokens (the store is filled
     with random keys/values, so every window reads M memory slots; each append evicts the oldest window):
@@ -121,14 +130,13 @@ def streaming(sizes, *, models=("tiny", "stdlib"), top_k=32, windows=4, reps=5, 
     windows each), per model and memory size M."""
     import dataclasses
 
-    from benchmarks.crossbatch import gin_size_config
     from fot.inference.windowed import MemoryInference, WindowedConfig
-    from fot.model import Decoder, ModelConfig
+    from fot.model import Decoder
 
     out = []
     for name in models:
         spec, window, desc = STREAM_MODELS[name]
-        cfg = ModelConfig(**spec) if isinstance(spec, dict) else gin_size_config(spec, vocab_size=2048)
+        cfg = stream_model_config(spec)
         model = Decoder(cfg)
         rng = np.random.default_rng(seed)
         tokens = rng.integers(0, cfg.vocab_size, (1, windows * window), dtype=np.int32)
